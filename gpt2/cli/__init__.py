@@ -1,0 +1,40 @@
+"""The ``gpt2`` command: one verb per module of this package, listed in ``VERBS``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gpt2.cli import info, tokenizer
+from gpt2.errors import UserError
+
+VERBS = [info, tokenizer]  # each module: register(subparsers) adds its verb with a handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2",
+        description="GPT-2: train, fine-tune, run, evaluate and serve GPT-2 models.",
+    )
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb in VERBS:
+        verb.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``gpt2 VERB ...``; problems the user can fix end in one ``error:`` line, status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

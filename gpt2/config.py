@@ -1,0 +1,59 @@
+"""Model configuration and the named presets (the one place where sizes and defaults live)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from gpt2.errors import UserError
+
+GPT2_VOCAB_SIZE = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
+GPT2_CONTEXT = 1024
+
+
+@dataclass
+class GPT2Config:
+    """Hyper-parameters of a GPT-2 network. Field names follow Hugging Face's GPT2Config."""
+
+    vocab_size: int = GPT2_VOCAB_SIZE
+    n_positions: int = GPT2_CONTEXT  # context window
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0  # embeddings, attention weights and residual branches alike
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if int(getattr(self, name)) <= 0:
+                raise UserError(f"config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"config: dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> GPT2Config:
+        """The preset ``name`` (see ``PRESETS``), with any fields replaced by ``overrides``."""
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, GPT2Config] = {
+    # The published family (Radford et al. 2019; parameter counts as released).
+    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),  # 124M ("117M" in the paper)
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Small presets for CPUs: trainable in minutes on two cores.
+    "tiny": GPT2Config(n_layer=4, n_head=4, n_embd=256, n_positions=256),  # 3.2M + embeddings
+    "mini": GPT2Config(n_layer=6, n_head=6, n_embd=384, n_positions=512),  # 10.6M + embeddings
+}
