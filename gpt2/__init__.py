@@ -6,5 +6,5 @@ from gpt2.config import PRESETS, GPT2Config
 from gpt2.errors import UserError
 from gpt2.tokenizer import Tokenizer
 
-__all__ = ["GPT2", "GPT2Config", "PRESETS", "Tokenizer", "UserError"]
+__all__ = ["GPT2", "PRESETS", "GPT2Config", "Tokenizer", "UserError"]
 __version__ = "0.1.0"

@@ -157,7 +157,7 @@ class Transformer(nn.Module):
         batches of prompts of different lengths). ``last_only``: return logits for the last
         position only, (B, 1, vocab), which is all that sampling needs.
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
             raise UserError(

@@ -13,7 +13,8 @@ def shared_file(name: str) -> Path:
 
     A missing file fails the test under ``CI=true`` and skips it elsewhere.
     """
-    root = Path(os.environ.get("GPT2_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    root = Path(os.environ.get("GPT2_SHARED_DATA", default))
     path = root / name
     if not path.is_file():
         message = f"shared data file {path} is missing (set GPT2_SHARED_DATA)"
