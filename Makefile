@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup browser demo test lint
 setup: $(VENV)/.installed
 
 # torch==2.13.0 goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
@@ -14,9 +14,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/gpt2 info --preset gpt2
+	$(BIN)/gpt2 prepare shakespeare --vocab-size 4096 --out data/shakespeare --overwrite
+	$(BIN)/gpt2 train --config configs/shakespeare.toml --overwrite
 
-test: setup
+# The playground's browser test drives Debian's chromium; installed here when running as root (CI).
+browser:
+	{ command -v chromium && command -v chromedriver; } >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 lint: setup

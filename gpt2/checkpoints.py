@@ -1,9 +1,319 @@
-"""Hugging Face-format checkpoints. (Stub: being written.)"""
+"""Checkpoints in Hugging Face's format: config.json + model.safetensors (+ tokenizer files).
+
+Reading accepts the layout of the published GPT-2 checkpoints (keys with or without the
+``transformer.`` prefix, Conv1D weights stored as (in, out), attention-mask buffers) as well as what
+``transformers`` writes today (safetensors, sharded or not, or ``pytorch_model.bin``). Writing
+produces a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads without warnings.
+Every file is written atomically, so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from gpt2.atomic import write_atomic
+from gpt2.config import GPT2Config
+from gpt2.errors import UserError
+from gpt2.model import Transformer
+from gpt2.tokenizer import Tokenizer, find_tokenizer_files
+
+M = TypeVar("M", bound=Transformer)
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # in order of preference
+HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.bpe", "*.tiktoken"]
+HUB_FALLBACK_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # hub repos without safetensors
+
+# Hugging Face's GPT-2 stores these projections with its Conv1D, whose weight is (in, out): the
+# transpose of nn.Linear's (out, in).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers of old checkpoints, recomputed by every implementation.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+PREFIX = "transformer."
+LM_HEAD = "lm_head.weight"
+WTE = "transformer.wte.weight"
+
+# Keys of Hugging Face's GPT2Config whose other values change the network in ways this package does not
+# implement, with the one value we accept (their defaults).
+FIXED_OPTIONS = {
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "scale_attn_weights": True,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
+HF_DROPOUT = 0.1  # Hugging Face's default for the three *_pdrop keys
 
 
-def load_model(name_or_path, model_class, *, device="cpu", dtype=None):
-    raise NotImplementedError
+# --- Loading -------------------------------------------------------------------------------------
 
 
-def save_model(model, directory, *, tokenizer=None):
-    raise NotImplementedError
+def load_model(
+    name_or_path: str | Path,
+    model_class: type[M],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> M:
+    """``model_class(config)`` with the weights of a checkpoint, in eval mode, and ``.tokenizer`` set
+    (None when the checkpoint has no tokenizer files).
+
+    ``name_or_path``: a Hugging Face-format directory, a training run directory (its ``latest`` file
+    names the checkpoint to load), or a hub name such as ``gpt2``. ``dtype``: convert the weights to
+    it; by default they keep the checkpoint's dtype.
+    """
+    directory = resolve(name_or_path)
+    config = read_config(directory / CONFIG)
+    with torch.device("meta"):  # no memory, no initialisation: the checkpoint's tensors are used as is
+        model = model_class(config)
+    state = _read_state(directory, model, torch.device(device), dtype)
+    model.load_state_dict(state, strict=False, assign=True)  # keys were checked by _read_state
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied parameter
+    model.eval()
+    model.tokenizer = Tokenizer.from_pretrained(directory) if find_tokenizer_files(directory) else None
+    return model
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The checkpoint directory that ``name_or_path`` names: itself, the checkpoint a run directory's
+    ``latest`` file points to, or a hub model downloaded into the local cache.
+
+    A local directory without config.json whose name could be a hub model's (``gpt2`` run from this
+    repository's root, where the package directory has that name) is looked up on the hub.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise UserError(f"{path} is a file; give the directory that holds it and {CONFIG}")
+    if (path / CONFIG).is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if not (target / CONFIG).is_file():
+            raise UserError(f"{latest} names {target}, which holds no {CONFIG}; fix or delete {latest}")
+        return target
+    return _download(str(name_or_path), local=path.is_dir())
+
+
+def _download(name: str, *, local: bool) -> Path:
+    """The local snapshot of hub model ``name``: config, safetensors weights and tokenizer files
+    (``pytorch_model.bin`` only for repositories without safetensors). ``local``: a directory of that
+    name exists here (but holds no model), which the error messages mention."""
+    if local:
+        here = f"{name} holds no {CONFIG} (it is not a model directory nor a training run)"
+    else:
+        here = f"{name} does not exist"
+    try:
+        path = Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            path = Path(snapshot_download(name, allow_patterns=HUB_FALLBACK_FILES))
+    except HFValidationError:
+        raise UserError(f"{here}, and it is not a valid hub model name either") from None
+    except OSError as e:  # no network, no such repository, gated repository...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{here}, and the Hugging Face hub could not provide a model of that name ({reason}); "
+            "check the path, the model name or the network"
+        ) from None
+    if not (path / CONFIG).is_file():
+        raise UserError(f"hub model {name} has no {CONFIG}; it is not a Hugging Face-format model")
+    return path
+
+
+def read_config(path: Path) -> GPT2Config:
+    """Our ``GPT2Config`` from a Hugging Face GPT-2 config.json; options we do not implement are
+    refused rather than silently ignored."""
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{path}: model_type is {hf['model_type']!r}; only 'gpt2' models can be loaded")
+    for key, supported in FIXED_OPTIONS.items():
+        if hf.get(key, supported) != supported:
+            raise UserError(f"{path}: {key}={hf[key]!r} is not supported (only {supported})")
+    if hf.get("activation_function", ACTIVATIONS[0]) not in ACTIVATIONS:
+        raise UserError(
+            f"{path}: activation_function {hf['activation_function']!r} is not supported "
+            f"(only {' or '.join(ACTIVATIONS)}, GELU's tanh approximation)"
+        )
+    for key in ("vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head"):
+        if key in hf and (not isinstance(hf[key], int) or isinstance(hf[key], bool)):
+            raise UserError(f"{path}: {key} must be an integer, found {hf[key]!r}")
+    n_embd = hf.get("n_embd", 768)
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise UserError(f"{path}: n_inner={hf['n_inner']} is not supported (only 4 * n_embd = {4 * n_embd})")
+    try:
+        return GPT2Config(
+            vocab_size=hf.get("vocab_size", 50257),
+            n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_embd=n_embd,
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            dropout=hf.get("resid_pdrop", HF_DROPOUT),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    except (UserError, TypeError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _read_state(
+    directory: Path, model: Transformer, device: torch.device, dtype: torch.dtype | None
+) -> dict[str, Tensor]:
+    """The checkpoint's tensors under our names and in our layout, each checked against the shape
+    that ``model`` (built from the config) expects."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != LM_HEAD}
+    state: dict[str, Tensor] = {}
+    lm_head: tuple[Path, Tensor] | None = None
+    for file, key, load in _checkpoint_tensors(directory):
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        name = key if key.startswith(PREFIX) or key == LM_HEAD else PREFIX + key
+        conv1d = name.endswith(CONV1D_WEIGHTS)
+        want = expected.get(WTE if name == LM_HEAD else name)
+        if want is None:
+            raise UserError(f"{file}: unexpected tensor {key!r}; this is not a GPT-2 language model")
+        tensor = load()
+        found = tuple(tensor.shape)
+        if (found[::-1] if conv1d else found) != want:
+            raise UserError(
+                f"{file}: tensor {key} has shape {found} but {directory / CONFIG} implies "
+                f"{want[::-1] if conv1d else want}; the config does not match the weights"
+            )
+        tensor = tensor.to(device=device, dtype=dtype)
+        if name == LM_HEAD:
+            lm_head = file, tensor
+            continue
+        state[name] = tensor.t().contiguous() if conv1d else tensor
+    missing = [k for k in expected if k not in state]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"{directory}: the checkpoint lacks {shown}; its weights are incomplete")
+    if lm_head is not None and not torch.equal(lm_head[1], state[WTE]):
+        raise UserError(
+            f"{lm_head[0]}: {LM_HEAD} differs from the token embedding; "
+            "only GPT-2 with tied input and output embeddings is supported"
+        )
+    target = dtype or state[WTE].dtype
+    return {k: v.to(target) for k, v in state.items()}
+
+
+def _checkpoint_tensors(directory: Path) -> Iterator[tuple[Path, str, Callable[[], Tensor]]]:
+    """(file, key, load) for every tensor of the checkpoint; ``load()`` reads one tensor, so only
+    one tensor beyond the model is in memory at a time."""
+    found = [directory / f for f in WEIGHT_FILES if (directory / f).is_file()]
+    if not found:
+        raise UserError(f"{directory} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    weights = found[0]
+    files = [weights]
+    if weights.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(weights.read_text())["weight_map"]
+            files = [directory / f for f in dict.fromkeys(weight_map.values())]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{weights}: not a valid shard index ({e!r})") from None
+    for file in files:
+        if file.suffix == ".safetensors":
+            yield from _safetensors_tensors(file)
+        else:
+            state = _torch_load(file)
+            for key, tensor in state.items():
+                yield file, key, lambda t=tensor: t
+
+
+def _safetensors_tensors(file: Path) -> Iterator[tuple[Path, str, Callable[[], Tensor]]]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                yield file, key, lambda k=key: f.get_tensor(k)
+    except (SafetensorError, OSError) as e:
+        message = f"{file}: corrupt or truncated safetensors file ({e}); save or download it again"
+        raise UserError(message) from None
+
+
+def _torch_load(file: Path) -> dict[str, Tensor]:
+    """A pytorch_model.bin, unpickled with ``weights_only=True`` so that it cannot run code."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # pre-2020 format
+    except pickle.UnpicklingError as e:  # garbage, or objects that weights_only=True will not build
+        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
+        raise UserError(
+            f"{file}: not a plain state dict of tensors ({detail[0] if detail else 'unpickling failed'}); "
+            "it is corrupt or holds objects that are unsafe to unpickle: convert it to safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{file}: corrupt or truncated PyTorch file ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"{file}: expected a dict of tensors (a state dict)")
+    return state
+
+
+# --- Saving --------------------------------------------------------------------------------------
+
+
+def save_model(model: Transformer, directory: str | Path, *, tokenizer: Tokenizer | None = None) -> None:
+    """Write ``model`` (and ``tokenizer``) as a Hugging Face GPT-2 checkpoint in ``directory``:
+    model.safetensors in the published layout, then config.json, each file atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == LM_HEAD:  # tied to wte: transformers re-ties it on load
+            continue
+        tensor = tensor.detach().to("cpu")
+        tensors[name] = tensor.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else tensor.contiguous()
+    write_atomic(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config = hf_config(model.config, dtype=model.transformer.wte.weight.dtype, tokenizer=tokenizer)
+    write_atomic(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def hf_config(config: GPT2Config, *, dtype: torch.dtype, tokenizer: Tokenizer | None) -> dict[str, object]:
+    """config.json for ``transformers.GPT2LMHeadModel``, with our single dropout rate as all three."""
+    eot = tokenizer.eot_token if tokenizer is not None else 50256
+    eot_id = eot if eot < config.vocab_size else None  # a custom vocabulary saved without its tokenizer
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_positions,
+        "n_ctx": config.n_positions,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        **FIXED_OPTIONS,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "dtype": dtype_name,  # transformers 5
+        "torch_dtype": dtype_name,  # transformers 4
+    }

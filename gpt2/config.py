@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from gpt2.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 GPT2_VOCAB_SIZE = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
 GPT2_CONTEXT = 1024
@@ -56,4 +66,26 @@ PRESETS: dict[str, GPT2Config] = {
     # Small presets for CPUs: trainable in minutes on two cores.
     "tiny": GPT2Config(n_layer=4, n_head=4, n_embd=256, n_positions=256),  # 3.2M + embeddings
     "mini": GPT2Config(n_layer=6, n_head=6, n_embd=384, n_positions=512),  # 10.6M + embeddings
+    "nano": GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128),  # 0.1M + embeddings: smoke tests
 }
+
+
+def read_settings(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The top-level table of a TOML (.toml) or YAML (.yaml, .yml) file of options, such as a training
+    config or an evaluation suite; ``what`` names the kind of file in error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            raise UserError(f"{path}: a {what} is .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not a valid {what} ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: a {what} holds key = value options at the top level")
+    return values

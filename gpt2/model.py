@@ -57,11 +57,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slot: Tensor | None = None
+    ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
+        if slot is not None:  # one token into cache position ``slot``; attend over the whole cache
+            cache.keys[layer].index_copy_(2, slot, k)
+            cache.values[layer].index_copy_(2, slot, v)
+            k, v = cache.keys[layer], cache.values[layer]
+        elif cache is not None:
             start = cache.length
             cache.keys[layer][:, :, start : start + T] = k
             cache.values[layer][:, :, start : start + T] = v
@@ -98,8 +104,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+    def forward(
+        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slot: Tensor | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, slot)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -176,6 +184,23 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(x)
+
+    def decode_step(self, idx: Tensor, cache: KVCache, slot: Tensor) -> Tensor:
+        """Logits (B, vocab) for one new token per row, ``idx`` (B, 1), written into the cache at
+        position ``slot`` (a LongTensor holding ``cache.length``), which the caller then advances.
+
+        The same network as ``forward``, but every shape is fixed for the whole generation (attention
+        runs over all ``max_len`` cache positions, those not yet written masked out), so
+        ``torch.compile`` compiles it once and CUDA graphs can replay it.
+        """
+        positions = cache.next_position[:, None]
+        written = torch.arange(cache.max_len, device=idx.device) <= slot
+        mask = (cache.key_mask & written)[:, None, None, :]  # (B, 1, 1, max_len)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, layer, slot)
+        cache.next_position += 1
+        return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
     def _positions_and_mask(
         self, idx: Tensor, start: int, cache: KVCache | None, attention_mask: Tensor | None

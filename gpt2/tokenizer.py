@@ -1,5 +1,539 @@
-"""GPT-2's byte-level BPE tokenizer. (Stub: being written.)"""
+"""GPT-2's byte-level BPE tokenizer: tiktoken's encoder over GPT-2's vocabulary, or one trained here.
+
+A vocabulary is held the way tiktoken holds it: *ranks*, every token's bytes -> its id, where a lower
+id is a merge made earlier; tiktoken encodes a piece by repeatedly merging the adjacent pair whose
+concatenation has the lowest rank. Hugging Face and OpenAI spell the same vocabulary as a token -> id
+table plus an ordered list of merges, with bytes written as printable characters (``bytes_to_unicode``);
+the two forms agree when every merge's result has a higher id than the merges before it, which the
+loaders check. Special tokens (``<|endoftext|>``) are plain text unless a caller allows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import tiktoken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from gpt2.atomic import write_atomic
+from gpt2.errors import UserError
+
+# GPT-2's pre-tokenisation: text is split into these pieces, and BPE runs inside each piece.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+# What from_pretrained looks for, in order of preference; a *.tiktoken file comes last.
+FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+MERGES_HEADER = "#version: 0.2"
+
+AllowedSpecial = Collection[str] | Literal["all"]
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the others are
+    shifted to 256 and up, so that a token's bytes can be written in a JSON or text file."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _spell(token: bytes) -> str:
+    """A token's bytes as Hugging Face / OpenAI files write them."""
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in token)
 
 
 class Tokenizer:
-    pass
+    """GPT-2's byte-level BPE: ``encode`` text to ids and ``decode`` ids to text.
+
+    ``ranks`` maps every mergeable token's bytes to its id (lower = merged earlier) and must hold all
+    256 single bytes; ``special_tokens`` maps text such as ``<|endoftext|>`` to ids outside the ranks.
+    ``<|endoftext|>`` is added after the highest id when not given. ``source`` names the vocabulary in
+    error messages.
+    """
+
+    def __init__(
+        self,
+        ranks: dict[bytes, int],
+        special_tokens: dict[str, int] | None = None,
+        *,
+        source: str = "vocabulary",
+    ) -> None:
+        specials = dict(special_tokens or {})
+        _check_ids(ranks, specials, source)
+        if ENDOFTEXT not in specials:
+            specials[ENDOFTEXT] = max([*ranks.values(), *specials.values()]) + 1
+        self.source = source
+        self._ranks, self._specials = ranks, specials
+        self._encoding = tiktoken.Encoding(
+            Path(source).name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+        )
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load a ``.tiktoken`` ranks file: one ``BASE64_TOKEN RANK`` per line. ``<|endoftext|>``
+        gets the id after the last rank (50256 for GPT-2)."""
+        path = Path(path)
+        ranks: dict[bytes, int] = {}
+        for number, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+            except (ValueError, binascii.Error):
+                raise UserError(
+                    f"{path}: line {number} is not 'BASE64_TOKEN RANK' ({line[:40]!r}); "
+                    "is this a .tiktoken ranks file?"
+                ) from None
+            if token in ranks:
+                raise UserError(f"{path}: line {number} repeats token {token!r}; the file is damaged")
+            ranks[token] = rank
+        return cls(ranks, source=str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """``from_file`` for a .tiktoken file, ``from_pretrained`` for a directory of tokenizer files."""
+        path = Path(path)
+        if path.is_file():
+            return cls.from_file(path)
+        if path.is_dir():
+            return cls.from_pretrained(path)
+        raise UserError(f"{path}: no such tokenizer file or directory")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Tokenizer:
+        """Load the tokenizer files of a directory, the first found of: tokenizer.json (Hugging Face),
+        vocab.json + merges.txt (Hugging Face), encoder.json + vocab.bpe (OpenAI), one *.tiktoken."""
+        directory = Path(directory)
+        files = find_tokenizer_files(directory)
+        if not files:
+            raise UserError(
+                f"{directory} holds no tokenizer files (tokenizer.json, vocab.json + merges.txt, "
+                "encoder.json + vocab.bpe, or a .tiktoken file)"
+            )
+        if files[0].suffix == ".tiktoken":
+            return cls.from_file(files[0])
+        if files[0].name == "tokenizer.json":
+            return cls._from_tokenizer_json(files[0])
+        vocab_file, merges_file = files
+        declared = _declared_specials(directory) if vocab_file.name == "vocab.json" else {ENDOFTEXT: None}
+        vocab = _checked_vocab(_read_json(vocab_file), vocab_file)
+        merges = _read_merges(merges_file)
+        ranks, specials = _ranks_from_merges(vocab, merges, declared, f"{vocab_file} + {merges_file.name}")
+        return cls(ranks, specials, source=str(vocab_file.parent))
+
+    @classmethod
+    def _from_tokenizer_json(cls, path: Path) -> Tokenizer:
+        data = _read_json(path)
+        with _structure_of(path):
+            model, pre = data["model"], data.get("pre_tokenizer") or {}
+            if model["type"] != "BPE":
+                raise UserError(f"{path} holds a {model['type']} model, not a BPE vocabulary")
+            byte_level = pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space")
+            affixes = model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+            if not byte_level or data.get("normalizer") or affixes:
+                raise UserError(
+                    f"{path} is not a GPT-2 byte-level BPE vocabulary: it needs a ByteLevel pre-tokenizer "
+                    "without prefix space, no normalizer and no subword prefix or suffix"
+                )
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+            vocab = _checked_vocab(model["vocab"], path)
+        ranks, specials = _ranks_from_merges(vocab, merges, {ENDOFTEXT: None, **added}, str(path))
+        return cls(ranks, specials, source=str(path.parent))
+
+    # -- encoding ----------------------------------------------------------------------------------
+
+    def encode(self, text: str, *, allowed_special: AllowedSpecial = frozenset()) -> list[int]:
+        """Token ids of ``text``. Special tokens are plain text unless named in ``allowed_special``
+        (or ``"all"``). Lone surrogates are replaced by U+FFFD first, as tiktoken does."""
+        if not allowed_special:
+            return self._encoding.encode_ordinary(text)
+        allowed = self._allowed(allowed_special)
+        return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        num_threads: int | None = None,
+        allowed_special: AllowedSpecial = frozenset(),
+    ) -> list[list[int]]:
+        """``encode`` each text, on ``num_threads`` threads (default: one per CPU); tiktoken releases
+        the GIL, so the threads run in parallel."""
+        threads = num_threads or os.cpu_count() or 1
+        if not allowed_special:
+            return self._encoding.encode_ordinary_batch(list(texts), num_threads=threads)
+        return self._encoding.encode_batch(
+            list(texts), num_threads=threads, allowed_special=self._allowed(allowed_special),
+            disallowed_special=(),
+        )
+
+    def _allowed(self, allowed_special: AllowedSpecial) -> AllowedSpecial:
+        unknown = set() if allowed_special == "all" else set(allowed_special) - set(self._specials)
+        if unknown:
+            raise UserError(
+                f"allowed_special names {sorted(unknown)}, which are not special tokens of {self.source} "
+                f"(it has {sorted(self._specials)})"
+            )
+        return allowed_special
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes that ``ids`` (a list, an array or a tensor of ids) stand for."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        try:
+            return self._encoding.decode_bytes(ids)
+        except (KeyError, OverflowError, TypeError):
+            bad = next(i for i in ids if not self._is_id(i))
+            raise UserError(f"token id {bad!r} is not in {self.source} ({self.n_vocab} ids)") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text that ``ids`` stand for; bytes that are not valid UTF-8 (a cut-off character)
+        become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _is_id(self, i: object) -> bool:
+        try:
+            self._encoding.decode_single_token_bytes(i)
+        except (KeyError, OverflowError, TypeError):
+            return False
+        return True
+
+    # -- the vocabulary ----------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        """Number of token ids (the highest id + 1): the size of a model's embedding table."""
+        return self._encoding.n_vocab
+
+    @property
+    def eot_token(self) -> int:
+        """The id of ``<|endoftext|>``, which separates documents."""
+        return self._encoding.eot_token
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token text -> id."""
+        return dict(self._specials)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, n_vocab={self.n_vocab}, eot_token={self.eot_token})"
+
+    def merges(self) -> list[tuple[bytes, bytes]]:
+        """The merges that build every multi-byte token, in rank order: for each token, BPE on its
+        bytes with only the lower ranks leaves two parts, the pair that merges into it."""
+        ranks = self._ranks
+        merges = []
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+            if len(token) > 1:
+                parts = _bpe(ranks, token, rank)
+                if len(parts) != 2:
+                    raise UserError(
+                        f"{self.source}: token {token!r} (id {rank}) cannot be made by merging two tokens "
+                        "of lower id, so it has no Hugging Face merge"
+                    )
+                merges.append((parts[0], parts[1]))
+        return merges
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write Hugging Face's tokenizer files (vocab.json, merges.txt, tokenizer.json,
+        tokenizer_config.json, special_tokens_map.json), each atomically, that both
+        ``Tokenizer.from_pretrained`` and ``transformers.AutoTokenizer.from_pretrained`` load."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        merges = [(_spell(a), _spell(b)) for a, b in self.merges()]
+        vocab = {_spell(t): i for t, i in self._ranks.items()}
+        specials = sorted(self.special_tokens.items(), key=lambda item: item[1])
+        vocab.update(specials)
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.post_processor = processors.ByteLevel(trim_offsets=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens([AddedToken(text, special=True, normalized=False) for text, _ in specials])
+        roles = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "add_prefix_space": False,
+            "errors": "replace",
+            **roles,
+            "added_tokens_decoder": {
+                str(i): {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
+                         "single_word": False, "special": True}
+                for text, i in specials
+            },
+        }
+        files = {
+            "vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in merges)]) + "\n",
+            "tokenizer.json": hf.to_str(),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+            "special_tokens_map.json": json.dumps(roles, indent=2) + "\n",
+        }
+        for name, text in files.items():
+            write_atomic(directory / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+
+
+def find_tokenizer_files(directory: str | Path) -> list[Path]:
+    """The files ``Tokenizer.from_pretrained(directory)`` would read; empty when there are none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory of tokenizer files")
+    for names in FILE_SETS:
+        if all((directory / name).is_file() for name in names):
+            return [directory / name for name in names]
+    found = sorted(directory.glob("*.tiktoken"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise UserError(f"{directory} holds several .tiktoken files ({names}); keep one")
+    return found
+
+
+def train_tokenizer(
+    files: Sequence[str | Path], vocab_size: int, *, special_tokens: Sequence[str] = (ENDOFTEXT,)
+) -> Tokenizer:
+    """Train a byte-level BPE vocabulary of ``vocab_size`` tokens (256 bytes, merges, then the special
+    tokens) on UTF-8 text files, with GPT-2's pre-tokenisation, using the ``tokenizers`` library.
+
+    A corpus too small for that many merges gives a smaller vocabulary.
+    """
+    specials = list(dict.fromkeys([*special_tokens, ENDOFTEXT]))
+    smallest = 256 + len(specials)
+    if vocab_size < smallest:
+        raise UserError(
+            f"vocabulary size {vocab_size} is too small: a byte-level vocabulary holds the 256 bytes and "
+            f"{len(specials)} special token(s), so ask for at least {smallest}"
+        )
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise UserError("no training files given")
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file; give UTF-8 text files to train on")
+        if path.stat().st_size == 0:
+            raise UserError(f"{path} is empty; give UTF-8 text files to train on")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(_text_chunks(paths), trainer)
+    trained = json.loads(hf.to_str())["model"]["merges"]
+
+    to_bytes = _unicode_to_bytes()
+    ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}  # GPT-2's order of the bytes
+    for pair in trained:
+        a, b = pair.split(" ", 1) if isinstance(pair, str) else pair
+        token = bytes(to_bytes[c] for c in a + b)
+        # Skip a second merge making the same token, and (in theory) a token that merging by rank
+        # cannot reach, which would have no Hugging Face merge.
+        if token not in ranks and len(_bpe(ranks, token, len(ranks))) == 2:
+            ranks[token] = len(ranks)
+    return Tokenizer(ranks, {s: len(ranks) + i for i, s in enumerate(specials)}, source="trained vocabulary")
+
+
+# -- helpers of the loaders and the trainer -----------------------------------------------------------
+
+
+def _bpe(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """BPE on ``token``'s bytes with the ranks below ``max_rank``: repeatedly merge the adjacent pair
+    whose concatenation has the lowest rank."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best, best_rank = -1, max_rank
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1], max_rank)
+            if rank < best_rank:
+                best, best_rank = i, rank
+        if best < 0:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def _check_ids(ranks: dict[bytes, int], specials: dict[str, int], source: str) -> None:
+    """What tiktoken needs: every single byte present, every id used once."""
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise UserError(
+            f"{source} is not a byte-level BPE vocabulary: {len(missing)} of the 256 single bytes are "
+            f"missing (first: byte {missing[0]})"
+        )
+    ids = [*ranks.values(), *specials.values()]
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        seen: set[int] = set()
+        bad = next(i for i in ids if i < 0 or i in seen or seen.add(i))
+        raise UserError(f"{source}: token id {bad} is {'negative' if bad < 0 else 'used twice'}")
+
+
+def _ranks_from_merges(
+    vocab: dict[str, int],
+    merges: list[tuple[str, ...]],
+    declared_specials: dict[str, int | None],
+    source: str,
+) -> tuple[dict[bytes, int], dict[str, int]]:
+    """tiktoken ranks from a Hugging Face / OpenAI vocabulary (tokens spelled by ``bytes_to_unicode``)
+    and merges, after checking that tiktoken's merging by rank gives the same tokens."""
+    problem = f"{source} is not a GPT-2 byte-level BPE vocabulary: "
+    to_bytes = _unicode_to_bytes()
+    ranks: dict[bytes, int] = {}
+    made = set(to_bytes)  # the tokens the merges can produce, bytes first
+    for char in bytes_to_unicode().values():
+        if char not in vocab:
+            raise UserError(problem + f"the byte token {char!r} is missing")
+        ranks[bytes([to_bytes[char]])] = vocab[char]
+    previous = -1
+    for number, pair in enumerate(merges, 1):
+        if len(pair) != 2 or not all(pair):
+            raise UserError(problem + f"merge {number} {' '.join(pair)!r} is not a pair of tokens")
+        merge = f"merge {number} {' '.join(pair)!r}"
+        for part in pair:
+            if part not in vocab:
+                raise UserError(problem + f"{merge} uses {part!r}, which is not in it")
+        merged = pair[0] + pair[1]
+        if merged not in vocab:
+            raise UserError(problem + f"{merge} makes {merged!r}, which is not in it")
+        if not all(c in to_bytes for c in merged):
+            raise UserError(problem + f"{merge} is not written in GPT-2's byte alphabet (bytes_to_unicode)")
+        if vocab[merged] <= previous:
+            raise UserError(
+                problem + f"{merge} makes id {vocab[merged]}, not above the id "
+                f"{previous} of the merge before it (tiktoken needs merges in id order)"
+            )
+        previous = vocab[merged]
+        ranks[bytes(to_bytes[c] for c in merged)] = previous
+        made.add(merged)
+    specials = {text: i for text, i in declared_specials.items() if i is not None and text not in vocab}
+    leftover = []
+    for text, i in vocab.items():
+        if text in made:
+            continue
+        if text in declared_specials:
+            specials[text] = i
+        else:
+            leftover.append((text, i))
+    if leftover:
+        raise UserError(
+            problem + f"{len(leftover)} tokens are neither bytes, made by a merge, nor special tokens "
+            f"(first: {leftover[0][0]!r}, id {leftover[0][1]}); are the merges cut short?"
+        )
+    return ranks, specials
+
+
+def _declared_specials(directory: Path) -> dict[str, int | None]:
+    """Special tokens that Hugging Face's side files name (text -> id where they give one)."""
+    declared: dict[str, int | None] = {ENDOFTEXT: None}
+    config, roles, added = (directory / name for name in ("tokenizer_config.json", "special_tokens_map.json",
+                                                          "added_tokens.json"))
+    if config.is_file():
+        with _structure_of(config):
+            for i, token in (_read_json(config).get("added_tokens_decoder") or {}).items():
+                declared[token["content"]] = int(i)
+    if roles.is_file():
+        with _structure_of(roles):
+            for value in _read_json(roles).values():
+                for token in value if isinstance(value, list) else [value]:
+                    declared.setdefault(token["content"] if isinstance(token, dict) else str(token), None)
+    if added.is_file():
+        declared.update(_checked_vocab(_read_json(added), added))
+    return declared
+
+
+@contextlib.contextmanager
+def _structure_of(path: Path) -> Iterator[None]:
+    """Turn a missing key or a value of the wrong type in a JSON file into a UserError naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path} does not have the layout of a Hugging Face tokenizer file ({e!r})") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a vocabulary file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); is it a vocabulary file?") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); is it damaged?") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _checked_vocab(vocab: object, path: Path) -> dict[str, int]:
+    """``vocab`` if it maps token text to integer ids."""
+    if not isinstance(vocab, dict):
+        raise UserError(f"{path} is not a vocabulary: expected a JSON object of token -> id")
+    bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)), None)
+    if bad is not None:
+        raise UserError(f"{path} is not a vocabulary: token {bad!r} maps to {vocab[bad]!r}, not an id")
+    return vocab
+
+
+def _read_merges(path: Path) -> list[tuple[str, ...]]:
+    """Merge pairs of merges.txt / vocab.bpe: an optional ``#version`` line, then ``A B`` per line."""
+    lines = _read_text(path).split("\n")
+    header = lines[0].startswith("#version")
+    merges = []
+    for number, line in enumerate(lines[header:], 1 + header):
+        if not line:
+            continue
+        pair = tuple(line.split(" "))
+        if len(pair) != 2 or not all(pair):
+            raise UserError(f"{path}: line {number} is not a merge 'TOKEN TOKEN' ({line[:40]!r})")
+        merges.append(pair)
+    return merges
+
+
+def _text_chunks(paths: Sequence[Path], chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """The text of ``paths`` in pieces of about ``chunk_chars``, cut at line ends; binary or non-UTF-8
+    files are refused."""
+    for path in paths:
+        chunk: list[str] = []
+        size = 0
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                for line in f:
+                    if "\0" in line:
+                        raise UserError(f"{path} holds NUL bytes: it is binary, not a text file to train on")
+                    chunk.append(line)
+                    size += len(line)
+                    if size >= chunk_chars:
+                        yield "".join(chunk)
+                        chunk, size = [], 0
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8 first") from None
+        if chunk:
+            yield "".join(chunk)

@@ -6,10 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gpt2.cli import info, tokenizer
+from gpt2.cli import chat, eval, generate, info, plot, prepare, serve, task, tokenizer, train
 from gpt2.errors import UserError
 
-VERBS = [info, tokenizer]  # each module: register(subparsers) adds its verb with a handler
+# Each module: register(subparsers) adds its verb with a handler.
+VERBS = [info, tokenizer, eval, generate, chat, task, prepare, train, plot, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

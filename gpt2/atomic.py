@@ -1,0 +1,34 @@
+"""Atomic file writes: readers, and a crash half-way, see the old file or the new one, never a part."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, flush it to disk and rename it to
+    ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # permissions as the umask says
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)  # make the rename itself durable
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush ``directory``'s entries to disk, so that renames inside it survive a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

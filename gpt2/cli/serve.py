@@ -1,0 +1,72 @@
+"""``gpt2 serve``: an OpenAI-compatible HTTP server with continuous batching and a browser playground."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer
+from gpt2.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI-compatible API and a playground page)",
+        description="Serve a model with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), "
+        "/health, and a playground page at / . Concurrent requests are decoded together (continuous "
+        "batching). Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("GPT2_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: $GPT2_API_KEY; "
+                   "none: no key needed)")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="the model id clients ask for (default: the last part of --model)")
+    p.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                   help="sequences decoded together (default 16); each is a slot of the KV cache, "
+                   "preallocated for the whole context window")
+    p.add_argument("--no-batching", action="store_true",
+                   help="serve one sequence at a time (the same as --max-batch-size 1), for comparison")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="sequences that may wait for a slot; more are refused with 429 (default 256)")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="refuse longer prompts (default: the context window less one)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                   help="refuse request bodies over N bytes with 413 (default 1 MiB)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn  # the server stack is only needed here
+
+    from gpt2.serving import Engine, create_app
+
+    for name in ("port", "max_batch_size", "max_queue", "max_prompt_tokens", "max_body_bytes"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "port" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    model, tokenizer = load_model_and_tokenizer(args)
+    batch = 1 if args.no_batching else args.max_batch_size
+    engine = Engine(model, tokenizer, max_batch_size=batch, max_queue=args.max_queue)
+    name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").split("/")[-1]
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     max_prompt_tokens=args.max_prompt_tokens)
+    if args.api_key is None and not _is_loopback(args.host):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/ (batch {batch})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

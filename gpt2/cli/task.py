@@ -1,0 +1,88 @@
+"""``gpt2 task``: the paper's zero-shot tasks (summarize, translate, answer) on your own text."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gpt2 import tasks
+from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer
+from gpt2.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "task",
+        help="summarize, translate or answer questions with the paper's zero-shot prompts",
+        description="Run one of the zero-shot tasks of the GPT-2 paper with its prompt and decoding: "
+        "summarize (article + 'TL;DR:', top-k 2, 100 tokens, first 3 sentences), translate (example "
+        "'english = french' pairs, greedy, first sentence), answer (document, Q/A history, 'A:', greedy).",
+    )
+    kinds = p.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    s = kinds.add_parser("summarize", help="summarize an article",
+                         description="Summarize an article: its text, then 'TL;DR:'.")
+    add_model_arguments(s)
+    _add_text(s, "the article")
+    s.add_argument("--seed", type=int, help="random seed (the summary is sampled with top-k 2)")
+    s.set_defaults(handler=run_summarize)
+
+    t = kinds.add_parser("translate", help="translate an English sentence into French",
+                         description="Translate a sentence after a few example pairs of the form "
+                         "'english sentence = french sentence'.")
+    add_model_arguments(t)
+    _add_text(t, "the sentence to translate")
+    t.add_argument("--examples", type=Path, metavar="FILE",
+                   help="example pairs, one 'source sentence = target sentence' per line (default: a few "
+                   "English = French pairs; give pairs the other way round to translate into English)")
+    t.set_defaults(handler=run_translate)
+
+    a = kinds.add_parser("answer", help="answer a question about a document",
+                         description="Answer a question about a document, CoQA style: the document, the "
+                         "earlier questions and answers, the question, then 'A:'.")
+    add_model_arguments(a)
+    _add_text(a, "the document")
+    a.add_argument("--question", required=True, help="the question to answer")
+    a.add_argument("--history", type=Path, metavar="FILE",
+                   help="earlier turns of the dialogue, one 'question = answer' pair per line")
+    a.set_defaults(handler=run_answer)
+
+
+def _add_text(p: argparse.ArgumentParser, what: str) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help=what)
+    source.add_argument("--file", type=Path, metavar="FILE", help=f"a UTF-8 file holding {what}")
+
+
+def _text(args: argparse.Namespace, path: Path | None = None) -> str:
+    path = path or args.file
+    if path is None:
+        return args.text
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e})") from None
+
+
+def run_summarize(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model_and_tokenizer(args)
+    print(tasks.summarize(model, tokenizer, _text(args), seed=args.seed))
+    return 0
+
+
+def run_translate(args: argparse.Namespace) -> int:
+    examples = tasks.DEFAULT_EXAMPLES
+    if args.examples:
+        examples = tasks.read_pairs(_text(args, args.examples), str(args.examples))
+    model, tokenizer = load_model_and_tokenizer(args)
+    print(tasks.translate(model, tokenizer, _text(args), examples))
+    return 0
+
+
+def run_answer(args: argparse.Namespace) -> int:
+    history = []
+    if args.history:
+        history = tasks.read_pairs(_text(args, args.history), str(args.history), "question = answer")
+    model, tokenizer = load_model_and_tokenizer(args)
+    print(tasks.answer(model, tokenizer, _text(args), args.question, history))
+    return 0

@@ -1,0 +1,480 @@
+"""Training data: text corpora in, llm.c token shards out, and the loader that feeds the trainer.
+
+Text flows from documents (text files, JSON lines, named corpora, Hugging Face datasets) to token
+ids (``<|endoftext|>`` before every document, as llm.c writes them) to shards in llm.c's .bin format
+(a header of 256 little-endian int32: magic 20240520, version 1, token count; then uint16 tokens),
+so shards made by llm.c's or modded-nanogpt's scripts train here unchanged and ours open there.
+``ShardLoader`` reads shards through numpy memmaps and gives each DDP rank its own part.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gpt2 import corpora
+from gpt2.atomic import fsync_dir, write_atomic
+from gpt2.errors import UserError
+from gpt2.tokenizer import Tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_VOCAB = 2**16  # token ids are stored as uint16
+DEFAULT_SHARD_TOKENS = 10**8  # llm.c's shard size
+VAL_PIECE_TOKENS = 4096  # the validation split takes whole pieces of this many tokens, spread evenly
+TEXT_SUFFIXES = (".txt", ".jsonl")
+NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": corpora.shakespeare}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards on disk
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Write ``tokens`` (ids < 65,536) as an llm.c shard, atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= MAX_VOCAB:
+        raise UserError(f"{path}: token id {int(tokens.max())} does not fit a uint16 shard")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    data = header.tobytes() + tokens.astype("<u2").tobytes()
+    write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The tokens of an llm.c shard as a read-only uint16 memmap; a wrong header is a UserError."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise UserError(f"{path}: {size} bytes is too short for an llm.c shard header; prepare it again")
+    magic, version, count = (int(v) for v in np.fromfile(path, dtype="<i4", count=3))
+    if magic != SHARD_MAGIC:
+        raise UserError(
+            f"{path}: not an llm.c token shard (magic number {magic}, expected {SHARD_MAGIC}); "
+            "make shards with `gpt2 prepare`"
+        )
+    if version != SHARD_VERSION:
+        raise UserError(
+            f"{path}: shard version {version} is not supported (only version {SHARD_VERSION}, uint16 "
+            "GPT-2 tokens); prepare the data with `gpt2 prepare`"
+        )
+    if size != HEADER_BYTES + 2 * count:
+        raise UserError(
+            f"{path}: the header counts {count} tokens but the file holds {(size - HEADER_BYTES) / 2:g}; "
+            "the shard is truncated or corrupt, prepare it again"
+        )
+    if count == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def find_shards(directory: str | Path, split: str) -> list[Path]:
+    """The shards of ``split`` ("train" or "val") in ``directory``, in name order; names as llm.c's
+    (``fineweb_train_000001.bin``, ``tiny_shakespeare_val.bin``) or ours (``train_000000.bin``)."""
+    return sorted(p for p in Path(directory).glob(f"*{split}*.bin") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading corpora
+
+
+class Corpus:
+    """The documents of some inputs: .txt files (one document each), .jsonl files (one document per
+    line, in its ``text`` field), directories of those, the named corpora of ``gpt2.corpora``
+    (``shakespeare``) and, with the ``datasets`` library and a network, Hugging Face datasets by name.
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[str | Path],
+        *,
+        text_field: str = "text",
+        dataset_split: str = "train",
+        dataset_config: str | None = None,
+    ) -> None:
+        if not inputs:
+            raise UserError("no input given; name .txt/.jsonl files, directories or a dataset")
+        self.inputs = [str(i) for i in inputs]
+        self.text_field = text_field
+        self.dataset_split = dataset_split
+        self.dataset_config = dataset_config
+        self._invalid: dict[str, int] = {}  # invalid UTF-8 sequences per file, not yet reported
+        self._warned: set[str] = set()  # each file is reported once, not on every pass
+
+    def documents(self) -> Iterator[str]:
+        """Every non-blank document, in input order."""
+        for spec in self.inputs:
+            path = Path(spec)
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+                if not files:
+                    raise UserError(f"{path}: the directory holds no .txt or .jsonl files")
+                yield from self._file_documents(files)
+            elif path.is_file():
+                yield from self._file_documents([path])
+            elif spec in NAMED_CORPORA:
+                yield from self._file_documents(NAMED_CORPORA[spec]())
+            else:
+                yield from self._dataset_documents(spec)
+
+    def _file_documents(self, files: Iterable[Path]) -> Iterator[str]:
+        for path in files:
+            if path.suffix == ".jsonl":
+                yield from self._jsonl_documents(path)
+            else:
+                text = self._decode(path, path.read_bytes())
+                if text.strip():
+                    yield text
+
+    def _jsonl_documents(self, path: Path) -> Iterator[str]:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = self._decode(path, raw)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove it") from e
+                text = record.get(self.text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise UserError(
+                        f"{path}:{lineno}: no string field {self.text_field!r}; give each line "
+                        f'{{"{self.text_field}": "..."}} or choose the field with --text-field'
+                    )
+                if text.strip():
+                    yield text
+
+    def _decode(self, path: Path, data: bytes) -> str:
+        """UTF-8 text; NUL bytes mean a binary file (an error), invalid sequences are replaced."""
+        if b"\x00" in data:
+            raise UserError(
+                f"{path}: binary file (it holds NUL bytes); give UTF-8 text files, or remove this one"
+            )
+        text = data.decode("utf-8", errors="replace")
+        # U+FFFD written in the file itself is EF BF BD; every other one replaced an invalid sequence.
+        invalid = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
+        if invalid:
+            self._invalid[str(path)] = self._invalid.get(str(path), 0) + invalid
+        return text
+
+    def report_invalid_utf8(self) -> None:
+        """Warn once per file about the invalid UTF-8 sequences replaced while reading it."""
+        for name, count in self._invalid.items():
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning(f"warning: {name}: {count} invalid UTF-8 sequences replaced with U+FFFD")
+        self._invalid.clear()
+
+    def _dataset_documents(self, name: str) -> Iterator[str]:
+        try:
+            import datasets
+        except ImportError:
+            raise UserError(
+                f"{name}: no such file or directory (to read a Hugging Face dataset by name, "
+                "`pip install datasets`)"
+            ) from None
+        try:
+            rows = datasets.load_dataset(name, self.dataset_config, split=self.dataset_split, streaming=True)
+        except Exception as e:  # the library raises many kinds (network, missing name, bad config)
+            raise UserError(f"{name}: could not open the Hugging Face dataset ({e}); check the name") from e
+        for row in rows:
+            text = row.get(self.text_field)
+            if not isinstance(text, str):
+                raise UserError(f"{name}: rows have no string field {self.text_field!r}; use --text-field")
+            if text.strip():
+                yield text
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing shards
+
+
+class ShardWriter:
+    """Cuts one token stream into a validation and a training split and writes full shards.
+
+    The stream is cut in pieces of ``VAL_PIECE_TOKENS``; a fraction ``val_fraction`` of them, evenly
+    spread over the corpus, goes to validation. The last piece is held back until the end so that a
+    small corpus still gets a validation piece.
+    """
+
+    def __init__(self, directory: Path, shard_tokens: int, val_fraction: float) -> None:
+        if shard_tokens <= 0:
+            raise UserError(f"shard size must be a positive number of tokens, got {shard_tokens}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise UserError(f"validation fraction must be in [0, 1), got {val_fraction}")
+        self.directory = directory
+        self.shard_tokens = shard_tokens
+        self.val_fraction = val_fraction
+        self.pending: dict[str, list[np.ndarray]] = {"val": [], "train": []}
+        self.pending_tokens = {"val": 0, "train": 0}
+        self.tokens = {"val": 0, "train": 0}
+        self.shards = {"val": 0, "train": 0}
+        self.piece: list[np.ndarray] = []
+        self.piece_tokens = 0
+        self.pieces = 0  # pieces routed so far
+        self.held: np.ndarray | None = None
+
+    def add(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            take = min(tokens.size, VAL_PIECE_TOKENS - self.piece_tokens)
+            self.piece.append(tokens[:take])
+            self.piece_tokens += take
+            tokens = tokens[take:]
+            if self.piece_tokens == VAL_PIECE_TOKENS:
+                if self.held is not None:
+                    self._route(self.held, last=False)
+                self.held = np.concatenate(self.piece)
+                self.piece, self.piece_tokens = [], 0
+
+    def close(self) -> dict[str, int]:
+        """Route and write what remains; the number of tokens in each split."""
+        last = [p for p in (self.held, np.concatenate(self.piece) if self.piece else None) if p is not None]
+        for i, piece in enumerate(last):
+            self._route(piece, last=i == len(last) - 1)
+        for split in ("val", "train"):
+            if self.pending_tokens[split]:
+                self._write(split, np.concatenate(self.pending[split]))
+        return dict(self.tokens)
+
+    def _route(self, piece: np.ndarray, *, last: bool) -> None:
+        f = self.val_fraction
+        to_val = int((self.pieces + 1) * f) > int(self.pieces * f)
+        to_val = to_val or (last and f > 0 and not self.tokens["val"])
+        self.pieces += 1
+        split = "val" if to_val else "train"
+        self.pending[split].append(piece)
+        self.pending_tokens[split] += piece.size
+        self.tokens[split] += piece.size
+        if self.pending_tokens[split] >= self.shard_tokens:
+            stream = np.concatenate(self.pending[split])
+            while stream.size >= self.shard_tokens:
+                self._write(split, stream[: self.shard_tokens])
+                stream = stream[self.shard_tokens :]
+            self.pending[split] = [stream]
+            self.pending_tokens[split] = stream.size
+
+    def _write(self, split: str, tokens: np.ndarray) -> None:
+        write_shard(self.directory / f"{split}_{self.shards[split]:06d}.bin", tokens)
+        self.shards[split] += 1
+
+
+def prepare(
+    corpus: Corpus,
+    out_dir: str | Path,
+    *,
+    tokenizer: Tokenizer | None = None,
+    vocab_size: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    val_fraction: float = 0.05,
+    overwrite: bool = False,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Tokenise ``corpus`` into llm.c shards in ``out_dir``, with the tokenizer saved beside them.
+
+    Give ``tokenizer``, or ``vocab_size`` to train a new byte-level BPE vocabulary on the corpus.
+    The directory appears complete or not at all: it is built beside ``out_dir`` and renamed into
+    place. Returns the number of tokens in each split.
+    """
+    if (tokenizer is None) == (vocab_size is None):
+        raise UserError("give either a tokenizer (--tokenizer) or a vocabulary size to train (--vocab-size)")
+    out_dir = Path(out_dir)
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite):
+        raise UserError(f"{out_dir} already exists and is not empty; choose another --out or add --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    num_threads = num_threads or os.cpu_count() or 1
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        if tokenizer is None:
+            assert vocab_size is not None
+            tokenizer = _train_on_corpus(corpus, vocab_size, tmp)
+        if tokenizer.n_vocab > MAX_VOCAB:
+            raise UserError(
+                f"the tokenizer has {tokenizer.n_vocab:,} tokens but llm.c shards store ids as uint16 "
+                f"(at most {MAX_VOCAB:,}); use a smaller vocabulary"
+            )
+        writer = ShardWriter(tmp, shard_tokens, val_fraction)
+        counts = _tokenize(corpus, tokenizer, writer, num_threads, progress)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
+
+
+def _train_on_corpus(corpus: Corpus, vocab_size: int, workdir: Path) -> Tokenizer:
+    """Train a BPE vocabulary on the corpus's documents, gathered in one UTF-8 file."""
+    text_file = workdir / "corpus.txt"
+    with text_file.open("w", encoding="utf-8") as f:
+        for doc in corpus.documents():
+            f.write(doc)
+            f.write("\n\n")
+    corpus.report_invalid_utf8()
+    if text_file.stat().st_size == 0:
+        raise UserError(f"{', '.join(corpus.inputs)}: the corpus is empty; give files that hold text")
+    tokenizer = train_tokenizer([text_file], vocab_size)
+    text_file.unlink()
+    return tokenizer
+
+
+def _tokenize(
+    corpus: Corpus, tokenizer: Tokenizer, writer: ShardWriter, num_threads: int, progress: bool
+) -> dict[str, int]:
+    """Encode documents in batches on ``num_threads`` threads; ``<|endoftext|>`` before each."""
+    eot = np.array([tokenizer.eot_token], dtype=np.uint16)
+    documents = 0
+    # delay: a corpus that fails at once shows its one error line, no bar
+    with tqdm(desc="tokenizing", unit="tok", unit_scale=True, delay=0.5, disable=not progress) as bar:
+        for batch in _batches(corpus.documents(), max_chars=8_000_000, max_docs=1024):
+            for ids in tokenizer.encode_batch(batch, num_threads=num_threads):
+                writer.add(np.concatenate([eot, np.asarray(ids, dtype=np.uint16)]))
+                bar.update(len(ids) + 1)
+            documents += len(batch)
+            corpus.report_invalid_utf8()
+    if documents == 0:
+        raise UserError(f"{', '.join(corpus.inputs)}: the corpus is empty; give files that hold text")
+    counts = writer.close()
+    if counts["train"] == 0:
+        raise UserError(
+            f"the corpus has only {counts['val']} tokens, too few to split off validation data; "
+            "add text or use --val-fraction 0"
+        )
+    return counts
+
+
+def _batches(docs: Iterator[str], *, max_chars: int, max_docs: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename the finished directory ``new`` to ``target``, setting an old ``target`` aside first."""
+    for p in new.iterdir():
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    new.rename(target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading batches for training
+
+
+class ShardLoader:
+    """Batches of ``batch_size`` sequences of ``seq_len`` tokens (inputs and next-token targets).
+
+    Sample ``i`` of a shard is tokens ``[i*T, i*T + T + 1)``. With ``shuffle``, every epoch visits
+    the shards in a new order and each shard's samples in a new order, both drawn from ``seed`` and
+    the epoch, so the stream is the same on every rank and after a restart. The stream is cut into
+    micro-batches of ``batch_size`` samples and rank ``r`` of ``world_size`` takes micro-batches
+    ``r, r + world_size, ...``: N ranks together read exactly what one process reads in N steps.
+    ``state_dict``/``load_state_dict`` save and restore the position.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        batch_size: int,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.files = list(files)
+        self.shards = [read_shard(f) for f in self.files]
+        self.samples = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        self.num_tokens = sum(len(s) for s in self.shards)
+        if sum(self.samples) == 0:
+            raise UserError(
+                f"{len(self.files)} shard(s) starting {self.files[0] if self.files else '(none)'} hold "
+                f"{self.num_tokens} tokens, fewer than one sequence of {seq_len + 1}; use a shorter "
+                "--seq-len or more data"
+            )
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch = self.shard_pos = self.sample_pos = 0
+        self._orders: dict[tuple[int, ...], np.ndarray] = {}
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.samples)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.shard_pos, self.sample_pos = state["epoch"], state["shard_pos"], state["sample_pos"]
+
+    def reset(self) -> None:
+        self.load_state_dict({"epoch": 0, "shard_pos": 0, "sample_pos": 0})
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (inputs, targets), both int64 (batch_size, seq_len)."""
+        B, T = self.batch_size, self.seq_len
+        self._take(self.rank * B)
+        picks = self._take(B)
+        self._take((self.world_size - 1 - self.rank) * B)
+        rows = np.stack([self.shards[s][i * T : i * T + T + 1] for s, i in picks]).astype(np.int64)
+        rows_t = torch.from_numpy(rows)
+        return rows_t[:, :-1], rows_t[:, 1:]
+
+    def _order(self, *key: int) -> np.ndarray:
+        """A permutation of ``range(n)`` for key (epoch,) over shards or (epoch, shard) over samples."""
+        if key not in self._orders:
+            n = len(self.shards) if len(key) == 1 else self.samples[key[1]]
+            if self.shuffle:
+                self._orders = {k: v for k, v in self._orders.items() if k[0] == key[0]}  # drop old epochs
+                self._orders[key] = np.random.default_rng([self.seed, *key]).permutation(n)
+            else:
+                self._orders[key] = np.arange(n)
+        return self._orders[key]
+
+    def _take(self, n: int) -> list[tuple[int, int]]:
+        """The next ``n`` (shard, sample) pairs of the stream, advancing the position."""
+        picks: list[tuple[int, int]] = []
+        while len(picks) < n:
+            shards = self._order(self.epoch)
+            if self.shard_pos == len(shards):
+                self.epoch, self.shard_pos, self.sample_pos = self.epoch + 1, 0, 0
+                continue
+            shard = int(shards[self.shard_pos])
+            order = self._order(self.epoch, shard)
+            k = min(n - len(picks), len(order) - self.sample_pos)
+            picks.extend((shard, int(i)) for i in order[self.sample_pos : self.sample_pos + k])
+            self.sample_pos += k
+            if self.sample_pos == len(order):
+                self.shard_pos, self.sample_pos = self.shard_pos + 1, 0
+        return picks

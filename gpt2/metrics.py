@@ -1,0 +1,93 @@
+"""Training metrics: the JSON-lines log in a run directory, and its loss-curve plot.
+
+One record per line: ``{"step", "loss", "lr", "tokens", "elapsed", "tokens_per_s", ...}`` for a
+training step and ``{"step", "val_loss"}`` for a validation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gpt2.atomic import write_atomic
+from gpt2.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLog:
+    """Appends records to ``RUN/metrics.jsonl``, one JSON object per line, flushed as written."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.file = (run_dir / METRICS_FILE).open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, object]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run; a line cut short by a kill is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found; give a training run directory (`gpt2 train --out RUN`)")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the records after ``step``: a resumed run logs those steps again."""
+    if (run_dir / METRICS_FILE).is_file():
+        kept = [json.dumps(r) + "\n" for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+        write_atomic(run_dir / METRICS_FILE, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw training loss (raw and smoothed) and validation loss against steps into ``RUN/loss.png``
+    (or ``out``); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        raise UserError(f"{run_dir / METRICS_FILE} holds no losses yet; plot after some training steps")
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _smooth(list(losses)), color="tab:blue", label="train")
+    if val:
+        steps, losses = zip(*val, strict=True)
+        ax.plot(steps, losses, "o-", color="tab:orange", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(run_dir.resolve().name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(out) if out else run_dir / PLOT_FILE
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def _smooth(values: list[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average, bias-corrected so the first points are not pulled to zero."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg / (1 - (1 - alpha) ** i))
+    return out

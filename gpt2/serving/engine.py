@@ -1,0 +1,406 @@
+"""Continuous batching: one worker thread owns the model and decodes every live request together.
+
+The worker keeps one preallocated KV cache with a row (a slot) per sequence being generated. At each
+step boundary it takes waiting sequences into free slots (their prompts in one left-padded forward
+pass), draws one token for every live row, drops the rows that finished or whose client went away,
+and runs one forward pass for all the rest. So requests that arrive while others are running join
+them at the next step instead of waiting for them to end, as in vLLM or TGI.
+
+The rows share the cache's time axis: every row ends at position ``length``, a shorter row starts
+later and is left-padded (``KVCache.key_mask`` False, its own ``next_position``), which is the left
+padding that ``gpt2.model`` already supports. Live rows are kept in the first ``k`` slots so a step
+computes only them; the shared axis is shifted when a longer prompt arrives or the window fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gpt2.errors import UserError
+from gpt2.model import KVCache, Transformer
+from gpt2.sampling import GenerationConfig, TextStream, TextTokenizer, filter_top_k_top_p, left_pad
+
+
+class QueueFull(Exception):
+    """The waiting queue is full; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token of a sequence. ``text`` is the text it made final (may be '', while a
+    character or a possible stop string is incomplete). ``finish_reason`` is "stop" (end of text or a
+    stop string; this token is then not part of the text), "length" (max tokens) or None."""
+
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class SequenceRequest:
+    """What one sequence is: the prompt's ids, the sampling settings (``max_new_tokens``, stops...),
+    how many top log-probabilities to report per token (None: none) and whether to report the
+    prompt's log-probabilities too."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class _Sequence:
+    request: SequenceRequest
+    job: Job
+    index: int
+    stream: TextStream
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+    generated: int = 0
+    length: int = 0  # positions this row holds in the cache
+    finished: bool = False
+
+
+class Job:
+    """The sequences of one HTTP request (prompts × n); their steps arrive on one asyncio queue."""
+
+    POLL_S = 0.5
+
+    def __init__(self, requests: Sequence[SequenceRequest], loop: asyncio.AbstractEventLoop) -> None:
+        self.requests = list(requests)
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[int, Step | BaseException]] = asyncio.Queue()
+        self.prompt_logprobs: dict[int, list[tuple[float | None, dict[int, float] | None]]] = {}
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away): the worker frees the slots at its next step."""
+        self.cancelled = True
+
+    def post(self, index: int, item: Step | BaseException) -> None:
+        """Deliver from the worker thread to the request's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancel()
+
+    async def steps(
+        self, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[tuple[int, Step]]:
+        """Every sequence's steps, as they come, until all of them finished. ``is_disconnected`` is
+        asked every ``POLL_S`` seconds without a step; the job is cancelled when it says True, or
+        when the caller stops reading early."""
+        open_ = len(self.requests)
+        try:
+            while open_:
+                try:
+                    index, item = await asyncio.wait_for(self.queue.get(), self.POLL_S)
+                except asyncio.TimeoutError:
+                    if is_disconnected is not None and await is_disconnected():
+                        return
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    open_ -= 1
+                yield index, item
+        finally:
+            if open_:
+                self.cancel()
+
+
+@dataclass
+class EngineStats:
+    """Counters that show how the work was batched."""
+
+    forward_passes: int = 0
+    tokens_generated: int = 0
+    max_batch: int = 0  # most sequences decoded in one forward pass
+    requests: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
+class _Slots:
+    """The shared cache, the sequences in its first rows and their next-token logits."""
+
+    cache: KVCache
+    rows: list[_Sequence] = field(default_factory=list)
+    logits: Tensor | None = None  # (len(rows), vocab): to draw each row's next token from
+
+
+class Engine:
+    """Runs a model for many concurrent requests; ``submit`` from async code, ``start``/``stop`` around.
+
+    ``max_batch_size``: slots in the KV cache (1 serves one sequence at a time); ``max_queue``:
+    sequences that may wait for a slot before ``submit`` raises ``QueueFull``.
+    """
+
+    def __init__(
+        self, model: Transformer, tokenizer: TextTokenizer, *, max_batch_size: int = 16, max_queue: int = 256
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.window = model.config.n_positions
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.stats = EngineStats()
+        weight = model.transformer.wte.weight  # its dtype is the activations' (also under int8)
+        cache = KVCache(model.config, max_batch_size, device=weight.device, dtype=weight.dtype)
+        cache.padded = True  # rows start at different positions: attention always uses key_mask
+        self._slots = _Slots(cache)
+        self._waiting: deque[_Sequence] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- the public side (event loop thread) ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="gpt2-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, requests: Sequence[SequenceRequest]) -> Job:
+        """Queue the sequences of one request; raises ``QueueFull`` at once when they do not fit."""
+        for r in requests:
+            if not r.prompt or len(r.prompt) + r.config.max_new_tokens > self.window:
+                raise UserError(f"a prompt of {len(r.prompt)} tokens and {r.config.max_new_tokens} new "
+                                f"tokens do not fit the context window ({self.window}); ask for fewer")
+        job = Job(requests, asyncio.get_running_loop())
+        device = self.model.transformer.wte.weight.device
+        sequences = []
+        for index, r in enumerate(requests):
+            seed = r.config.seed
+            generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+            sequences.append(_Sequence(r, job, index, TextStream(self.tokenizer, r.config.stop_strings),
+                                       generator, frozenset(r.config.stop_token_ids)))
+        with self._wake:
+            if len(self._waiting) + len(sequences) > self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(f"{len(self._waiting)} sequences are waiting already (--max-queue "
+                                f"{self.max_queue}); retry later")
+            self.stats.requests += 1
+            self._waiting.extend(sequences)
+            self._wake.notify()
+        return job
+
+    def load(self) -> dict[str, int]:
+        """How busy the engine is now, with the counters."""
+        return {"running": len(self._slots.rows), "waiting": len(self._waiting), **self.stats.as_dict()}
+
+    # -- the worker ---------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._stopping or self._waiting or self._slots.rows)
+                if self._stopping:
+                    break
+                for s in [s for s in self._waiting if s.job.cancelled]:
+                    self._waiting.remove(s)
+                    self.stats.cancelled += 1
+                free = self.max_batch_size - len(self._slots.rows)
+                joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            try:
+                with torch.inference_mode():
+                    self._step(joining)
+            except Exception as e:  # a bug or out of memory: fail these requests, keep serving others
+                self.stats.errors += 1
+                for s in {*self._slots.rows, *joining}:
+                    s.job.post(s.index, e)
+                self._slots.rows, self._slots.logits = [], None
+                self._slots.cache.length = 0
+
+    def _step(self, joining: list[_Sequence]) -> None:
+        slots = self._slots
+        gone = {i for i, s in enumerate(slots.rows) if s.job.cancelled}
+        self.stats.cancelled += len(gone)
+        self._remove(gone)
+        if joining:
+            logits = self._prefill(joining)
+            slots.logits = logits if slots.logits is None else torch.cat([slots.logits, logits])
+            slots.rows += joining
+        if not slots.rows:
+            return
+        tokens = self._draw(slots.logits)
+        self._remove({i for i, s in enumerate(slots.rows) if s.finished})
+        if slots.rows:
+            self._decode([tokens[s] for s in slots.rows])
+
+    def _prefill(self, joining: list[_Sequence]) -> Tensor:
+        """Run the new prompts (left-padded together) and copy their keys and values into the slots
+        after the live rows; returns their next-token logits."""
+        slots, cache = self._slots, self._slots.cache
+        device = cache.key_mask.device
+        ids, mask = left_pad([s.request.prompt for s in joining], self.tokenizer.eot_token, device)
+        longest = ids.shape[1]
+        fresh = KVCache(self.model.config, len(joining), longest, device=device, dtype=cache.keys[0].dtype)
+        full = any(s.request.prompt_logprobs for s in joining)
+        logits = self.model(ids, cache=fresh, attention_mask=None if bool(mask.all()) else mask,
+                            last_only=not full)
+        self.stats.forward_passes += 1
+        if full:
+            self._report_prompt_logprobs(joining, ids, logits)
+        if cache.length < longest:
+            self._shift(longest - cache.length)
+        start, end = cache.length - longest, cache.length
+        rows = slice(len(slots.rows), len(slots.rows) + len(joining))
+        for layer in range(len(cache.keys)):
+            cache.keys[layer][rows, :, start:end] = fresh.keys[layer]
+            cache.values[layer][rows, :, start:end] = fresh.values[layer]
+        cache.key_mask[rows, :start] = False
+        cache.key_mask[rows, start:end] = fresh.key_mask
+        cache.next_position[rows] = fresh.next_position
+        for s in joining:
+            s.length = len(s.request.prompt)
+        return logits[:, -1]
+
+    def _report_prompt_logprobs(self, joining: list[_Sequence], ids: Tensor, logits: Tensor) -> None:
+        logprobs = logits[:, :-1].float().log_softmax(dim=-1)
+        for row, s in enumerate(joining):
+            if not s.request.prompt_logprobs:
+                continue
+            n, width = len(s.request.prompt), ids.shape[1]
+            entries: list[tuple[float | None, dict[int, float] | None]] = [(None, None)]  # the first has none
+            for pos in range(width - n, width - 1):
+                entries.append(_logprob_entry(logprobs[row, pos], int(ids[row, pos + 1]), s.request.logprobs))
+            s.job.prompt_logprobs[s.index] = entries
+
+    def _draw(self, logits: Tensor) -> dict[_Sequence, int]:
+        """Draw each row's next token, send it to its client and mark the finished rows."""
+        rows = self._slots.rows
+        logprobs = None
+        if any(s.request.logprobs is not None for s in rows):
+            logprobs = logits.float().log_softmax(dim=-1)
+        tokens = {}
+        drawn = draw(logits, [s.request.config for s in rows], [s.generator for s in rows])
+        for row, (s, token) in enumerate(zip(rows, drawn, strict=True)):
+            tokens[s] = token
+            s.generated += 1
+            self.stats.tokens_generated += 1
+            logprob, top = (None, None)
+            if logprobs is not None and s.request.logprobs is not None:
+                logprob, top = _logprob_entry(logprobs[row], token, s.request.logprobs)
+            if token in s.stop_ids:
+                text, finish = s.stream.finish(), "stop"
+            else:
+                text = s.stream.push(token)
+                finish = "stop" if s.stream.done else None
+                if finish is None and s.generated >= s.request.config.max_new_tokens:
+                    text, finish = text + s.stream.finish(), "length"
+            s.finished = finish is not None
+            s.job.post(s.index, Step(token, text, logprob, top, finish))
+        return tokens
+
+    def _decode(self, tokens: list[int]) -> None:
+        """One forward pass for every live row: their last tokens in, their next logits out."""
+        slots, cache = self._slots, self._slots.cache
+        padding = cache.length - max(s.length for s in slots.rows)  # at the start of every row
+        if cache.length == cache.max_len or padding >= cache.max_len // 4:  # make room, save attention
+            self._shift(-padding)
+        k = len(slots.rows)
+        live = copy.copy(cache)  # a view of the first k rows: writes go to the shared tensors
+        live.keys = [t[:k] for t in cache.keys]
+        live.values = [t[:k] for t in cache.values]
+        live.key_mask, live.next_position = cache.key_mask[:k], cache.next_position[:k]
+        ids = torch.tensor(tokens, device=cache.key_mask.device)[:, None]
+        slots.logits = self.model(ids, cache=live, last_only=True)[:, -1]
+        cache.length = live.length
+        for s in slots.rows:
+            s.length += 1
+        self.stats.forward_passes += 1
+        self.stats.max_batch = max(self.stats.max_batch, k)
+
+    def _shift(self, by: int) -> None:
+        """Move the live rows ``by`` positions along the time axis (left when negative), keeping
+        them aligned at the end; positions that open up at the start become padding."""
+        cache, k, old = self._slots.cache, len(self._slots.rows), self._slots.cache.length
+        new = old + by
+        keep = min(old, new)
+        for t in (*cache.keys, *cache.values):
+            t[:k, :, new - keep : new] = t[:k, :, old - keep : old].clone()
+        cache.key_mask[:k, new - keep : new] = cache.key_mask[:k, old - keep : old].clone()
+        cache.key_mask[:k, : new - keep] = False
+        cache.length = new
+
+    def _remove(self, rows: set[int]) -> None:
+        """Free the slots ``rows``: the last live rows move into the holes, so live rows stay first."""
+        slots = self._slots
+        if not rows:
+            return
+        k = len(slots.rows) - len(rows)
+        holes = [i for i in sorted(rows) if i < k]
+        movers = [i for i in range(k, len(slots.rows)) if i not in rows]
+        if holes:
+            cache = slots.cache
+            dst, src = torch.tensor(holes), torch.tensor(movers)
+            for t in (*cache.keys, *cache.values, cache.key_mask, cache.next_position):
+                t[dst.to(t.device)] = t[src.to(t.device)]
+            if slots.logits is not None:
+                slots.logits[dst.to(slots.logits.device)] = slots.logits[src.to(slots.logits.device)]
+            for h, m in zip(holes, movers, strict=True):
+                slots.rows[h] = slots.rows[m]
+        slots.rows = slots.rows[:k]
+        if slots.logits is not None:
+            slots.logits = slots.logits[:k]
+        if k == 0:
+            slots.cache.length, slots.logits = 0, None
+
+
+def _logprob_entry(logprobs: Tensor, token: int, top: int | None) -> tuple[float, dict[int, float] | None]:
+    """The log-probability of ``token`` and the ``top`` likeliest tokens' (none when ``top`` is 0)."""
+    best = None
+    if top:
+        values, ids = logprobs.topk(top)
+        best = dict(zip(ids.tolist(), values.tolist(), strict=True))
+    return float(logprobs[token]), best
+
+
+def draw(
+    logits: Tensor, configs: Sequence[GenerationConfig], generators: Sequence[torch.Generator | None]
+) -> list[int]:
+    """The next token of each row of ``logits`` (rows, vocab), rows with the same settings together.
+
+    Greedy rows take the argmax. The others invert the cumulative distribution that temperature,
+    top-k and top-p (``gpt2.sampling.filter_top_k_top_p``) leave, at a uniform number from the row's
+    own generator: one random number per row, where a ``torch.multinomial`` call per row costs
+    milliseconds at GPT-2's vocabulary size on a CPU.
+    """
+    tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
+    groups: dict[tuple[float, int | None, float | None], list[int]] = {}
+    for row, c in enumerate(configs):
+        groups.setdefault((c.temperature, c.top_k, c.top_p), []).append(row)
+    for (temperature, top_k, top_p), rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        group = logits[index].float()
+        if temperature == 0:
+            tokens[index] = group.argmax(dim=-1)
+            continue
+        cdf = filter_top_k_top_p(group / temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+        u = torch.cat([torch.rand(1, generator=generators[r], device=logits.device) for r in rows])
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        tokens[index] = picked.clamp_(max=cdf.shape[1] - 1)
+    return tokens.tolist()

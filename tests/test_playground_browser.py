@@ -1,0 +1,77 @@
+"""The playground page at / in a real headless browser (Debian's chromium, driven by Selenium): type a
+prompt, click Generate, and see the text stream in, each piece with its tokens' probabilities."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from test_serving import BYTES, serving, tiny_model, wait_for
+
+from gpt2.sampling import generate_text
+
+webdriver = pytest.importorskip("selenium.webdriver")
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        message = ("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
+                   "`make setup` does it when run as root)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in FLAGS:
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def test_playground_streams_the_completion(browser) -> None:
+    model = tiny_model()
+    prompt, new = "Once upon a time", 40
+    with serving(model) as (url, _):
+        browser.get(f"{url}/")
+        assert "gpt2 playground" in browser.title
+        by_id = webdriver.common.by.By.ID
+        box = browser.find_element(by_id, "prompt")
+        box.clear()
+        box.send_keys(prompt)
+        for field, value in (("max_tokens", new), ("temperature", 0)):
+            element = browser.find_element(by_id, field)
+            element.clear()
+            element.send_keys(str(value))
+        # Record what the page shows each time the output changes, to see the text arrive in pieces.
+        browser.execute_script("""
+            window.seen = [];
+            new MutationObserver(() => window.seen.push([
+                document.querySelectorAll('#output span.token').length,
+                document.getElementById('status').textContent,
+            ])).observe(document.getElementById('output'), {childList: true});
+        """)
+        browser.find_element(by_id, "generate").click()
+        wait_for(lambda: browser.find_element(by_id, "status").text.startswith(("done", "error")),
+                 "the playground to finish", timeout=60)
+        status = browser.find_element(by_id, "status").text
+        assert status == f"done: {new} tokens (max tokens reached)", status
+        shown = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#output span.token'), s => s.textContent).join('')")
+        assert shown == generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=new)[0]
+        seen = browser.execute_script("return window.seen")
+        while_generating = {count for count, state in seen if state == "generating..." and count > 0}
+        assert len(while_generating) > 1, f"the text did not arrive in pieces: {seen}"
+        titles = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#output span.token'), s => s.title)")
+        assert all("p = " in t and t.endswith("%") for t in titles if t)
+        assert sum(t.count("p = ") for t in titles) == new  # every generated token's probability

@@ -1,0 +1,379 @@
+"""The server: the official openai client against it, streaming, batching that really shares forward
+passes, the queue limit, disconnects, and every bad input a clear 4xx (with the server still up).
+
+A tiny random model over bytes serves on 127.0.0.1 (a free port, in a thread). Its end-of-text
+logit is pushed far down so that it never ends a text by itself and every length is known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from gpt2 import GPT2, GPT2Config
+from gpt2.cli import main
+from gpt2.sampling import GenerationConfig, generate, generate_text
+from gpt2.serving import Engine, create_app
+from gpt2.serving.engine import draw
+from gpt2.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+BYTES = Tokenizer({bytes([i]): i for i in range(256)})  # <|endoftext|> is 256
+WINDOW = 96
+KEY = "secret-key"
+
+
+def tiny_model() -> GPT2:
+    """A random 2-layer model over bytes whose <|endoftext|> logit is always about -6 below the rest."""
+    torch.manual_seed(0)
+    config = GPT2Config.from_preset("tiny", vocab_size=BYTES.n_vocab, n_positions=WINDOW, n_layer=2,
+                                    n_embd=64, n_head=4)
+    model = GPT2(config).eval()
+    with torch.no_grad():  # ln_f's output then always has a component b*1, which w_eot = -1 turns down
+        model.transformer.ln_f.bias.fill_(0.1)
+        model.transformer.wte.weight[BYTES.eot_token] = -1.0
+    model.tokenizer = BYTES
+    return model
+
+
+@contextlib.contextmanager
+def serving(model: GPT2, **options: object) -> Iterator[tuple[str, Engine]]:
+    """Serve ``model`` on a free loopback port in a thread; yields (base URL, engine)."""
+    engine = Engine(model, model.tokenizer, max_batch_size=int(options.pop("max_batch_size", 8)),
+                    max_queue=int(options.pop("max_queue", 64)))
+    app = create_app(engine, model_name="tiny", **options)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the server to start")
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def server(model: GPT2) -> Iterator[tuple[str, Engine]]:
+    with serving(model) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: tuple[str, Engine]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def post(url: str, path: str, body: bytes | str | dict | Iterator[bytes],
+         headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """POST raw bytes (or JSON) with http.client, so that malformed bodies really go out as they are."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    data = json.dumps(body) if isinstance(body, dict) else body
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    connection.request("POST", path, body=data, headers=headers,
+                       encode_chunked="Transfer-Encoding" in headers)
+    response = connection.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    connection.close()
+    return status, payload
+
+
+# ----------------------------------------------------------------------------------------------------
+# The official client, unchanged
+
+
+def test_completion_is_the_greedy_continuation(client, model) -> None:
+    prompts = ["Hello", "The quick brown fox"]
+    result = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0)
+    expected = generate_text(model, BYTES, prompts, temperature=0, max_new_tokens=12)
+    assert [c.text for c in sorted(result.choices, key=lambda c: c.index)] == expected
+    assert {c.finish_reason for c in result.choices} == {"length"}
+    assert result.usage.prompt_tokens == sum(len(BYTES.encode(p)) for p in prompts)
+    assert result.usage.completion_tokens == 2 * 12
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 24
+
+
+def test_streaming_gives_the_same_text(client) -> None:
+    for settings in ({"temperature": 0}, {"temperature": 1.0, "top_k": 20, "seed": 7}):
+        extra = {"top_k": settings.pop("top_k")} if "top_k" in settings else {}
+        whole = client.completions.create(model="tiny", prompt="Once upon", max_tokens=20,
+                                          extra_body=extra, **settings)
+        stream = client.completions.create(model="tiny", prompt="Once upon", max_tokens=20, stream=True,
+                                           stream_options={"include_usage": True}, extra_body=extra,
+                                           **settings)
+        chunks = list(stream)
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == whole.choices[0].text
+        assert chunks[-1].usage.completion_tokens == 20
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_seed_makes_samples_reproducible_and_n_gives_distinct_choices(client) -> None:
+    a = client.completions.create(model="tiny", prompt="x", max_tokens=16, seed=3, n=3)
+    b = client.completions.create(model="tiny", prompt="x", max_tokens=16, seed=3, n=3)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert len({c.text for c in a.choices}) == 3
+    assert a.usage.completion_tokens == 48 and a.usage.prompt_tokens == 1
+
+
+def test_logprobs_and_echo(client, model) -> None:
+    result = client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0, logprobs=2,
+                                       echo=True)
+    choice = result.choices[0]
+    assert choice.text.startswith("abc")
+    lp = choice.logprobs
+    assert len(lp.tokens) == 3 + 5 and lp.token_logprobs[0] is None
+    # Direct computation: the model's log-softmax over the prompt and its greedy continuation.
+    ids = generate(model, torch.tensor([BYTES.encode("abc")]), max_new_tokens=5, temperature=0)[0].tolist()
+    assert lp.tokens == [BYTES.decode([t]) for t in ids]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).log_softmax(-1)[0]
+    for pos in range(1, len(ids)):
+        assert lp.token_logprobs[pos] == pytest.approx(float(expected[pos - 1, ids[pos]]), abs=1e-4)
+        top = lp.top_logprobs[pos]
+        assert len(top) == 2 and max(top.values()) == pytest.approx(float(expected[pos - 1].max()), abs=1e-4)
+    assert lp.text_offset[:3] == [0, 1, 2]
+
+
+def test_chat_uses_the_transcript_and_streams_the_same(client, model) -> None:
+    messages = [{"role": "system", "content": "Two friends talk."},
+                {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "How are you?"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    reply = whole.choices[0].message
+    assert reply.role == "assistant"
+    # The template of gpt2.tasks.Chat, continued greedily (a reply is one line, leading spaces dropped).
+    transcript = "Two friends talk.\n\nUser: Hi!\nAssistant: Hello.\nUser: How are you?\nAssistant:"
+    (expected,) = generate_text(model, BYTES, transcript, temperature=0, max_new_tokens=10,
+                                stop_strings=["\n"])
+    assert reply.content == expected.lstrip()
+    assert whole.usage.prompt_tokens == len(BYTES.encode(transcript))
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.content
+    assert client.models.list().data[0].id == "tiny"
+
+
+def test_max_tokens_is_capped_by_the_window(client) -> None:
+    result = client.completions.create(model="tiny", prompt="a" * (WINDOW - 4), max_tokens=50)
+    assert result.usage.completion_tokens == 4 and result.choices[0].finish_reason == "length"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Concurrency
+
+
+def test_concurrent_requests_share_forward_passes(server, client, model) -> None:
+    _, engine = server
+    before = dict(engine.load())
+    barrier = threading.Barrier(6)
+    prompts = [f"request {i}: " + "xyz" * (5 * i) for i in range(6)]  # lengths 11 to 86
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        time.sleep(0.01 * i)  # some join while others run
+        max_tokens = min(40, WINDOW - len(prompts[i]))
+        r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=max_tokens, temperature=0)
+        results[i] = r.choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    after = engine.load()
+    # Batched with others (left-padded, shifted in the shared cache), each is its own greedy continuation.
+    for i, prompt in enumerate(prompts):
+        assert results[i] == generate_text(model, BYTES, prompt, temperature=0,
+                                           max_new_tokens=min(40, WINDOW - len(prompt)))[0]
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    passes = after["forward_passes"] - before["forward_passes"]
+    assert tokens == sum(min(40, WINDOW - len(p)) for p in prompts)
+    assert passes < tokens / 2, f"{passes} forward passes for {tokens} tokens: requests were not batched"
+    assert after["max_batch"] > 1
+
+
+def test_full_queue_answers_429_and_disconnect_frees_the_slot(model) -> None:
+    with serving(model, max_batch_size=1, max_queue=1) as (url, engine):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = client.completions.create(model="tiny", prompt="a", max_tokens=WINDOW - 1, stream=True)
+        next(iter(stream))  # the first request holds the only slot
+        waiting = threading.Thread(target=client.completions.create,
+                                   kwargs=dict(model="tiny", prompt="b", max_tokens=4))
+        waiting.start()
+        wait_for(lambda: engine.load()["waiting"] == 1, "the second request to wait")
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.completions.create(model="tiny", prompt="c", max_tokens=4)
+        assert "busy" in refused.value.body["message"]
+        stream.close()  # the client goes away mid-stream: its slot goes to the waiting request
+        waiting.join(timeout=30)
+        wait_for(lambda: engine.load()["running"] == 0, "the slots to be freed")
+        load = engine.load()
+        assert load["cancelled"] == 1 and load["rejected"] == 1
+        assert load["tokens_generated"] < WINDOW - 1 + 4  # the first request was cut short
+        assert client.completions.create(model="tiny", prompt="d", max_tokens=3).usage.completion_tokens == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: a 4xx in OpenAI's shape with a message that says what is wrong, and the server still up
+
+GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ('{"model": "tiny", "prompt": ', 400, "not valid JSON"),
+        ({**GOOD, "max_tokens": "five"}, 400, "max_tokens"),
+        ({**GOOD, "prompt": 3}, 400, "prompt"),
+        ({**GOOD, "temperature": "hot"}, 400, "temperature"),
+        ({**GOOD, "stream": "yes"}, 400, "stream"),
+        ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+        ({**GOOD, "max_tokens": -3}, 400, "max_tokens"),
+        ({**GOOD, "n": 0}, 400, "n"),
+        ({**GOOD, "temperature": -0.5}, 400, "temperature"),
+        ({**GOOD, "top_p": 0}, 400, "top_p"),
+        ({**GOOD, "stop": [""]}, 400, "stop"),
+        ({**GOOD, "model": "gpt-4"}, 404, "does not exist"),
+        ({**GOOD, "prompt": "x" * WINDOW}, 400, "context window"),
+        ({**GOOD, "prompt": [10**9]}, 400, "vocabulary"),
+        ({"model": "tiny", "max_tokens": 2}, 400, "prompt"),
+    ],
+)
+def test_bad_completion_requests(server, body, status, words) -> None:
+    url, _ = server
+    got, payload = post(url, "/v1/completions", body)
+    assert got == status
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"]
+    assert post(url, "/v1/completions", GOOD)[0] == 200  # still up
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"model": "tiny", "messages": []}, "messages"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, "alternate"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 2 * WINDOW}]}, "too long"),
+    ],
+)
+def test_bad_chat_requests(server, body, words) -> None:
+    got, payload = post(server[0], "/v1/chat/completions", body)
+    assert got == 400 and words in payload["error"]["message"]
+
+
+def test_body_limit_and_api_key(model) -> None:
+    with serving(model, api_key=KEY, max_body_bytes=2000) as (url, _):
+        auth = {"Authorization": f"Bearer {KEY}"}
+        status, payload = post(url, "/v1/completions", {**GOOD, "prompt": "y" * 5000}, auth)
+        assert status == 413 and "2000 bytes" in payload["error"]["message"]
+        chunks = iter([b'{"model": "tiny", "prompt": "', b"z" * 3000, b'"}'])  # no length declared
+        status, payload = post(url, "/v1/completions", chunks, {**auth, "Transfer-Encoding": "chunked"})
+        assert status == 413 and "2000 bytes" in payload["error"]["message"]
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            status, payload = post(url, "/v1/completions", GOOD, headers)
+            assert status == 401 and payload["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        assert good.completions.create(model="tiny", prompt="ok", max_tokens=2).usage.completion_tokens == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# The engine's batched draw
+
+
+def test_draw_follows_the_filtered_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    config = GenerationConfig(temperature=0.7, top_k=3)
+    tokens = torch.tensor(draw(logits, [config] * len(logits), [None] * len(logits)))
+    expected = (logits[0, :3] / 0.7).softmax(-1)  # direct computation: the top 3, renormalised
+    frequencies = torch.bincount(tokens, minlength=5) / len(tokens)
+    assert frequencies[3:].sum() == 0
+    assert torch.allclose(frequencies[:3], expected, atol=0.015)
+    # top_p 0.7: token 0 (p 0.56) and token 1 (0.21) are needed to reach it, token 2 is not.
+    nucleus = draw(logits[:2000], [GenerationConfig(top_p=0.7)] * 2000, [None] * 2000)
+    assert set(nucleus) == {0, 1}
+
+
+def test_draw_mixes_settings_and_seeds_reproduce() -> None:
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    configs = [GenerationConfig(temperature=0), GenerationConfig(seed=1), GenerationConfig(top_k=5, seed=2)]
+    configs *= 2
+
+    def seeded() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(10 + i) for i in range(6)]
+
+    first = draw(logits, configs, seeded())
+    assert first == draw(logits, configs, seeded())
+    assert first[0] == int(logits[0].argmax()) and first[3] == int(logits[3].argmax())
+    assert first[2] in logits[2].topk(5).indices.tolist() and first[5] in logits[5].topk(5).indices.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+def test_gpt2_serve_command(model, tmp_path, capsys) -> None:
+    directory = tmp_path / "bytes-model"
+    model.save_pretrained(directory)
+    assert main(["serve", "--model", str(directory), "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size must be positive" in capsys.readouterr().err
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "gpt2", "serve", "--model", str(directory), "--port", str(port),
+               "--api-key", KEY, "--no-batching"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+        def up() -> bool:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                return client.models.list().data[0].id == "bytes-model"
+            except openai.APIConnectionError:
+                return False
+
+        wait_for(up, "gpt2 serve to answer", timeout=90)
+        result = client.completions.create(model="bytes-model", prompt="Hi", max_tokens=5, temperature=0)
+        assert result.choices[0].text == generate_text(model, BYTES, "Hi", temperature=0, max_new_tokens=5)[0]
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert f"on http://127.0.0.1:{port}/ (batch 1)" in err

