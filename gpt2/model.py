@@ -64,8 +64,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if slot is not None:  # one token into cache position ``slot``; attend over the whole cache
-            cache.keys[layer].index_copy_(2, slot, k)
-            cache.values[layer].index_copy_(2, slot, v)
+            # (under autocast k and v may be in a lower precision than the cache)
+            cache.keys[layer].index_copy_(2, slot, k.to(cache.keys[layer].dtype))
+            cache.values[layer].index_copy_(2, slot, v.to(cache.values[layer].dtype))
             k, v = cache.keys[layer], cache.values[layer]
         elif cache is not None:
             start = cache.length
@@ -180,10 +181,9 @@ class Transformer(nn.Module):
             x = block(x, mask, cache, layer)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        return self.lm_head(x)
+        return self.lm_head(self.transformer.ln_f(x))
 
     def decode_step(self, idx: Tensor, cache: KVCache, slot: Tensor) -> Tensor:
         """Logits (B, vocab) for one new token per row, ``idx`` (B, 1), written into the cache at

@@ -138,8 +138,18 @@ def next_token(
         logits = apply_repetition_penalty(logits, history, config.repetition_penalty)
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    return sample(logits, config.temperature, config.top_k, config.top_p, uniform)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           uniform: Tensor) -> Tensor:
+    """Tokens (B,) drawn from ``logits`` (B, vocab) after temperature, top-k and top-p, by inverting
+    the cumulative distribution at ``uniform`` (B,), one number in [0, 1) per row. (One random number
+    per row: ``torch.multinomial`` costs milliseconds per call at GPT-2's vocabulary on a CPU.)"""
+    cdf = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+    picked = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
+    return picked.clamp_(max=cdf.shape[1] - 1)  # rounding can leave the last cdf value below u
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,7 +258,8 @@ def stream_tokens(
     was_training = model.training
     model.eval()
     try:
-        cache_len = window if config.at_window == "slide" else min(window, length + new)
+        # The last new token is never fed back, so the cache needs one position less than the text.
+        cache_len = window if config.at_window == "slide" else min(window, length + new - 1)
         cache = KVCache(model.config, rows, cache_len, device=device, dtype=_cache_dtype(model))
         logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
         slot = torch.full((1,), cache.length, dtype=torch.long, device=device)  # the next token's position

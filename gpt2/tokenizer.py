@@ -58,6 +58,23 @@ def _spell(token: bytes) -> str:
     return "".join(table[b] for b in token)
 
 
+def _split_at_lines(text: str, size: int) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters that encode to the same ids apart as
+    together: each cut follows a newline that has non-space characters on both sides, where GPT-2's
+    pre-tokeniser always ends a piece (the newline alone) and starts a new one."""
+    pieces, start = [], 0
+    while len(text) - start > 2 * size:
+        cut = text.find("\n", start + size)
+        while cut != -1 and (cut + 1 >= len(text) or text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.find("\n", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start : cut + 1])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
+
+
 class Tokenizer:
     """GPT-2's byte-level BPE: ``encode`` text to ids and ``decode`` ids to text.
 
@@ -180,14 +197,27 @@ class Tokenizer:
         allowed_special: AllowedSpecial = frozenset(),
     ) -> list[list[int]]:
         """``encode`` each text, on ``num_threads`` threads (default: one per CPU); tiktoken releases
-        the GIL, so the threads run in parallel."""
+        the GIL, so the threads run in parallel. Long texts are cut at line breaks into pieces of
+        similar size first, so that the threads share the work evenly."""
         threads = num_threads or os.cpu_count() or 1
+        piece_chars = max(1 << 16, sum(map(len, texts)) // (8 * threads))
+        pieces_of = [_split_at_lines(text, piece_chars) for text in texts]
+        pieces = [piece for text_pieces in pieces_of for piece in text_pieces]
         if not allowed_special:
-            return self._encoding.encode_ordinary_batch(list(texts), num_threads=threads)
-        return self._encoding.encode_batch(
-            list(texts), num_threads=threads, allowed_special=self._allowed(allowed_special),
-            disallowed_special=(),
-        )
+            encoded = self._encoding.encode_ordinary_batch(pieces, num_threads=threads)
+        else:
+            encoded = self._encoding.encode_batch(
+                pieces, num_threads=threads, allowed_special=self._allowed(allowed_special),
+                disallowed_special=(),
+            )
+        results, i = [], 0
+        for text_pieces in pieces_of:
+            ids = encoded[i]
+            for more in encoded[i + 1 : i + len(text_pieces)]:
+                ids.extend(more)
+            results.append(ids)
+            i += len(text_pieces)
+        return results
 
     def _allowed(self, allowed_special: AllowedSpecial) -> AllowedSpecial:
         unknown = set() if allowed_special == "all" else set(allowed_special) - set(self._specials)

@@ -8,6 +8,7 @@ import math
 import random
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -489,3 +490,12 @@ def test_hub_datasets_without_the_library_is_a_user_error(monkeypatch):
         next(hub_rows("lambada"))
     with pytest.raises(UserError, match="no hub dataset is known as 'nope'"):
         next(hub_rows("nope"))
+
+
+def test_the_shipped_table3_suite_lists_every_benchmark() -> None:
+    from gpt2.evaluation.report import BENCHMARKS, load_suite
+
+    suite = Path(__file__).resolve().parents[1] / "configs" / "table3.toml"
+    entries = load_suite(suite)
+    assert sorted(e["benchmark"] for e in entries) == sorted(BENCHMARKS)
+    assert all(Path(e["file"]).is_absolute() for e in entries)

@@ -156,6 +156,20 @@ def test_shakespeare_parity_with_tiktoken(gpt2: Tokenizer, reference: tiktoken.E
     assert gpt2.encode_batch(shakespeare, num_threads=2) == expected
 
 
+def test_batch_encoding_cuts_long_texts_without_changing_ids(gpt2: Tokenizer, reference: tiktoken.Encoding,
+                                                             shakespeare: list[str]):
+    from gpt2.tokenizer import _split_at_lines
+
+    texts = [*shakespeare[:2], "\n".join(ADVERSARIAL) * 3]
+    for text in texts:
+        pieces = _split_at_lines(text, 200)
+        assert len(pieces) > 3 and "".join(pieces) == text
+        apart = [i for piece in pieces for i in reference.encode_ordinary(piece)]
+        assert apart == reference.encode_ordinary(text)
+    one_long_text = "".join(shakespeare[:8])  # long enough to be cut into pieces for the threads
+    assert gpt2.encode_batch([one_long_text], num_threads=2) == [reference.encode_ordinary(one_long_text)]
+
+
 def test_adversarial_parity_with_tiktoken(gpt2: Tokenizer, reference: tiktoken.Encoding):
     for text in ADVERSARIAL:
         ids = gpt2.encode(text)

@@ -1,7 +1,7 @@
 """The paper's Table 3 from one suite file: run the listed evaluations and write a markdown and a JSON
 table, with GPT-2's published numbers beside ours when the model has one of the published shapes.
 
-A suite (TOML, or YAML when PyYAML is installed) lists evaluations under ``eval``::
+A suite (TOML or YAML) lists evaluations under ``eval``::
 
     [[eval]]
     benchmark = "wikitext2"            # a key of BENCHMARKS

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from gpt2.errors import UserError
 from gpt2.model import KVCache, Transformer
-from gpt2.sampling import GenerationConfig, TextStream, TextTokenizer, filter_top_k_top_p, left_pad
+from gpt2.sampling import GenerationConfig, TextStream, TextTokenizer, left_pad, sample
 
 
 class QueueFull(Exception):
@@ -384,10 +384,8 @@ def draw(
 ) -> list[int]:
     """The next token of each row of ``logits`` (rows, vocab), rows with the same settings together.
 
-    Greedy rows take the argmax. The others invert the cumulative distribution that temperature,
-    top-k and top-p (``gpt2.sampling.filter_top_k_top_p``) leave, at a uniform number from the row's
-    own generator: one random number per row, where a ``torch.multinomial`` call per row costs
-    milliseconds at GPT-2's vocabulary size on a CPU.
+    Greedy rows take the argmax; the others are drawn by ``gpt2.sampling.sample`` with a uniform
+    number from the row's own generator.
     """
     tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
     groups: dict[tuple[float, int | None, float | None], list[int]] = {}
@@ -399,8 +397,6 @@ def draw(
         if temperature == 0:
             tokens[index] = group.argmax(dim=-1)
             continue
-        cdf = filter_top_k_top_p(group / temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
         u = torch.cat([torch.rand(1, generator=generators[r], device=logits.device) for r in rows])
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        tokens[index] = picked.clamp_(max=cdf.shape[1] - 1)
+        tokens[index] = sample(group, temperature, top_k, top_p, u)
     return tokens.tolist()
