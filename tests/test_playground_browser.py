@@ -23,7 +23,7 @@ def browser() -> Iterator[webdriver.Chrome]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver is None:
         message = ("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
-                   "`make setup` does it when run as root)")
+                   "`make test` does it when run as root)")
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
