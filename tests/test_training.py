@@ -237,81 +237,40 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data: Path, tmp_path: Path) -> None:
-    args = [
-        "train",
-        "--data",
-        data,
-        *NANO,
-        "--max-steps",
-        6,
-        "--eval-interval",
-        3,
-        "--dtype",
-        "float32",
-        "--micro-batch",
-        4,
-        "--batch-tokens",
-        2 * 4 * 64,
-    ]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = ONE_THREAD
-    ddp = subprocess.Popen(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "gpt2",
-            *gpt2_command(*args, "--out", tmp_path / "ddp")[3:],
-        ],
-        stdout=subprocess.DEVNULL,
-        env=env,
-    )
-    subprocess.run(
-        gpt2_command(*args, "--out", tmp_path / "one"), check=True, stdout=subprocess.DEVNULL, env=env
-    )
-    assert ddp.wait() == 0
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
-    assert len(one) == len(two) == 6
-    assert np.allclose(one, two, rtol=0, atol=1e-5), (one, two)
-    assert np.allclose(losses(tmp_path / "one", "val_loss"), losses(tmp_path / "ddp", "val_loss"), atol=1e-5)
-    assert "2 process(es) x 1 accumulation" not in (tmp_path / "one" / "train.toml").read_text()
+# Two processes with micro-batches of 4 against one process accumulating two: the same global batch.
+DISTRIBUTED = ["--max-steps", 6, "--eval-interval", 3, "--dtype", "float32", "--micro-batch", 4,
+               "--batch-tokens", 2 * 4 * 64]
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
 
+
+def torchrun(*args: object) -> str:
+    """``gpt2 ARGS`` in 2 processes under real torchrun; its standard output."""
+    return subprocess.run([*TORCHRUN, "-m", "gpt2", *(str(a) for a in args)], check=True,
+                          capture_output=True, text=True, env=ONE_THREAD).stdout
+
+
+def two_processes_beside_one(data: Path, two: Path, one: Path, *options: object) -> str:
+    """Train the same run in 2 processes (out ``two``, with ``options``) and in 1 (out ``one``), side
+    by side; the 2-process run's standard output."""
+    args = ["train", "--data", data, *NANO, *DISTRIBUTED]
+    single = subprocess.Popen(gpt2_command(*args, "--out", one), stdout=subprocess.DEVNULL, env=ONE_THREAD)
+    out = torchrun(*args, *options, "--out", two)
+    assert single.wait() == 0
+    return out
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data: Path, tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "ddp"
+    two_processes_beside_one(data, two, one)
+    assert len(losses(one)) == len(losses(two)) == 6
+    assert np.allclose(losses(one), losses(two), rtol=0, atol=1e-5), (losses(one), losses(two))
+    assert np.allclose(losses(one, "val_loss"), losses(two, "val_loss"), rtol=0, atol=1e-5)
 
 
 def test_fsdp_matches_one_process_and_its_checkpoints_load_and_resume(data: Path, tmp_path: Path) -> None:
-    args = [
-        "train",
-        "--data",
-        data,
-        *NANO,
-        "--max-steps",
-        6,
-        "--eval-interval",
-        3,
-        "--checkpoint-interval",
-        3,
-        "--keep-checkpoints",
-        0,
-        "--dtype",
-        "float32",
-        "--micro-batch",
-        4,
-        "--batch-tokens",
-        2 * 4 * 64,
-    ]
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
     run, one = tmp_path / "fsdp", tmp_path / "one"
-    single = subprocess.Popen(gpt2_command(*args, "--out", one), stdout=subprocess.DEVNULL, env=ONE_THREAD)
-    out = subprocess.run(
-        [*torchrun, "-m", "gpt2", *gpt2_command(*args, "--fsdp", "--out", run)[3:]],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=ONE_THREAD,
-    ).stdout
-    assert single.wait() == 0
+    out = two_processes_beside_one(data, run, one, "--fsdp", "--checkpoint-interval", 3,
+                                   "--keep-checkpoints", 0)
     assert "on 2 x cpu (float32, sharded by FSDP)" in out
     assert len(losses(run)) == 6
     for key in ("loss", "grad_norm", "val_loss"):
@@ -325,13 +284,7 @@ def test_fsdp_matches_one_process_and_its_checkpoints_load_and_resume(data: Path
     # sharded optimiser state, RNG and data position came back. train.toml keeps --fsdp on.
     expected, expected_losses = final_weights(run), losses(run)
     (run / "latest").write_text("step_000003\n")
-    out = subprocess.run(
-        [*torchrun, "-m", "gpt2", "train", "--out", str(run), "--resume"],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=ONE_THREAD,
-    ).stdout
+    out = torchrun("train", "--out", run, "--resume")
     assert "sharded by FSDP" in out and "resuming at step 3" in out
     assert (run / "latest").read_text().strip() == "step_000006"
     assert losses(run) == expected_losses
