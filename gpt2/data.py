@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from gpt2 import corpora
-from gpt2.atomic import fsync_dir, write_atomic
+from gpt2.atomic import replace_dir, write_atomic
 from gpt2.errors import UserError
 from gpt2.tokenizer import Tokenizer, train_tokenizer
 
@@ -311,7 +311,7 @@ def prepare(
         writer = ShardWriter(tmp, shard_tokens, val_fraction)
         counts = _tokenize(corpus, tokenizer, writer, num_threads, progress)
         tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -369,21 +369,6 @@ def _batches(docs: Iterator[str], *, max_chars: int, max_docs: int) -> Iterator[
             batch, chars = [], 0
     if batch:
         yield batch
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename the finished directory ``new`` to ``target``, setting an old ``target`` aside first."""
-    for p in new.iterdir():
-        with p.open("rb") as f:
-            os.fsync(f.fileno())
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    new.rename(target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------------

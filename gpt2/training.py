@@ -43,7 +43,7 @@ from torch.distributed.fsdp import fully_shard
 
 from gpt2 import checkpoints
 from gpt2.api import GPT2
-from gpt2.atomic import fsync_dir, write_atomic
+from gpt2.atomic import replace_dir, write_atomic
 from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config, read_settings
 from gpt2.data import ShardLoader, find_shards
 from gpt2.errors import UserError
@@ -425,11 +425,8 @@ def save_checkpoint(run: Path, step: int, model: GPT2, state: dict[str, Any], ke
     tmp = run / f".{name}.tmp-{secrets.token_hex(4)}"
     checkpoints.save_model(model, tmp, tokenizer=model.tokenizer)
     write_atomic(tmp / STATE_FILE, lambda path: torch.save(state, path))
-    fsync_dir(tmp)
-    if final.exists():  # written by a run killed before it updated `latest`, which names an older one
-        shutil.rmtree(final)
-    tmp.rename(final)
-    fsync_dir(run)
+    # A `final` already there was written by a run killed before `latest` named it: replaced.
+    replace_dir(tmp, final)
     write_atomic(run / LATEST, lambda path: path.write_text(name + "\n"))
     if keep:
         for old in sorted(run.glob(f"{CHECKPOINT_PREFIX}[0-9]*"))[:-keep]:
