@@ -235,3 +235,45 @@ class Transformer(nn.Module):
         # A padding query would see no key at all (a NaN row); let every query see itself.
         mask[:, torch.arange(T, device=device), torch.arange(start, start + T, device=device)] = True
         return positions, mask[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faster fp32 inference on the CPU
+
+
+@torch.library.custom_op("gpt2::onednn_linear", mutates_args=())
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` computed by oneDNN on the plain (out, in) weight. As a custom op, a compiled
+    graph calls it as it is rather than lowering it to the kernel PyTorch would pick."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class _OneDNNLinear(nn.Linear):
+    """``nn.Linear`` whose gradient-free fp32 forward runs on oneDNN. PyTorch hands fp32 CPU products
+    to MKL, whose products with few rows (one per sequence when decoding) run far below memory
+    bandwidth. Measured here on the 124M shape: decoding 1.4x faster at batch 1 and 1.8x at batch 8,
+    perplexity evaluation 1.2x."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cpu and x.dtype == torch.float32 and not (
+            torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
+        ):
+            return _onednn_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def onednn_linears(model: nn.Module) -> None:
+    """Compute the fp32 ``nn.Linear`` layers of ``model`` with oneDNN when no gradient is wanted
+    (weights, shapes and state dict unchanged; training is unaffected). Only weights of 2**18 values
+    or more: below that, oneDNN's fixed cost per call (about 25 us here) outweighs its faster product."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for module in model.modules():
+        weight = module.weight if type(module) is nn.Linear else None
+        if weight is not None and weight.dtype == torch.float32 and weight.numel() >= 2**18:
+            module.__class__ = _OneDNNLinear

@@ -44,9 +44,10 @@ def byte_tokenizer() -> Tokenizer:
     return Tokenizer({bytes([i]): i for i in range(256)}, source="bytes")
 
 
-def tiny_model(vocab_size: int, n_positions: int = 64, seed: int = 0) -> GPT2:
+def tiny_model(vocab_size: int, n_positions: int = 64, seed: int = 0, n_embd: int = 32) -> GPT2:
     torch.manual_seed(seed)
-    return GPT2(GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2))
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=2, n_head=2)
+    return GPT2(config)
 
 
 def random_text(n_words: int, seed: int = 0) -> str:
@@ -77,11 +78,13 @@ def transformers_perplexity(hf_model, ids: torch.Tensor, max_length: int, stride
 
 
 @pytest.mark.parametrize(
-    ("stride", "n_words"), [(64, 200), (32, 200), (32, 10)], ids=["disjoint", "half", "shorter-than-a-window"]
+    ("stride", "n_words", "n_embd"),
+    [(64, 200, 32), (32, 200, 32), (32, 10, 32), (32, 200, 256)],
+    ids=["disjoint", "half", "shorter-than-a-window", "wide-enough-for-onednn"],
 )
-def test_perplexity_equals_transformers(tmp_path, byte_tokenizer, stride, n_words):
+def test_perplexity_equals_transformers(tmp_path, byte_tokenizer, stride, n_words, n_embd):
     transformers = pytest.importorskip("transformers")
-    model = tiny_model(byte_tokenizer.n_vocab)
+    model = tiny_model(byte_tokenizer.n_vocab, n_embd=n_embd)
     model.tokenizer = byte_tokenizer
     model.save_pretrained(tmp_path / "model")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "model").eval()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt2 import GPT2, GPT2Config, UserError
+from gpt2.model import _OneDNNLinear
 from gpt2.sampling import (
     ContextWindowReached,
     GenerationConfig,
@@ -316,8 +317,7 @@ def test_default_preparation_changes_no_value_and_no_output(hf_and_ours, tmp_pat
     hf, ours = hf_and_ours
     model = GPT2(ours.config)
     model.load_state_dict(ours.state_dict())
-    prepare_for_inference(model)  # weights laid out column-major for matrix-vector products
-    assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()
+    prepare_for_inference(model)
     assert model.lm_head.weight is model.transformer.wte.weight
     for (name, a), b in zip(ours.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -325,6 +325,34 @@ def test_default_preparation_changes_no_value_and_no_output(hf_and_ours, tmp_pat
     assert torch.equal(model.generate(ids, 20, temperature=0), hf_greedy(hf, ids, 20))
     model.save_pretrained(tmp_path)  # still saves
     assert torch.equal(GPT2.from_pretrained(tmp_path).transformer.wte.weight, ours.transformer.wte.weight)
+
+
+def test_onednn_products_give_the_same_logits_and_tokens() -> None:
+    # Wide enough (256) that the default preparation moves every product to oneDNN.
+    config = GPT2Config(vocab_size=1024, n_positions=64, n_embd=256, n_layer=2, n_head=4)
+    plain = GPT2(config).eval()
+    model = GPT2(config)
+    model.load_state_dict(plain.state_dict())
+    prepare_for_inference(model)
+    assert all(isinstance(m, _OneDNNLinear) for m in (model.lm_head, model.transformer.h[1].mlp.c_proj))
+    ids = torch.randint(0, 1024, (3, 11), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert torch.allclose(model(ids), plain(ids), atol=1e-5, rtol=1e-4)
+    assert torch.equal(model.generate(ids, 12, temperature=0), plain.generate(ids, 12, temperature=0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():  # autocast still applies
+        assert model(ids).dtype == torch.bfloat16
+    model(ids).logsumexp(-1).mean().backward()  # still trainable: gradients flow as before
+    assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+
+
+def test_compiled_decode_step_gives_the_same_tokens() -> None:
+    config = GPT2Config(vocab_size=1024, n_positions=64, n_embd=256, n_layer=2, n_head=4)
+    plain = GPT2(config).eval()
+    model = GPT2(config)
+    model.load_state_dict(plain.state_dict())
+    prepare_for_inference(model, compile=True)  # about 10 s of compilation on 2 cores
+    ids = torch.randint(0, 1024, (3, 11), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(model.generate(ids, 12, temperature=0), plain.generate(ids, 12, temperature=0))
 
 
 def test_bf16_weights_generate_close_to_fp32(byte_model: GPT2) -> None:
