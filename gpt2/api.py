@@ -61,8 +61,9 @@ class GPT2(Transformer):
         ``temperature`` 0 is greedy decoding. Prompts of different lengths go left-padded, with
         ``attention_mask`` (1 = token, 0 = padding). Rows that stop early are filled with
         ``pad_token_id`` (default: the tokenizer's ``<|endoftext|>``, else 0). Further ``settings``
-        (``repetition_penalty``, ``stop_token_ids``, ``stop_strings``, ``num_samples``, ``seed``,
-        ``truncate``, ``at_window``) are described in ``gpt2.sampling.GenerationConfig``. ``stream=True``
+        (``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``, ``logit_bias``,
+        ``stop_token_ids``, ``stop_strings``, ``num_samples``, ``seed``, ``truncate``, ``at_window``) are
+        described in ``gpt2.sampling.GenerationConfig``. ``stream=True``
         returns an iterator of
         ``(tokens, live)`` per step instead (see ``gpt2.sampling.stream_tokens``). For speed, call
         ``gpt2.sampling.prepare_for_inference(model)`` once first (``gpt2 generate`` does).

@@ -44,7 +44,11 @@ class ContextWindowReached(UserWarning):
 class GenerationConfig:
     """What to generate and how. ``temperature`` 0 means greedy decoding.
 
-    ``top_k`` 0 or None and ``top_p`` None (or 1) turn those filters off. ``stop_token_ids``: a row
+    ``top_k`` 0 or None and ``top_p`` None (or 1) turn those filters off. ``repetition_penalty``
+    (CTRL's, as transformers applies it; 1 = off) covers the prompt and the new tokens;
+    ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, in [-2, 2]) subtract from a token's logit
+    that much per earlier occurrence, or once if it occurred, among the new tokens; ``logit_bias``
+    adds to the logits of the token ids given ({id: bias}). ``stop_token_ids``: a row
     ends after emitting one of them; ``stop_strings``: a row ends once its new text contains one.
     ``truncate``: drop the start of a prompt too long for the window instead of refusing it, keeping
     its last ``window - max_new_tokens`` tokens (half the window when ``max_new_tokens`` fills it).
@@ -58,6 +62,9 @@ class GenerationConfig:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # also given as a dict
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     num_samples: int = 1
@@ -76,6 +83,12 @@ class GenerationConfig:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise UserError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UserError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
+        bias = dict(self.logit_bias)
+        if any(not isinstance(t, int) or t < 0 for t in bias):
+            raise UserError(f"logit_bias keys must be token ids (integers >= 0), got {list(bias)}")
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.at_window not in ("error", "stop", "slide"):
@@ -85,6 +98,20 @@ class GenerationConfig:
         # Sequences arrive as lists from users and the CLI; tuples keep the config hashable.
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse token ids (in ``logit_bias``) that the model's vocabulary does not have."""
+        beyond = [t for t, _ in self.logit_bias if t >= vocab_size]
+        if beyond:
+            raise UserError(f"logit_bias names token {beyond[0]}, beyond the vocabulary "
+                            f"(0..{vocab_size - 1})")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any penalty or bias applies (``adjust_logits`` is then needed before drawing)."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0 or self.presence_penalty != 0
+                or bool(self.logit_bias))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> GenerationConfig:
@@ -110,6 +137,22 @@ def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) ->
     return logits.scatter(1, history, seen)
 
 
+def adjust_logits(logits: Tensor, config: GenerationConfig, history: Tensor, prompt_length: int) -> Tensor:
+    """``logits`` (B, vocab) after ``config``'s penalties and bias. ``history`` (B, L): every token so
+    far, the first ``prompt_length`` of each row its prompt, the rest generated."""
+    if config.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, history, config.repetition_penalty)
+    if config.frequency_penalty or config.presence_penalty:
+        new = history[:, prompt_length:]
+        counts = torch.zeros_like(logits).scatter_add_(1, new, torch.ones_like(new, dtype=logits.dtype))
+        logits = logits - config.frequency_penalty * counts - config.presence_penalty * (counts > 0)
+    if config.logit_bias:
+        ids, biases = zip(*config.logit_bias, strict=True)
+        bias = torch.tensor(biases, dtype=logits.dtype, device=logits.device).expand(len(logits), -1)
+        logits = logits.index_add(1, torch.tensor(ids, device=logits.device), bias)
+    return logits
+
+
 def filter_top_k_top_p(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
     """Set to -inf every logit outside the ``top_k`` largest and outside the nucleus: the smallest
     set of most likely tokens whose probabilities add up to at least ``top_p``."""
@@ -130,12 +173,14 @@ def next_token(
     config: GenerationConfig,
     *,
     history: Tensor | None = None,
+    prompt_length: int = 0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The next token (B,) of each row from the last position's ``logits`` (B, vocab)."""
+    """The next token (B,) of each row from the last position's ``logits`` (B, vocab). ``history``
+    and ``prompt_length`` (see ``adjust_logits``) are needed for the penalties."""
     logits = logits.float()
-    if config.repetition_penalty != 1.0 and history is not None:
-        logits = apply_repetition_penalty(logits, history, config.repetition_penalty)
+    if config.adjusts_logits and history is not None:
+        logits = adjust_logits(logits, config, history, prompt_length)
     if config.temperature == 0:
         return logits.argmax(dim=-1)
     uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
@@ -230,6 +275,7 @@ def stream_tokens(
         raise UserError("input_ids must be a (batch, length) tensor with at least one token per row")
     if config.stop_strings and decode_bytes is None:
         raise UserError("stop strings need a tokenizer to decode with; pass decode_bytes (or a tokenizer)")
+    config.check_vocabulary(model.config.vocab_size)
     input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, window)
     if config.num_samples > 1:
         input_ids = input_ids.repeat_interleave(config.num_samples, dim=0)
@@ -241,7 +287,7 @@ def stream_tokens(
     new = config.max_new_tokens
     device = input_ids.device
 
-    # Every token so far, one preallocated row each: read by the repetition penalty and for sliding.
+    # Every token so far, one preallocated row each: read by the penalties and for sliding.
     tokens = torch.empty(rows, length + new, dtype=torch.long, device=device)
     real = torch.ones(rows, length + new, dtype=torch.bool, device=device)
     if attention_mask is None:
@@ -250,7 +296,7 @@ def stream_tokens(
         real[:, :length] = attention_mask.bool()
         # Padding stands in for a real token of its row, so that the penalty never sees the pad id.
         tokens[:, :length] = torch.where(real[:, :length], input_ids, input_ids[:, -1:])
-    penalize = config.repetition_penalty != 1.0
+    penalize = config.adjusts_logits
     stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
     stop_strings = _StopStrings(config.stop_strings, decode_bytes, rows) if config.stop_strings else None
     pad = torch.full((rows,), pad_token_id, dtype=torch.long, device=device)
@@ -268,7 +314,7 @@ def stream_tokens(
         for step in range(new):
             end = length + step  # tokens[:, :end] are known
             token = next_token(logits, config, history=tokens[:, :end] if penalize else None,
-                               generator=generator)
+                               prompt_length=length, generator=generator)
             if not all_live:
                 token = torch.where(live, token, pad)
             tokens[:, end] = token

@@ -157,7 +157,7 @@ class Chat:
             if not kept:
                 raise UserError(
                     f"the message is too long for the context window ({budget} tokens left for it); "
-                    "shorten it or lower --max-new-tokens"
+                    "shorten it or ask for fewer new tokens (--max-new-tokens, max_tokens)"
                 )
             kept.pop(0)
 

@@ -75,6 +75,19 @@ def test_stop_string_and_greedy_preset(model_dir: Path, model: GPT2, capsys) -> 
     assert out == free[: free.index(stop)] + "\n"
 
 
+def test_penalty_options(model_dir: Path, model: GPT2, capsys) -> None:
+    settings = dict(max_new_tokens=20, temperature=0, repetition_penalty=1.2, frequency_penalty=0.5,
+                    presence_penalty=0.5)
+    (expected,) = generate_text(model, BYTES, "abcabc", **settings)
+    for dropped in ("repetition_penalty", "frequency_penalty", "presence_penalty"):  # each one counts
+        others = {k: v for k, v in settings.items() if k != dropped}
+        assert expected != generate_text(model, BYTES, "abcabc", **others)[0]
+    _, out, _ = gpt2(capsys, "generate", "--model", model_dir, "--prompt", "abcabc", "--preset", "greedy",
+                     "--max-new-tokens", 20, "--repetition-penalty", 1.2, "--frequency-penalty", 0.5,
+                     "--presence-penalty", 0.5)
+    assert out == expected + "\n"
+
+
 def test_window_stop_is_a_note(model_dir: Path, capsys) -> None:
     status, _, err = gpt2(capsys, "generate", "--model", model_dir, "--prompt", "x" * 100,
                             "--max-new-tokens", 50, "--at-window", "stop", "--seed", 0)
@@ -89,6 +102,7 @@ def test_window_stop_is_a_note(model_dir: Path, capsys) -> None:
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--top-p", "1.01"], "top_p must be in (0, 1]"),
         (["--top-k", "-2"], "top_k must be >= 0"),
+        (["--frequency-penalty", "3"], "frequency_penalty must be in [-2, 2]"),
         (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
         (["--max-new-tokens", "200"], "exceeds the context window (128)"),
         (["--prompt", "y" * 200, "--max-new-tokens", "4"], "prompt of 200 tokens exceeds the context window"),

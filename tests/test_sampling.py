@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,25 @@ def test_repetition_penalty_matches_transformers(hf_and_ours) -> None:
     expected = hf_greedy(hf, ids, 30, repetition_penalty=1.5)
     assert torch.equal(ours.generate(ids, 30, temperature=0, repetition_penalty=1.5), expected)
     assert not torch.equal(expected, hf_greedy(hf, ids, 30))  # the penalty did change something
+
+
+def test_frequency_presence_penalties_and_logit_bias_follow_their_definitions(byte_model: GPT2) -> None:
+    # A cache-free reference: the whole text through the model every step, penalties counted by hand.
+    ids, steps = [72, 105, 32, 104, 105, 32], 20
+    bias = {ord("e"): 3.0, ord(" "): -2.0}
+    text = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = byte_model(torch.tensor([text]))[0, -1].clone()
+            for token, count in Counter(text[len(ids) :]).items():
+                logits[token] -= 0.8 * count + 0.6
+            for token, b in bias.items():
+                logits[token] += b
+            text.append(int(logits.argmax()))
+    settings = dict(frequency_penalty=0.8, presence_penalty=0.6, logit_bias=bias)
+    out = byte_model.generate(torch.tensor([ids]), steps, temperature=0, **settings)
+    assert out[0].tolist() == text
+    assert out[0].tolist() != byte_model.generate(torch.tensor([ids]), steps, temperature=0)[0].tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,6 +313,10 @@ def test_sliding_window_keeps_generating_from_the_last_half(byte_model: GPT2) ->
         (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
         (dict(max_new_tokens=100), "exceeds the context window"),
         (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+        (dict(frequency_penalty=2.5), r"frequency_penalty must be in \[-2, 2\]"),
+        (dict(presence_penalty=-3), r"presence_penalty must be in \[-2, 2\]"),
+        (dict(logit_bias={"a": 1.0}), "logit_bias keys must be token ids"),
+        (dict(logit_bias={10**6: 1.0}), "beyond the vocabulary"),
         (dict(at_window="wrap"), "at_window must be"),
     ],
 )

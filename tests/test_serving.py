@@ -186,6 +186,37 @@ def test_chat_uses_the_transcript_and_streams_the_same(client, model) -> None:
     assert client.models.list().data[0].id == "tiny"
 
 
+def test_penalties_and_logit_bias_are_the_library_s(client, model) -> None:
+    settings = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
+    result = client.completions.create(model="tiny", prompt="abcabc", max_tokens=16, temperature=0,
+                                       extra_body={"repetition_penalty": 1.3},
+                                       frequency_penalty=1.5, presence_penalty=0.5)
+    (expected,) = generate_text(model, BYTES, "abcabc", temperature=0, max_new_tokens=16, **settings)
+    (plain,) = generate_text(model, BYTES, "abcabc", temperature=0, max_new_tokens=16)
+    assert result.choices[0].text == expected != plain
+    forced = client.completions.create(model="tiny", prompt="hi", max_tokens=6, temperature=1.0,
+                                       logit_bias={str(ord("z")): 100})
+    assert forced.choices[0].text == "zzzzzz"
+    banned = client.completions.create(model="tiny", prompt="hi", max_tokens=6, temperature=0,
+                                       logit_bias={str(ord(c)): -100 for c in plain[:6]})
+    assert not set(banned.choices[0].text) & set(plain[:6])
+
+
+def test_chat_takes_text_content_parts(client) -> None:
+    def reply(system: object, user: object) -> tuple[str, list[float]]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        choice = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                logprobs=True).choices[0]
+        return choice.message.content, [t.logprob for t in choice.logprobs.content]
+
+    def text(t: str) -> dict[str, str]:
+        return {"type": "text", "text": t}
+
+    parts = reply([text("Chat.")], [text("Hi"), text("you!")])
+    assert parts == reply("Chat.", "Hi\nyou!")  # parts joined by newlines
+    assert parts != reply("Chat.", "Hi you!")  # (the prompt does change the log-probabilities)
+
+
 def test_max_tokens_is_capped_by_the_window(client) -> None:
     result = client.completions.create(model="tiny", prompt="a" * (WINDOW - 4), max_tokens=50)
     assert result.usage.completion_tokens == 4 and result.choices[0].finish_reason == "length"
@@ -270,6 +301,12 @@ GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
         ({**GOOD, "model": "gpt-4"}, 404, "does not exist"),
         ({**GOOD, "prompt": "x" * WINDOW}, 400, "context window"),
         ({**GOOD, "prompt": [10**9]}, 400, "vocabulary"),
+        ({**GOOD, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+        ({**GOOD, "presence_penalty": -3}, 400, "presence_penalty"),
+        ({**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({**GOOD, "logit_bias": {"abc": 1}}, 400, "not a token id"),
+        ({**GOOD, "logit_bias": {"300": 1}}, 400, "not a token id"),
+        ({**GOOD, "logit_bias": {"5": 101}}, 400, "outside [-100, 100]"),
         ({"model": "tiny", "max_tokens": 2}, 400, "prompt"),
     ],
 )
@@ -290,6 +327,8 @@ def test_bad_completion_requests(server, body, status, words) -> None:
         ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, "role"),
         ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, "alternate"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 2 * WINDOW}]}, "too long"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "'image_url'"),
     ],
 )
 def test_bad_chat_requests(server, body, words) -> None:

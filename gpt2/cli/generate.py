@@ -92,6 +92,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, preset: str) -> None:
     p.add_argument("--repetition-penalty", type=float, metavar="R",
                    help="make tokens already in the text less likely: logits divided by R (1 = off; 1.2 is "
                    "a common choice)")
+    for name, how in (("frequency", "for each time it was already generated"),
+                      ("presence", "once if it was already generated")):
+        p.add_argument(f"--{name}-penalty", type=float, metavar="F",
+                       help=f"subtract F from a token's logit {how} (OpenAI's; -2 to 2, 0 = off)")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when the text contains TEXT (not printed); repeatable; escapes such as "
                    "\\n work")
@@ -109,8 +113,9 @@ def sampling_settings(args: argparse.Namespace, **extra: object) -> dict[str, ob
     stops = tuple(_unescape(s) for s in args.stop or ())
     config = GenerationConfig.from_preset(
         args.preset, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_strings=stops or None,
-        seed=args.seed, truncate=args.truncate, at_window=args.at_window, **extra,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+        stop_strings=stops or None, seed=args.seed, truncate=args.truncate, at_window=args.at_window, **extra,
     )
     return {k: v for k, v in vars(config).items() if k != "stop_token_ids"}  # these default to <|endoftext|>
 

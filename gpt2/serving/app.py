@@ -5,7 +5,9 @@ with ``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, ``GET /healt
 engine's counters) and the playground page at ``/``. Errors are OpenAI's JSON,
 ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for anything the client can fix.
 
-Beyond OpenAI's parameters, ``top_k`` (0 = off) is accepted. ``max_tokens`` is capped so that
+OpenAI's sampling parameters are honoured (``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
+``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``...), and beyond them, as in
+vLLM, ``top_k`` (0 = off) and ``repetition_penalty`` (CTRL's, 1 = off). ``max_tokens`` is capped so that
 prompt + completion fit the context window. Chat turns a base model into a chat partner with the
 plain transcript of ``gpt2.tasks`` (system messages replace its header line; each reply is one line).
 """
@@ -61,6 +63,10 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, max_length=MAX_STOPS)
     seed: int | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = Field(None, gt=0, description="an extension: CTRL's penalty (1 = off)")
 
 
 class CompletionRequest(_Sampling):
@@ -73,7 +79,20 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[dict[str, Any]]  # a string, or OpenAI's content parts (text ones only here)
+
+    @property
+    def text(self) -> str:
+        """The message's text: its content, or its text parts joined by newlines."""
+        if isinstance(self.content, str):
+            return self.content
+        kinds = [part.get("type") for part in self.content]
+        texts = [part.get("text") for part in self.content]
+        if any(kind != "text" for kind in kinds) or not all(isinstance(t, str) for t in texts):
+            other = next((k for k in kinds if k != "text"), "text without a 'text' string")
+            raise APIError(400, f"messages: a content part of type {other!r}; this model reads only "
+                           "{'type': 'text', 'text': ...} parts", param="messages", code="invalid_value")
+        return "\n".join(texts)
 
 
 class ChatRequest(_Sampling):
@@ -231,6 +250,7 @@ def create_app(
 
     def sequences(body: _Sampling, prompts: list[list[int]], max_new: int | None, stops: tuple[str, ...],
                   logprobs: int | None, prompt_logprobs: bool = False) -> list[SequenceRequest]:
+        bias = _logit_bias(body.logit_bias or {}, tokenizer.n_vocab)
         out = []
         for ids in prompts:
             for i in range(body.n):
@@ -239,6 +259,9 @@ def create_app(
                     temperature=1.0 if body.temperature is None else body.temperature,
                     top_k=body.top_k or None, top_p=body.top_p, stop_token_ids=(tokenizer.eot_token,),
                     stop_strings=stops, seed=None if body.seed is None else body.seed + i,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    presence_penalty=body.presence_penalty or 0.0,
+                    repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias,
                 )
                 out.append(SequenceRequest(ids, config, logprobs, prompt_logprobs))
         return out
@@ -303,6 +326,20 @@ def create_app(
     return app
 
 
+def _logit_bias(given: dict[str, float], n_vocab: int) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` ({"token id": bias in [-100, 100]}) with integer keys, checked."""
+    bias = {}
+    for key, value in given.items():
+        if not key.isdigit() or int(key) >= n_vocab:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})",
+                           param="logit_bias", code="invalid_value")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: the bias of token {key} is {value}, outside [-100, 100]",
+                           param="logit_bias", code="invalid_value")
+        bias[int(key)] = value
+    return bias
+
+
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -312,7 +349,7 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int) -> str:
     """The transcript of ``gpt2.tasks.Chat`` for ``messages`` (system messages first, then user and
     assistant turns in turn, ending with the user's)."""
-    system = [m.content.strip() for m in messages if m.role == "system"]
+    system = [m.text.strip() for m in messages if m.role == "system"]
     turns = [m for m in messages if m.role != "system"]
     if not turns or turns[-1].role != "user" or any(
         m.role != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)
@@ -320,11 +357,11 @@ def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int) -> st
         raise APIError(400, "messages: after any system messages, user and assistant messages must "
                        "alternate, starting and ending with a user message", param="messages")
     header = "\n".join(system) + "\n\n" if system else CHAT_HEADER
-    pairs = [(turns[i].content.strip(), turns[i + 1].content.strip()) for i in range(0, len(turns) - 1, 2)]
+    pairs = [(turns[i].text.strip(), turns[i + 1].text.strip()) for i in range(0, len(turns) - 1, 2)]
     if budget < 1:
         raise APIError(400, f"max_tokens leaves no room for the messages in the context window ({budget})",
                        param="max_tokens")
-    return Chat(header=header, turns=pairs).prompt(turns[-1].content, tokenizer, budget)
+    return Chat(header=header, turns=pairs).prompt(turns[-1].text, tokenizer, budget)
 
 
 def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:

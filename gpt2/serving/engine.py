@@ -26,7 +26,7 @@ from torch import Tensor
 
 from gpt2.errors import UserError
 from gpt2.model import KVCache, Transformer
-from gpt2.sampling import GenerationConfig, TextStream, TextTokenizer, left_pad, sample
+from gpt2.sampling import GenerationConfig, TextStream, TextTokenizer, adjust_logits, left_pad, sample
 
 
 class QueueFull(Exception):
@@ -66,7 +66,7 @@ class _Sequence:
     stream: TextStream
     generator: torch.Generator | None
     stop_ids: frozenset[int]
-    generated: int = 0
+    generated: list[int] = field(default_factory=list)  # the tokens drawn so far
     length: int = 0  # positions this row holds in the cache
     finished: bool = False
 
@@ -186,6 +186,7 @@ class Engine:
     def submit(self, requests: Sequence[SequenceRequest]) -> Job:
         """Queue the sequences of one request; raises ``QueueFull`` at once when they do not fit."""
         for r in requests:
+            r.config.check_vocabulary(self.model.config.vocab_size)
             if not r.prompt or len(r.prompt) + r.config.max_new_tokens > self.window:
                 raise UserError(f"a prompt of {len(r.prompt)} tokens and {r.config.max_new_tokens} new "
                                 f"tokens do not fit the context window ({self.window}); ask for fewer")
@@ -296,10 +297,10 @@ class Engine:
         if any(s.request.logprobs is not None for s in rows):
             logprobs = logits.float().log_softmax(dim=-1)
         tokens = {}
-        drawn = draw(logits, [s.request.config for s in rows], [s.generator for s in rows])
+        drawn = draw(self._adjusted(logits), [s.request.config for s in rows], [s.generator for s in rows])
         for row, (s, token) in enumerate(zip(rows, drawn, strict=True)):
             tokens[s] = token
-            s.generated += 1
+            s.generated.append(token)
             self.stats.tokens_generated += 1
             logprob, top = (None, None)
             if logprobs is not None and s.request.logprobs is not None:
@@ -309,11 +310,24 @@ class Engine:
             else:
                 text = s.stream.push(token)
                 finish = "stop" if s.stream.done else None
-                if finish is None and s.generated >= s.request.config.max_new_tokens:
+                if finish is None and len(s.generated) >= s.request.config.max_new_tokens:
                     text, finish = text + s.stream.finish(), "length"
             s.finished = finish is not None
             s.job.post(s.index, Step(token, text, logprob, top, finish))
         return tokens
+
+    def _adjusted(self, logits: Tensor) -> Tensor:
+        """``logits`` after the penalties and bias of the rows that ask for any (a copy if so: log
+        probabilities are reported from the model's own distribution)."""
+        rows = [row for row, s in enumerate(self._slots.rows) if s.request.config.adjusts_logits]
+        if not rows:
+            return logits
+        logits = logits.to(torch.float32, copy=True)
+        for row in rows:
+            prompt, config = self._slots.rows[row].request.prompt, self._slots.rows[row].request.config
+            history = torch.tensor([prompt + self._slots.rows[row].generated], device=logits.device)
+            logits[row] = adjust_logits(logits[row : row + 1], config, history, len(prompt))[0]
+        return logits
 
     def _decode(self, tokens: list[int]) -> None:
         """One forward pass for every live row: their last tokens in, their next logits out."""
