@@ -138,15 +138,20 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT2, Tokenizer]
     return model, tokenizer
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` ('-' for standard input), or a one-line error naming ``what``."""
+    if str(path) == "-":
+        return sys.stdin.read()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what} ({e})") from None
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is None:
         return args.prompt or ""
-    if str(args.prompt_file) == "-":
-        return sys.stdin.read()
-    try:
-        return args.prompt_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{args.prompt_file}: cannot read the prompt ({e})") from None
+    return read_text_file(args.prompt_file, "the prompt")
 
 
 def run(args: argparse.Namespace) -> int:

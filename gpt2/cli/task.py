@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from gpt2 import tasks
-from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer
-from gpt2.errors import UserError
+from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer, read_text_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,10 +57,7 @@ def _text(args: argparse.Namespace, path: Path | None = None) -> str:
     path = path or args.file
     if path is None:
         return args.text
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it ({e})") from None
+    return read_text_file(path, "it")
 
 
 def run_summarize(args: argparse.Namespace) -> int:

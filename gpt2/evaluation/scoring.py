@@ -152,7 +152,7 @@ class Scorer:
         with tqdm(total=len(order), desc=desc, unit="seq", disable=not self.progress, leave=False) as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                logits = self._forward([inputs[i][0] for i in batch])
+                logits = self.logits([inputs[i][0] for i in batch])
                 for row, i in enumerate(batch):
                     tokens, n_cont = inputs[i]
                     targets = torch.tensor(requests[i].continuation)
@@ -204,7 +204,7 @@ class Scorer:
         windows = sliding_windows(chunks, context, stride)
         with tqdm(desc=desc, unit="tok", disable=not self.progress, leave=False) as bar:
             while batch := list(itertools.islice(windows, self.batch_size)):
-                logits = self._forward([tokens for tokens, _ in batch])
+                logits = self.logits([tokens for tokens, _ in batch])
                 for row, (tokens, n) in enumerate(batch):
                     targets = torch.tensor(tokens[-n:])
                     logprobs = _logprobs(logits[row, len(tokens) - n - 1 : len(tokens) - 1], targets)
@@ -222,7 +222,7 @@ class Scorer:
     # -- the model ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward(self, rows: list[list[int]]) -> torch.Tensor:
+    def logits(self, rows: list[list[int]]) -> torch.Tensor:
         """Logits (B, T, vocab) of right-padded rows, in the model's dtype, on its device."""
         started = time.perf_counter()
         width = max(len(r) for r in rows)
