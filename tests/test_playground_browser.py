@@ -1,5 +1,6 @@
 """The playground page at / in a real headless browser (Debian's chromium, driven by Selenium): type a
-prompt, click Generate, and see the text stream in, each piece with its tokens' probabilities."""
+prompt, set the sampling fields, click Generate, and see the text stream in, each piece with its
+tokens' probabilities."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def test_playground_streams_the_completion(browser) -> None:
         box = browser.find_element(by_id, "prompt")
         box.clear()
         box.send_keys(prompt)
-        for field, value in (("max_tokens", new), ("temperature", 0)):
+        penalties = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": 0.4}
+        for field, value in (("max_tokens", new), ("temperature", 0), *penalties.items()):
             element = browser.find_element(by_id, field)
             element.clear()
             element.send_keys(str(value))
@@ -67,11 +69,13 @@ def test_playground_streams_the_completion(browser) -> None:
         assert status == f"done: {new} tokens (max tokens reached)", status
         shown = browser.execute_script(
             "return Array.from(document.querySelectorAll('#output span.token'), s => s.textContent).join('')")
-        assert shown == generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=new)[0]
+        assert shown == generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=new, **penalties)[0]
+        assert shown != generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=new)[0]
         seen = browser.execute_script("return window.seen")
         while_generating = {count for count, state in seen if state == "generating..." and count > 0}
         assert len(while_generating) > 1, f"the text did not arrive in pieces: {seen}"
         titles = browser.execute_script(
             "return Array.from(document.querySelectorAll('#output span.token'), s => s.title)")
         assert all("p = " in t and t.endswith("%") for t in titles if t)
-        assert sum(t.count("p = ") for t in titles) == new  # every generated token's probability
+        # every generated token's probability, also of those that end inside a character ("\ufffd" here)
+        assert sum(t.count("p = ") for t in titles) == new, titles
