@@ -7,6 +7,7 @@ logit is pushed far down so that it never ends a text by itself and every length
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -24,7 +25,7 @@ from gpt2 import GPT2, GPT2Config
 from gpt2.cli import main
 from gpt2.sampling import GenerationConfig, generate, generate_text
 from gpt2.serving import Engine, create_app
-from gpt2.serving.engine import draw
+from gpt2.serving.engine import Job, SequenceRequest, draw
 from gpt2.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -52,7 +53,8 @@ def tiny_model() -> GPT2:
 def serving(model: GPT2, **options: object) -> Iterator[tuple[str, Engine]]:
     """Serve ``model`` on a free loopback port in a thread; yields (base URL, engine)."""
     engine = Engine(model, model.tokenizer, max_batch_size=int(options.pop("max_batch_size", 8)),
-                    max_queue=int(options.pop("max_queue", 64)))
+                    max_queue=int(options.pop("max_queue", 64)),
+                    prefill_chunk=int(options.pop("prefill_chunk", 256)))
     app = create_app(engine, model_name="tiny", **options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -255,6 +257,74 @@ def test_concurrent_requests_share_forward_passes(server, client, model) -> None
     assert tokens == sum(min(40, WINDOW - len(p)) for p in prompts)
     assert passes < tokens / 2, f"{passes} forward passes for {tokens} tokens: requests were not batched"
     assert after["max_batch"] > 1
+
+
+def test_chunked_prefill_gives_the_same_text_and_prompt_logprobs(client, model) -> None:
+    prompts = ["Hi", "The quick brown fox jumps over the lazy dog"]  # 2 and 43 tokens, left-padded
+    whole = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0, echo=True,
+                                      logprobs=1)
+    with serving(model, prefill_chunk=5) as (url, _):
+        chunked_client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        chunked = chunked_client.completions.create(model="tiny", prompt=prompts, max_tokens=10,
+                                                    temperature=0, echo=True, logprobs=1)
+    for a, b, prompt in zip(whole.choices, chunked.choices, prompts, strict=True):
+        (expected,) = generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=10)
+        assert a.text == b.text == prompt + expected
+        assert b.logprobs.token_logprobs[0] is None
+        assert b.logprobs.token_logprobs[1:] == pytest.approx(a.logprobs.token_logprobs[1:], abs=1e-4)
+
+
+@pytest.mark.parametrize(("chunk", "most", "least"), [(4, 99, 12), (256, 8, 0)], ids=["chunked", "whole"])
+def test_a_long_prompt_does_not_stall_running_sequences(model, chunk: int, most: int, least: int) -> None:
+    """While an 88-token prompt is read in 22 chunks of 4, a running sequence gets a token per chunk;
+    read whole, it stalls the running sequence (the bound leaves room for tokens in flight)."""
+
+    async def tokens_of_a_while_b_is_read() -> int:
+        engine = Engine(model, BYTES, max_batch_size=4, prefill_chunk=chunk)
+        engine.start()
+        order: list[str] = []
+
+        async def read(job: Job, name: str) -> None:
+            async for _ in job.steps():
+                order.append(name)
+
+        try:
+            a = engine.submit([SequenceRequest([97], GenerationConfig(max_new_tokens=60, temperature=0))])
+            reading_a = asyncio.create_task(read(a, "a"))
+            while not order:
+                await asyncio.sleep(0.001)
+            b = engine.submit([SequenceRequest([98] * 88, GenerationConfig(max_new_tokens=3, temperature=0))])
+            order.append("b submitted")
+            await asyncio.gather(reading_a, read(b, "b"))
+        finally:
+            engine.stop()
+        return order[order.index("b submitted") : order.index("b")].count("a")
+
+    count = asyncio.run(tokens_of_a_while_b_is_read())
+    assert least <= count <= most, count
+
+
+def test_a_request_cancelled_while_its_prompt_is_read_is_dropped(model) -> None:
+    async def run() -> dict[str, int]:
+        engine = Engine(model, BYTES, max_batch_size=2, prefill_chunk=1)  # 90 steps to read the prompt
+        engine.start()
+        try:
+            greedy = GenerationConfig(max_new_tokens=3, temperature=0)
+            job = engine.submit([SequenceRequest([98] * 90, greedy)])
+            while engine.load()["running"] == 0:
+                await asyncio.sleep(0.001)
+            job.cancel()
+            while engine.load()["running"]:
+                await asyncio.sleep(0.001)
+            after = engine.submit([SequenceRequest([97], greedy)])
+            assert [step.token async for _, step in after.steps()] == generate(
+                model, torch.tensor([[97]]), max_new_tokens=3, temperature=0)[0, 1:].tolist()
+            return engine.load()
+        finally:
+            engine.stop()
+
+    load = asyncio.run(run())
+    assert load["cancelled"] == 1 and load["forward_passes"] < 90
 
 
 def test_full_queue_answers_429_and_disconnect_frees_the_slot(model) -> None:

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve a model over HTTP (OpenAI-compatible API and a playground page)",
         description="Serve a model with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), "
         "/health, and a playground page at / . Concurrent requests are decoded together (continuous "
-        "batching). Binds to 127.0.0.1 unless --host says otherwise.",
+        "batching), and prompts are read in chunks between their steps (chunked prefill). Binds to "
+        "127.0.0.1 unless --host says otherwise.",
     )
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1",
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="serve one sequence at a time (the same as --max-batch-size 1), for comparison")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="sequences that may wait for a slot; more are refused with 429 (default 256)")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="read prompts N positions per step beside the other sequences' decoding, so a "
+                   "long prompt does not stall them (default 256)")
     p.add_argument("--max-prompt-tokens", type=int, metavar="N",
                    help="refuse longer prompts (default: the context window less one)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
@@ -47,13 +51,15 @@ def run(args: argparse.Namespace) -> int:
 
     from gpt2.serving import Engine, create_app
 
-    for name in ("port", "max_batch_size", "max_queue", "max_prompt_tokens", "max_body_bytes"):
+    sizes = ("port", "max_batch_size", "max_queue", "prefill_chunk", "max_prompt_tokens", "max_body_bytes")
+    for name in sizes:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "port" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     model, tokenizer = load_model_and_tokenizer(args)
     batch = 1 if args.no_batching else args.max_batch_size
-    engine = Engine(model, tokenizer, max_batch_size=batch, max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, max_batch_size=batch, max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk)
     name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").split("/")[-1]
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      max_prompt_tokens=args.max_prompt_tokens)

@@ -10,6 +10,10 @@ The rows share the cache's time axis: every row ends at position ``length``, a s
 later and is left-padded (``KVCache.key_mask`` False, its own ``next_position``), which is the left
 padding that ``gpt2.model`` already supports. Live rows are kept in the first ``k`` slots so a step
 computes only them; the shared axis is shifted when a longer prompt arrives or the window fills.
+
+Prompts are read in chunks (chunked prefill, as in vLLM): each step reads at most ``prefill_chunk``
+positions of the joining prompts into a cache of their own beside one decode step of the live rows,
+so a long prompt delays the others' next tokens by one chunk's time, not by the whole prompt's.
 """
 
 from __future__ import annotations
@@ -144,27 +148,48 @@ class _Slots:
     logits: Tensor | None = None  # (len(rows), vocab): to draw each row's next token from
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """Joining prompts, left-padded together (``mask`` None when none is padded), read into a cache
+    of their own: ``done`` positions so far; ``logits`` of the chunks read (their last position only,
+    unless some sequence reports its prompt's log-probabilities)."""
+
+    rows: list[_Sequence]
+    ids: Tensor
+    mask: Tensor | None
+    cache: KVCache
+    full: bool
+    done: int = 0
+    logits: list[Tensor] = field(default_factory=list)
+
+
 class Engine:
     """Runs a model for many concurrent requests; ``submit`` from async code, ``start``/``stop`` around.
 
     ``max_batch_size``: slots in the KV cache (1 serves one sequence at a time); ``max_queue``:
-    sequences that may wait for a slot before ``submit`` raises ``QueueFull``.
+    sequences that may wait for a slot before ``submit`` raises ``QueueFull``; ``prefill_chunk``:
+    prompt positions read per step while other sequences are decoding.
     """
 
     def __init__(
-        self, model: Transformer, tokenizer: TextTokenizer, *, max_batch_size: int = 16, max_queue: int = 256
+        self, model: Transformer, tokenizer: TextTokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
+        prefill_chunk: int = 256,
     ) -> None:
+        if prefill_chunk < 1:
+            raise UserError(f"the prefill chunk must be at least 1 token, got {prefill_chunk}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.window = model.config.n_positions
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self.stats = EngineStats()
         weight = model.transformer.wte.weight  # its dtype is the activations' (also under int8)
         cache = KVCache(model.config, max_batch_size, device=weight.device, dtype=weight.dtype)
         cache.padded = True  # rows start at different positions: attention always uses key_mask
         self._slots = _Slots(cache)
         self._waiting: deque[_Sequence] = deque()
+        self._prefilling: _Prefill | None = None
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -210,29 +235,36 @@ class Engine:
 
     def load(self) -> dict[str, int]:
         """How busy the engine is now, with the counters."""
-        return {"running": len(self._slots.rows), "waiting": len(self._waiting), **self.stats.as_dict()}
+        prefilling = len(self._prefilling.rows) if self._prefilling is not None else 0
+        return {"running": len(self._slots.rows) + prefilling, "waiting": len(self._waiting),
+                **self.stats.as_dict()}
 
     # -- the worker ---------------------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._stopping or self._waiting or self._slots.rows)
+                self._wake.wait_for(
+                    lambda: self._stopping or self._waiting or self._slots.rows or self._prefilling
+                )
                 if self._stopping:
                     break
                 for s in [s for s in self._waiting if s.job.cancelled]:
                     self._waiting.remove(s)
                     self.stats.cancelled += 1
-                free = self.max_batch_size - len(self._slots.rows)
-                joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                joining = []
+                if self._prefilling is None:  # one group of prompts is read at a time
+                    free = self.max_batch_size - len(self._slots.rows)
+                    joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             try:
                 with torch.inference_mode():
                     self._step(joining)
             except Exception as e:  # a bug or out of memory: fail these requests, keep serving others
                 self.stats.errors += 1
-                for s in {*self._slots.rows, *joining}:
+                prefilling = self._prefilling.rows if self._prefilling is not None else []
+                for s in {*self._slots.rows, *prefilling, *joining}:
                     s.job.post(s.index, e)
-                self._slots.rows, self._slots.logits = [], None
+                self._slots.rows, self._slots.logits, self._prefilling = [], None, None
                 self._slots.cache.length = 0
 
     def _step(self, joining: list[_Sequence]) -> None:
@@ -241,9 +273,9 @@ class Engine:
         self.stats.cancelled += len(gone)
         self._remove(gone)
         if joining:
-            logits = self._prefill(joining)
-            slots.logits = logits if slots.logits is None else torch.cat([slots.logits, logits])
-            slots.rows += joining
+            self._prefilling = self._start_prefill(joining)
+        if self._prefilling is not None:
+            self._prefill_chunk()
         if not slots.rows:
             return
         tokens = self._draw(slots.logits)
@@ -251,20 +283,42 @@ class Engine:
         if slots.rows:
             self._decode([tokens[s] for s in slots.rows])
 
-    def _prefill(self, joining: list[_Sequence]) -> Tensor:
-        """Run the new prompts (left-padded together) and copy their keys and values into the slots
-        after the live rows; returns their next-token logits."""
-        slots, cache = self._slots, self._slots.cache
+    def _start_prefill(self, joining: list[_Sequence]) -> _Prefill:
+        cache = self._slots.cache
         device = cache.key_mask.device
         ids, mask = left_pad([s.request.prompt for s in joining], self.tokenizer.eot_token, device)
-        longest = ids.shape[1]
-        fresh = KVCache(self.model.config, len(joining), longest, device=device, dtype=cache.keys[0].dtype)
+        own = KVCache(self.model.config, len(joining), ids.shape[1], device=device, dtype=cache.keys[0].dtype)
         full = any(s.request.prompt_logprobs for s in joining)
-        logits = self.model(ids, cache=fresh, attention_mask=None if bool(mask.all()) else mask,
-                            last_only=not full)
+        return _Prefill(joining, ids, None if bool(mask.all()) else mask, own, full)
+
+    def _prefill_chunk(self) -> None:
+        """Read the next chunk of the joining prompts; after the last one, their rows join the slots."""
+        p = self._prefilling
+        assert p is not None
+        if all(s.job.cancelled for s in p.rows):
+            self.stats.cancelled += len(p.rows)
+            self._prefilling = None
+            return
+        end = min(p.done + self.prefill_chunk, p.ids.shape[1])
+        mask = None if p.mask is None else p.mask[:, p.done : end]
+        logits = self.model(p.ids[:, p.done : end], cache=p.cache, attention_mask=mask, last_only=not p.full)
+        p.logits.append(logits)
         self.stats.forward_passes += 1
-        if full:
-            self._report_prompt_logprobs(joining, ids, logits)
+        p.done = end
+        if end == p.ids.shape[1]:
+            self._prefilling = None
+            logits = self._join(p)
+            slots = self._slots
+            slots.logits = logits if slots.logits is None else torch.cat([slots.logits, logits])
+            slots.rows += p.rows
+
+    def _join(self, p: _Prefill) -> Tensor:
+        """Copy the read prompts' keys and values into the slots after the live rows; returns their
+        next-token logits."""
+        slots, cache, joining, fresh = self._slots, self._slots.cache, p.rows, p.cache
+        longest = p.ids.shape[1]
+        if p.full:
+            self._report_prompt_logprobs(joining, p.ids, torch.cat(p.logits, dim=1))
         if cache.length < longest:
             self._shift(longest - cache.length)
         start, end = cache.length - longest, cache.length
@@ -277,7 +331,7 @@ class Engine:
         cache.next_position[rows] = fresh.next_position
         for s in joining:
             s.length = len(s.request.prompt)
-        return logits[:, -1]
+        return p.logits[-1][:, -1]
 
     def _report_prompt_logprobs(self, joining: list[_Sequence], ids: Tensor, logits: Tensor) -> None:
         logprobs = logits[:, :-1].float().log_softmax(dim=-1)
