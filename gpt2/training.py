@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from gpt2 import checkpoints
 from gpt2.api import GPT2
@@ -557,8 +557,11 @@ def sample(model: GPT2, cfg: TrainConfig, autocast: Callable[[], Any], seed: int
 
 
 def _gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
-    """Average gradients over processes only on the last micro-batch of a step."""
-    if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+    """Average gradients over processes only on the last micro-batch of a step (FSDP then keeps the
+    earlier micro-batches' gradients unsharded: one reduce-scatter per step instead of one each)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    elif isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
         return model.no_sync()
     return nullcontext()
 

@@ -237,9 +237,10 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
 
 
-# Two processes with micro-batches of 4 against one process accumulating two: the same global batch.
+# Two processes accumulating two micro-batches of 4 (gradients synchronised on the second only) against
+# one process accumulating four: the same global batch.
 DISTRIBUTED = ["--max-steps", 6, "--eval-interval", 3, "--dtype", "float32", "--micro-batch", 4,
-               "--batch-tokens", 2 * 4 * 64]
+               "--batch-tokens", 2 * 2 * 4 * 64]
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
 
 
@@ -271,7 +272,7 @@ def test_fsdp_matches_one_process_and_its_checkpoints_load_and_resume(data: Path
     run, one = tmp_path / "fsdp", tmp_path / "one"
     out = two_processes_beside_one(data, run, one, "--fsdp", "--checkpoint-interval", 3,
                                    "--keep-checkpoints", 0)
-    assert "on 2 x cpu (float32, sharded by FSDP)" in out
+    assert "on 2 x cpu (float32, sharded by FSDP)" in out and "2 process(es) x 2 accumulation" in out
     assert len(losses(run)) == 6
     for key in ("loss", "grad_norm", "val_loss"):
         assert np.allclose(losses(one, key), losses(run, key), rtol=0, atol=1e-5), (key, losses(one, key))
