@@ -1,4 +1,5 @@
-"""The GPT-2 network (Radford et al. 2019), read top to bottom: attention, MLP, block, model.
+"""The GPT-2 network (Radford et al. 2019), read top to bottom: attention, MLP, block, model; then
+the oneDNN products that make fp32 inference on the CPU faster (``onednn_linears``).
 
 Module and parameter names follow the published checkpoints (``transformer.h.0.attn.c_attn``...),
 but every projection is a plain ``nn.Linear`` (the published Conv1D weights are the transpose;

@@ -1,7 +1,7 @@
 """Generating text with a GPT-2: settings, logits processing, the KV-cached decode loop, text in and out.
 
 Read top to bottom: ``GenerationConfig`` (the knobs, validated, with named presets), ``next_token``
-(repetition penalty, temperature, top-k, top-p, then greedy or a draw), ``stream_tokens`` (the loop:
+(penalties and logit bias, temperature, top-k, top-p, then greedy or a draw), ``stream_tokens`` (the loop:
 one forward pass over the prompts, then one cached step per new token), ``generate`` (the same,
 collected into a tensor), the text layer (``generate_text``, ``stream_text`` and the incremental UTF-8
 decoder behind it) and the speed options (``prepare_for_inference``).
