@@ -16,7 +16,7 @@ VERBS = [info, tokenizer, eval, generate, chat, task, detect, prepare, train, pl
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2",
-        description="GPT-2: train, fine-tune, run, evaluate and serve GPT-2 models.",
+        description="GPT-2: train, fine-tune, run, evaluate and serve GPT-2 models, and detect their text.",
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in VERBS:
