@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class ContextWindowReached(UserWarning):
 class GenerationConfig:
     """What to generate and how. ``temperature`` 0 means greedy decoding.
 
-    ``top_k`` 0 or None and ``top_p`` None (or 1) turn those filters off. ``repetition_penalty``
+    ``top_k`` 0 or None and ``top_p`` None (or 1) turn those filters off; ``min_p`` (0 or None =
+    off) drops the tokens less likely than ``min_p`` times the likeliest one. ``repetition_penalty``
     (CTRL's, as transformers applies it; 1 = off) covers the prompt and the new tokens;
     ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, in [-2, 2]) subtract from a token's logit
     that much per earlier occurrence, or once if it occurred, among the new tokens; ``logit_bias``
@@ -61,6 +63,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -81,6 +84,8 @@ class GenerationConfig:
             raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise UserError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise UserError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -153,9 +158,12 @@ def adjust_logits(logits: Tensor, config: GenerationConfig, history: Tensor, pro
     return logits
 
 
-def filter_top_k_top_p(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
-    """Set to -inf every logit outside the ``top_k`` largest and outside the nucleus: the smallest
-    set of most likely tokens whose probabilities add up to at least ``top_p``."""
+def filter_logits(
+    logits: Tensor, top_k: int | None, top_p: float | None, min_p: float | None = None
+) -> Tensor:
+    """Set to -inf every logit outside the ``top_k`` largest, outside the nucleus (the smallest set of
+    most likely tokens whose probabilities add up to at least ``top_p``) and below ``min_p`` times
+    the likeliest token's probability."""
     if top_k and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -165,6 +173,9 @@ def filter_top_k_top_p(logits: Tensor, top_k: int | None, top_p: float | None) -
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = logits.scatter(-1, order, sorted_logits)
+    if min_p:  # p < min_p * p_max  <=>  logit < logit_max + log(min_p)
+        floor = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits
 
 
@@ -184,15 +195,16 @@ def next_token(
     if config.temperature == 0:
         return logits.argmax(dim=-1)
     uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
-    return sample(logits, config.temperature, config.top_k, config.top_p, uniform)
+    return sample(logits, config, uniform)
 
 
-def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           uniform: Tensor) -> Tensor:
-    """Tokens (B,) drawn from ``logits`` (B, vocab) after temperature, top-k and top-p, by inverting
-    the cumulative distribution at ``uniform`` (B,), one number in [0, 1) per row. (One random number
-    per row: ``torch.multinomial`` costs milliseconds per call at GPT-2's vocabulary on a CPU.)"""
-    cdf = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+def sample(logits: Tensor, config: GenerationConfig, uniform: Tensor) -> Tensor:
+    """Tokens (B,) drawn from ``logits`` (B, vocab) after ``config``'s temperature, top-k, top-p and
+    min-p, by inverting the cumulative distribution at ``uniform`` (B,), one number in [0, 1) per row.
+    (One random number per row: ``torch.multinomial`` costs milliseconds per call at GPT-2's
+    vocabulary on a CPU.)"""
+    filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p, config.min_p)
+    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
     picked = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
     return picked.clamp_(max=cdf.shape[1] - 1)  # rounding can leave the last cdf value below u
 

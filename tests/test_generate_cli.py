@@ -88,6 +88,14 @@ def test_penalty_options(model_dir: Path, model: GPT2, capsys) -> None:
     assert out == expected + "\n"
 
 
+def test_min_p_option(model_dir: Path, model: GPT2, capsys) -> None:
+    (greedy,) = generate_text(model, BYTES, "abc", max_new_tokens=15, temperature=0)
+    options = ["generate", "--model", model_dir, "--prompt", "abc", "--max-new-tokens", 15, "--seed", 2,
+               "--temperature", 1.0, "--top-k", 0]
+    assert gpt2(capsys, *options, "--min-p", 1.0)[1] == greedy + "\n"  # only the likeliest token is left
+    assert gpt2(capsys, *options)[1] != greedy + "\n"
+
+
 def test_window_stop_is_a_note(model_dir: Path, capsys) -> None:
     status, _, err = gpt2(capsys, "generate", "--model", model_dir, "--prompt", "x" * 100,
                             "--max-new-tokens", 50, "--at-window", "stop", "--seed", 0)
@@ -103,6 +111,7 @@ def test_window_stop_is_a_note(model_dir: Path, capsys) -> None:
         (["--top-p", "1.01"], "top_p must be in (0, 1]"),
         (["--top-k", "-2"], "top_k must be >= 0"),
         (["--frequency-penalty", "3"], "frequency_penalty must be in [-2, 2]"),
+        (["--min-p", "-0.1"], "min_p must be in [0, 1]"),
         (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
         (["--max-new-tokens", "200"], "exceeds the context window (128)"),
         (["--prompt", "y" * 200, "--max-new-tokens", "4"], "prompt of 200 tokens exceeds the context window"),

@@ -145,6 +145,17 @@ def test_top_k_draws_only_the_k_likeliest_in_proportion() -> None:
     assert_frequencies(draw(PROBS, top_k=0), PROBS)  # 0 = off
 
 
+def test_min_p_drops_tokens_below_a_share_of_the_likeliest() -> None:
+    # PROBS: 0.4, 0.05, 0.3, 0.15, 0.1; min_p 0.3 keeps p >= 0.12, min_p 0.2 keeps p >= 0.08
+    assert_frequencies(draw(PROBS, min_p=0.3), [0.4 / 0.85, 0, 0.3 / 0.85, 0.15 / 0.85, 0])
+    assert_frequencies(draw(PROBS, min_p=0.2), [0.4 / 0.95, 0, 0.3 / 0.95, 0.15 / 0.95, 0.1 / 0.95])
+    assert_frequencies(draw(PROBS, min_p=1.0), [1, 0, 0, 0, 0])
+    assert_frequencies(draw(PROBS, min_p=0.0), PROBS)
+    # After the temperature: at T = 0.5 the probabilities go as p², and min_p 0.05 of 0.16 drops 0.0025.
+    squared = [0.16, 0, 0.09, 0.0225, 0.01]
+    assert_frequencies(draw(PROBS, min_p=0.05, temperature=0.5), [p / sum(squared) for p in squared])
+
+
 def test_top_p_draws_from_the_smallest_set_reaching_p() -> None:
     assert_frequencies(draw(PROBS, top_p=0.65), [0.4 / 0.7, 0, 0.3 / 0.7, 0, 0])  # 0.4 + 0.3 >= 0.65
     assert_frequencies(draw(PROBS, top_p=0.8), [0.4 / 0.85, 0, 0.3 / 0.85, 0.15 / 0.85, 0])
@@ -315,6 +326,7 @@ def test_sliding_window_keeps_generating_from_the_last_half(byte_model: GPT2) ->
         (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
         (dict(frequency_penalty=2.5), r"frequency_penalty must be in \[-2, 2\]"),
         (dict(presence_penalty=-3), r"presence_penalty must be in \[-2, 2\]"),
+        (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
         (dict(logit_bias={"a": 1.0}), "logit_bias keys must be token ids"),
         (dict(logit_bias={10**6: 1.0}), "beyond the vocabulary"),
         (dict(at_window="wrap"), "at_window must be"),

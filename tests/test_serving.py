@@ -204,6 +204,15 @@ def test_penalties_and_logit_bias_are_the_library_s(client, model) -> None:
     assert not set(banned.choices[0].text) & set(plain[:6])
 
 
+def test_min_p_of_one_samples_the_greedy_text(client, model) -> None:
+    result = client.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0, seed=3,
+                                       extra_body={"min_p": 1.0})
+    (greedy,) = generate_text(model, BYTES, "abc", temperature=0, max_new_tokens=12)
+    assert result.choices[0].text == greedy
+    sampled = client.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0, seed=3)
+    assert sampled.choices[0].text != greedy  # (without it, temperature 1 does sample)
+
+
 def test_chat_takes_text_content_parts(client) -> None:
     def reply(system: object, user: object) -> tuple[str, list[float]]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -374,6 +383,7 @@ GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
         ({**GOOD, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
         ({**GOOD, "presence_penalty": -3}, 400, "presence_penalty"),
         ({**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({**GOOD, "min_p": 1.5}, 400, "min_p"),
         ({**GOOD, "logit_bias": {"abc": 1}}, 400, "not a token id"),
         ({**GOOD, "logit_bias": {"300": 1}}, 400, "not a token id"),
         ({**GOOD, "logit_bias": {"5": 101}}, 400, "outside [-100, 100]"),

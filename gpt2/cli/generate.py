@@ -89,6 +89,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, preset: str) -> None:
     p.add_argument("--top-p", type=float, metavar="P",
                    help="sample only among the likeliest tokens that together have probability P "
                    "(0 < P <= 1)")
+    p.add_argument("--min-p", type=float, metavar="M",
+                   help="sample only among tokens at least M times as likely as the likeliest one "
+                   "(0 <= M <= 1; 0 = off)")
     p.add_argument("--repetition-penalty", type=float, metavar="R",
                    help="make tokens already in the text less likely: logits divided by R (1 = off; 1.2 is "
                    "a common choice)")
@@ -113,7 +116,7 @@ def sampling_settings(args: argparse.Namespace, **extra: object) -> dict[str, ob
     stops = tuple(_unescape(s) for s in args.stop or ())
     config = GenerationConfig.from_preset(
         args.preset, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
         stop_strings=stops or None, seed=args.seed, truncate=args.truncate, at_window=args.at_window, **extra,
     )

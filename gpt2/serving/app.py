@@ -7,9 +7,10 @@ engine's counters) and the playground page at ``/``. Errors are OpenAI's JSON,
 
 OpenAI's sampling parameters are honoured (``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
 ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``...), and beyond them, as in
-vLLM, ``top_k`` (0 = off) and ``repetition_penalty`` (CTRL's, 1 = off). ``max_tokens`` is capped so that
-prompt + completion fit the context window. Chat turns a base model into a chat partner with the
-plain transcript of ``gpt2.tasks`` (system messages replace its header line; each reply is one line).
+vLLM, ``top_k`` (0 = off), ``min_p`` (0 = off) and ``repetition_penalty`` (CTRL's, 1 = off).
+``max_tokens`` is capped so that prompt + completion fit the context window. Chat turns a base model
+into a chat partner with the plain transcript of ``gpt2.tasks`` (system messages replace its header
+line; each reply is one line).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="an extension: sample among the k likeliest (0 = all)")
+    min_p: float | None = Field(None, ge=0, le=1, description="an extension: drop p < min_p x the top p")
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -257,7 +259,8 @@ def create_app(
                 config = GenerationConfig(
                     max_new_tokens=min(max_new or window, window - len(ids)),
                     temperature=1.0 if body.temperature is None else body.temperature,
-                    top_k=body.top_k or None, top_p=body.top_p, stop_token_ids=(tokenizer.eot_token,),
+                    top_k=body.top_k or None, top_p=body.top_p, min_p=body.min_p,
+                    stop_token_ids=(tokenizer.eot_token,),
                     stop_strings=stops, seed=None if body.seed is None else body.seed + i,
                     frequency_penalty=body.frequency_penalty or 0.0,
                     presence_penalty=body.presence_penalty or 0.0,

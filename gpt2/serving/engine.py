@@ -456,15 +456,15 @@ def draw(
     number from the row's own generator.
     """
     tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
-    groups: dict[tuple[float, int | None, float | None], list[int]] = {}
+    groups: dict[tuple[float, int | None, float | None, float | None], list[int]] = {}
     for row, c in enumerate(configs):
-        groups.setdefault((c.temperature, c.top_k, c.top_p), []).append(row)
-    for (temperature, top_k, top_p), rows in groups.items():
+        groups.setdefault((c.temperature, c.top_k, c.top_p, c.min_p), []).append(row)
+    for rows in groups.values():
         index = torch.tensor(rows, device=logits.device)
         group = logits[index].float()
-        if temperature == 0:
+        if configs[rows[0]].temperature == 0:
             tokens[index] = group.argmax(dim=-1)
             continue
         u = torch.cat([torch.rand(1, generator=generators[r], device=logits.device) for r in rows])
-        tokens[index] = sample(group, temperature, top_k, top_p, u)
+        tokens[index] = sample(group, configs[rows[0]], u)
     return tokens.tolist()
