@@ -157,13 +157,17 @@ def test_detect_command_table_json_and_calibration(model, model_dir: Path, tmp_p
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(people_text(5000, seed=6), encoding="utf-8")
-    status, out, _ = gpt2(capsys, "detect", "--model", model_dir, "--calibrate", corpus, "--passage-tokens",
+    status, out, err = gpt2(capsys, "detect", "--model", model_dir, "--calibrate", corpus, "--passage-tokens",
                           100, "--passages", 20, "--top-k", 5, "--max-false-positive", 0.1, "--file", machine)
     assert status == 0
     threshold = float(out.split("threshold ")[1].split(":")[0])
+    assert "note:" not in err  # 20 passages can measure a 10% false-positive rate
     assert f"the score is above {threshold:.4f}" in out  # the calibrated threshold judges the file
     row = out.splitlines()[-2].split()
     assert row[0] == str(machine) and row[3] == "generated"
+    _, _, err = gpt2(capsys, "detect", "--model", model_dir, "--calibrate", corpus, "--passage-tokens", 100,
+                     "--passages", 20)
+    assert err.startswith("note: 20 passages cannot measure a false-positive rate of 1.0%")
 
 
 @pytest.mark.parametrize(

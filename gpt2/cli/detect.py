@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer, read_text_file
@@ -43,8 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="UTF-8 files of people's writing, of the kind you will judge")
     cal.add_argument("--passage-tokens", type=int, default=200, metavar="N",
                      help="tokens per passage (default 200; judge texts of about this length)")
-    cal.add_argument("--passages", type=int, default=50, metavar="N",
-                     help="passages to take, spread evenly over the files (default 50)")
+    cal.add_argument("--passages", type=int, default=100, metavar="N",
+                     help="passages to take, spread evenly over the files (default 100: enough to "
+                     "measure a 1%% false-positive rate)")
     cal.add_argument("--prompt-tokens", type=int, default=20, metavar="N",
                      help="tokens of each passage the model continues from (default 20)")
     cal.add_argument("--max-false-positive", type=float, default=0.01, metavar="RATE",
@@ -80,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace, detector: Detector) -> Calibration:
     ids = [t for f in args.calibrate for t in detector.tokenizer.encode(read_text_file(f, "the text"))]
     passages = split_passages(ids, args.passage_tokens, args.passages)
+    if len(passages) * args.max_false_positive < 1:
+        print(f"note: {len(passages)} passages cannot measure a false-positive rate of "
+              f"{args.max_false_positive:.1%} (one passage is {1 / len(passages):.1%}); give more text "
+              "for a threshold you can trust", file=sys.stderr)
     sampling = GenerationConfig.from_preset(args.preset, temperature=args.temperature, top_k=args.top_k,
                                             top_p=args.top_p)
     return detector.calibrate(passages, prompt_tokens=args.prompt_tokens,
