@@ -63,10 +63,10 @@ class GPT2(Transformer):
         ``pad_token_id`` (default: the tokenizer's ``<|endoftext|>``, else 0). Further ``settings``
         (``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``, ``logit_bias``,
         ``stop_token_ids``, ``stop_strings``, ``num_samples``, ``seed``, ``truncate``, ``at_window``) are
-        described in ``gpt2.sampling.GenerationConfig``. ``stream=True``
-        returns an iterator of
-        ``(tokens, live)`` per step instead (see ``gpt2.sampling.stream_tokens``). For speed, call
-        ``gpt2.sampling.prepare_for_inference(model)`` once first (``gpt2 generate`` does).
+        described in ``gpt2.sampling.GenerationConfig``. ``stream=True`` returns an iterator of
+        ``(tokens, live)`` per step instead (see ``gpt2.sampling.stream_tokens``). The options that
+        trade exactness or start-up time for speed (bf16, int8, compile) are in
+        ``gpt2.sampling.prepare_for_inference``.
         """
         if input_ids.ndim == 1:
             input_ids = input_ids[None]

@@ -364,17 +364,21 @@ def test_default_preparation_changes_no_value_and_no_output(hf_and_ours, tmp_pat
 
 
 def test_onednn_products_give_the_same_logits_and_tokens() -> None:
-    # Wide enough (256) that the default preparation moves every product to oneDNN.
+    # Wide enough (256) that every product moves to oneDNN.
     config = GPT2Config(vocab_size=1024, n_positions=64, n_embd=256, n_layer=2, n_head=4)
-    plain = GPT2(config).eval()
+    plain = GPT2(config).eval()  # the reference: PyTorch's own products, never prepared or generated with
     model = GPT2(config)
     model.load_state_dict(plain.state_dict())
-    prepare_for_inference(model)
+    model.generate(torch.tensor([[1, 2]]), 1)  # generating is enough: fast by default
     assert all(isinstance(m, _OneDNNLinear) for m in (model.lm_head, model.transformer.h[1].mlp.c_proj))
     ids = torch.randint(0, 1024, (3, 11), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         assert torch.allclose(model(ids), plain(ids), atol=1e-5, rtol=1e-4)
-    assert torch.equal(model.generate(ids, 12, temperature=0), plain.generate(ids, 12, temperature=0))
+        expected = ids
+        for _ in range(12):  # greedy by whole forward passes
+            expected = torch.cat([expected, plain(expected)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(model.generate(ids, 12, temperature=0), expected)
+    assert not any(isinstance(m, _OneDNNLinear) for m in plain.modules())
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():  # autocast still applies
         assert model(ids).dtype == torch.bfloat16
     model(ids).logsumexp(-1).mean().backward()  # still trainable: gradients flow as before
