@@ -473,11 +473,13 @@ def test_gpt2_serve_command(model, tmp_path, capsys) -> None:
     model.save_pretrained(directory)
     assert main(["serve", "--model", str(directory), "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be positive" in capsys.readouterr().err
+    assert main(["serve", "--model", str(directory), "--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk must be positive" in capsys.readouterr().err
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "gpt2", "serve", "--model", str(directory), "--port", str(port),
-               "--api-key", KEY, "--no-batching"]
+               "--api-key", KEY, "--no-batching", "--prefill-chunk", "2"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
