@@ -213,6 +213,22 @@ def test_min_p_of_one_samples_the_greedy_text(client, model) -> None:
     assert sampled.choices[0].text != greedy  # (without it, temperature 1 does sample)
 
 
+def test_n_choices_read_their_prompt_once(server, client) -> None:
+    _, engine = server
+    prompt = "All four choices share this prompt."
+    before = engine.load()["prompt_tokens"]
+    together = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, n=4, seed=7, echo=True,
+                                         logprobs=1)
+    assert engine.load()["prompt_tokens"] - before == len(BYTES.encode(prompt))
+    alone = [client.completions.create(model="tiny", prompt=prompt, max_tokens=8, seed=7 + i, echo=True,
+                                       logprobs=1).choices[0] for i in range(4)]
+    for shared, single in zip(sorted(together.choices, key=lambda c: c.index), alone, strict=True):
+        assert shared.text == single.text
+        expected = single.logprobs.token_logprobs[1:]
+        assert shared.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert len({c.text for c in together.choices}) > 1
+
+
 def test_chat_takes_text_content_parts(client) -> None:
     def reply(system: object, user: object) -> tuple[str, list[float]]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]

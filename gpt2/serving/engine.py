@@ -14,6 +14,8 @@ computes only them; the shared axis is shifted when a longer prompt arrives or t
 Prompts are read in chunks (chunked prefill, as in vLLM): each step reads at most ``prefill_chunk``
 positions of the joining prompts into a cache of their own beside one decode step of the live rows,
 so a long prompt delays the others' next tokens by one chunk's time, not by the whole prompt's.
+Sequences with the same prompt (the ``n`` choices of a request) read it once and copy its keys and
+values.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class EngineStats:
     """Counters that show how the work was batched."""
 
     forward_passes: int = 0
+    prompt_tokens: int = 0  # prompt positions read (a prompt shared by several sequences counts once)
     tokens_generated: int = 0
     max_batch: int = 0  # most sequences decoded in one forward pass
     requests: int = 0
@@ -150,11 +153,13 @@ class _Slots:
 
 @dataclass(eq=False)
 class _Prefill:
-    """Joining prompts, left-padded together (``mask`` None when none is padded), read into a cache
-    of their own: ``done`` positions so far; ``logits`` of the chunks read (their last position only,
-    unless some sequence reports its prompt's log-probabilities)."""
+    """The distinct prompts of the joining ``rows`` (row i's is ``source[i]``), left-padded together
+    (``mask`` None when none is padded), read into a cache of their own: ``done`` positions so far;
+    ``logits`` of the chunks read (their last position only, unless some sequence reports its
+    prompt's log-probabilities)."""
 
     rows: list[_Sequence]
+    source: Tensor
     ids: Tensor
     mask: Tensor | None
     cache: KVCache
@@ -287,10 +292,15 @@ class Engine:
     def _start_prefill(self, joining: list[_Sequence]) -> _Prefill:
         cache = self._slots.cache
         device = cache.key_mask.device
-        ids, mask = left_pad([s.request.prompt for s in joining], self.tokenizer.eot_token, device)
-        own = KVCache(self.model.config, len(joining), ids.shape[1], device=device, dtype=cache.keys[0].dtype)
+        distinct: dict[tuple[int, ...], int] = {}
+        source = [distinct.setdefault(tuple(s.request.prompt), len(distinct)) for s in joining]
+        ids, mask = left_pad([list(p) for p in distinct], self.tokenizer.eot_token, device)
+        dtype = cache.keys[0].dtype
+        own = KVCache(self.model.config, len(distinct), ids.shape[1], device=device, dtype=dtype)
         full = any(s.request.prompt_logprobs for s in joining)
-        return _Prefill(joining, ids, None if bool(mask.all()) else mask, own, full)
+        self.stats.prompt_tokens += sum(map(len, distinct))
+        padded = None if bool(mask.all()) else mask
+        return _Prefill(joining, torch.tensor(source, device=device), ids, padded, own, full)
 
     def _prefill_chunk(self) -> None:
         """Read the next chunk of the joining prompts; after the last one, their rows join the slots."""
@@ -314,25 +324,25 @@ class Engine:
             slots.rows += p.rows
 
     def _join(self, p: _Prefill) -> Tensor:
-        """Copy the read prompts' keys and values into the slots after the live rows; returns their
-        next-token logits."""
-        slots, cache, joining, fresh = self._slots, self._slots.cache, p.rows, p.cache
+        """Copy the read prompts' keys and values into the slots after the live rows, one row per
+        sequence; returns their next-token logits."""
+        slots, cache, joining, fresh, source = self._slots, self._slots.cache, p.rows, p.cache, p.source
         longest = p.ids.shape[1]
         if p.full:
-            self._report_prompt_logprobs(joining, p.ids, torch.cat(p.logits, dim=1))
+            self._report_prompt_logprobs(joining, p.ids[source], torch.cat(p.logits, dim=1)[source])
         if cache.length < longest:
             self._shift(longest - cache.length)
         start, end = cache.length - longest, cache.length
         rows = slice(len(slots.rows), len(slots.rows) + len(joining))
         for layer in range(len(cache.keys)):
-            cache.keys[layer][rows, :, start:end] = fresh.keys[layer]
-            cache.values[layer][rows, :, start:end] = fresh.values[layer]
+            cache.keys[layer][rows, :, start:end] = fresh.keys[layer][source]
+            cache.values[layer][rows, :, start:end] = fresh.values[layer][source]
         cache.key_mask[rows, :start] = False
-        cache.key_mask[rows, start:end] = fresh.key_mask
-        cache.next_position[rows] = fresh.next_position
+        cache.key_mask[rows, start:end] = fresh.key_mask[source]
+        cache.next_position[rows] = fresh.next_position[source]
         for s in joining:
             s.length = len(s.request.prompt)
-        return p.logits[-1][:, -1]
+        return p.logits[-1][source, -1]
 
     def _report_prompt_logprobs(self, joining: list[_Sequence], ids: Tensor, logits: Tensor) -> None:
         logprobs = logits[:, :-1].float().log_softmax(dim=-1)
