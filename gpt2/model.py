@@ -278,3 +278,10 @@ def onednn_linears(model: nn.Module) -> None:
         weight = module.weight if type(module) is nn.Linear else None
         if weight is not None and weight.dtype == torch.float32 and weight.numel() >= 2**18:
             module.__class__ = _OneDNNLinear
+
+
+def plain_linears(model: nn.Module) -> None:
+    """Undo ``onednn_linears``: int8 quantisation, for one, converts only plain ``nn.Linear`` layers."""
+    for module in model.modules():
+        if type(module) is _OneDNNLinear:
+            module.__class__ = nn.Linear

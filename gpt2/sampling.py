@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gpt2.errors import UserError
-from gpt2.model import KVCache, Transformer, onednn_linears
+from gpt2.model import KVCache, Transformer, onednn_linears, plain_linears
 
 # Named sampling settings, the one place where they are defined (``--preset NAME`` on the command line).
 PRESETS: dict[str, dict[str, object]] = {
@@ -565,6 +565,7 @@ def prepare_for_inference(
     if int8:
         if _device(model).type != "cpu":
             raise UserError("int8 dynamic quantisation runs on the CPU only; drop --int8 or use --device cpu")
+        plain_linears(model)  # generating may have moved them to oneDNN already
         with warnings.catch_warnings():  # torch announces the move of this API to torchao
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)

@@ -422,8 +422,9 @@ def test_int8_quantisation_generates_close_to_fp32(byte_model: GPT2) -> None:
     ids = torch.tensor([[5, 6, 7, 8]])
     model = GPT2(byte_model.config)
     model.load_state_dict(byte_model.state_dict())
+    model.generate(ids, 1)  # its wide layers now run on oneDNN: quantisation must still take them
     prepare_for_inference(model, int8=True)
-    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     with torch.no_grad():
         expected, got = byte_model(ids)[0, -1], model(ids)[0, -1]
     assert math.isfinite(float(got.sum()))
