@@ -24,7 +24,6 @@ A verdict is a statistical judgement with error rates (measure them on your text
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from gpt2.errors import UserError
-from gpt2.evaluation.scoring import Scorer, sliding_windows
+from gpt2.evaluation.scoring import Scorer
 from gpt2.model import Transformer
 from gpt2.sampling import generate
 from gpt2.tokenizer import Tokenizer
@@ -117,8 +116,6 @@ class Detector:
         self.scorer = Scorer(model, tokenizer, batch_size=batch_size)
         self.model, self.tokenizer, self.threshold = model, tokenizer, threshold
         self.stride = max(1, self.scorer.context // 2) if stride is None else stride
-        if not 1 <= self.stride <= self.scorer.context:
-            raise UserError(f"stride must be between 1 and the context window ({self.scorer.context})")
 
     def detect(self, text: str) -> Detection:
         """The statistics of ``text`` (read after ``<|endoftext|>``, as a document start)."""
@@ -128,13 +125,8 @@ class Detector:
         """The statistics of the token ids ``ids``."""
         if len(ids) < 2:
             raise UserError(f"a text of {len(ids)} token(s) is too short to judge; give at least a sentence")
-        stats = []
-        windows = sliding_windows([[self.tokenizer.eot_token, *ids]], self.scorer.context, self.stride)
-        while batch := list(itertools.islice(windows, self.scorer.batch_size)):
-            logits = self.scorer.logits([tokens for tokens, _ in batch])
-            for row, (tokens, n) in enumerate(batch):
-                targets = torch.tensor(tokens[-n:], device=logits.device)
-                stats.append(_token_stats(logits[row, len(tokens) - n - 1 : len(tokens) - 1], targets))
+        stats = [_token_stats(logits, torch.tensor(targets, device=logits.device)) for logits, targets
+                 in self.scorer.window_logits([[self.tokenizer.eot_token, *ids]], stride=self.stride)]
         logprob, mean, variance, rank = (torch.cat(s).double() for s in zip(*stats, strict=True))
         discrepancy = float((logprob - mean).sum() / variance.sum().clamp(min=1e-12).sqrt())
         return Detection(

@@ -193,31 +193,38 @@ class Scorer:
         window's first token is never scored (nothing in the window predicts it): with disjoint windows
         that skips one token per window, and ``stride = context - 1`` scores them all.
         """
-        context = context or self.context
-        stride = stride or context
-        if not 1 <= context <= self.context:
-            raise UserError(f"context must be between 1 and the model's window {self.context}, got {context}")
-        if not 1 <= stride <= context:
-            raise UserError(f"stride must be between 1 and the context ({context}), got {stride}")
         result = PerplexityResult(tokens=0, nll=0.0, bytes=0, chars=0)
         start = time.perf_counter()
-        windows = sliding_windows(chunks, context, stride)
         with tqdm(desc=desc, unit="tok", disable=not self.progress, leave=False) as bar:
-            while batch := list(itertools.islice(windows, self.batch_size)):
-                logits = self.logits([tokens for tokens, _ in batch])
-                for row, (tokens, n) in enumerate(batch):
-                    targets = torch.tensor(tokens[-n:])
-                    logprobs = _logprobs(logits[row, len(tokens) - n - 1 : len(tokens) - 1], targets)
-                    result.nll -= logprobs.double().sum().item()
-                    result.tokens += n
-                    text = np.frombuffer(self.tokenizer.decode_bytes(tokens[-n:]), dtype=np.uint8)
-                    result.bytes += len(text)
-                    result.chars += int(((text & 0xC0) != 0x80).sum())  # UTF-8 lead bytes
-                    bar.update(n)
+            for logits, targets in self.window_logits(chunks, context=context, stride=stride):
+                logprobs = _logprobs(logits, torch.tensor(targets))
+                result.nll -= logprobs.double().sum().item()
+                result.tokens += len(targets)
+                text = np.frombuffer(self.tokenizer.decode_bytes(targets), dtype=np.uint8)
+                result.bytes += len(text)
+                result.chars += int(((text & 0xC0) != 0x80).sum())  # UTF-8 lead bytes
+                bar.update(len(targets))
         if result.tokens == 0:
             raise UserError("the text is too short: perplexity needs at least two tokens")
         result.seconds = time.perf_counter() - start
         return result
+
+    def window_logits(
+        self, chunks: Iterable[Sequence[int]], *, context: int | None = None, stride: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        """The windows of the stride method over a token stream (see ``perplexity``), run in batches:
+        for each, the logits (n, vocab) that predict the ``n`` tokens it scores, and those tokens."""
+        context = self.context if context is None else context
+        stride = context if stride is None else stride
+        if not 1 <= context <= self.context:
+            raise UserError(f"context must be between 1 and the model's window {self.context}, got {context}")
+        if not 1 <= stride <= context:
+            raise UserError(f"stride must be between 1 and the context ({context}), got {stride}")
+        windows = sliding_windows(chunks, context, stride)
+        while batch := list(itertools.islice(windows, self.batch_size)):
+            logits = self.logits([tokens for tokens, _ in batch])
+            for row, (tokens, n) in enumerate(batch):
+                yield logits[row, len(tokens) - n - 1 : len(tokens) - 1], tokens[-n:]
 
     # -- the model ---------------------------------------------------------------------------------
 
