@@ -28,7 +28,7 @@ from gpt2.errors import UserError
 from gpt2.model import KVCache, Transformer, onednn_linears, plain_linears
 
 # Named sampling settings, the one place where they are defined (``--preset NAME`` on the command line).
-PRESETS: dict[str, dict[str, object]] = {
+SAMPLING_PRESETS: dict[str, dict[str, object]] = {
     "paper": {"temperature": 1.0, "top_k": 40},  # the paper's samples (top-k 40, openai/gpt-2's default T)
     "greedy": {"temperature": 0.0},
     "summarize": {"temperature": 1.0, "top_k": 2, "max_new_tokens": 100},  # the paper's TL;DR: task
@@ -120,10 +120,10 @@ class GenerationConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> GenerationConfig:
-        """The preset ``name`` (see ``PRESETS``) with ``overrides`` applied (None values ignored)."""
-        if name not in PRESETS:
-            raise UserError(f"unknown sampling preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        settings = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        """The preset ``name`` (see ``SAMPLING_PRESETS``) with ``overrides`` applied (None values ignored)."""
+        if name not in SAMPLING_PRESETS:
+            raise UserError(f"unknown sampling preset {name!r}; choose one of: {', '.join(SAMPLING_PRESETS)}")
+        settings = {**SAMPLING_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**settings)
 
     def replace(self, **changes: object) -> GenerationConfig:

@@ -31,11 +31,11 @@ from gpt2.evaluation import (
     tokenize,
     write_report,
 )
-from gpt2.evaluation.corpora import moses_detokenize, ptb_detokenize, wikitext_detokenize
+from gpt2.evaluation.benchmarks import hellaswag_example
 from gpt2.evaluation.hub import hub_rows
+from gpt2.evaluation.perplexity import moses_detokenize, ptb_detokenize, wikitext_detokenize
 from gpt2.evaluation.report import BENCHMARKS, published_size
 from gpt2.evaluation.scoring import sliding_windows
-from gpt2.evaluation.tasks import hellaswag_example
 
 
 @pytest.fixture(scope="module")

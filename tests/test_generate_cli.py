@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2 import GPT2, GPT2Config, tasks
+from gpt2 import GPT2, GPT2Config, prompts
 from gpt2.cli import main
 from gpt2.sampling import generate_text
 from gpt2.tokenizer import Tokenizer
@@ -157,14 +157,14 @@ def test_speed_options_run(model_dir: Path, capsys) -> None:
 
 
 def test_task_prompts_follow_the_paper() -> None:
-    assert tasks.summarize_prompt("  An article.\n") == "An article.\nTL;DR:"
-    assert tasks.translate_prompt("Good morning.", [("Hello.", "Bonjour."), ("Yes.", "Oui.")]) == (
+    assert prompts.summarize_prompt("  An article.\n") == "An article.\nTL;DR:"
+    assert prompts.translate_prompt("Good morning.", [("Hello.", "Bonjour."), ("Yes.", "Oui.")]) == (
         "Hello. = Bonjour.\nYes. = Oui.\nGood morning. ="
     )
-    assert tasks.answer_prompt("Doc.", "Why?", [("Who?", "Tom."), ("Where?", "Here.")]) == (
+    assert prompts.answer_prompt("Doc.", "Why?", [("Who?", "Tom."), ("Where?", "Here.")]) == (
         "Doc.\n\nQ: Who?\nA: Tom.\nQ: Where?\nA: Here.\nQ: Why?\nA:"
     )
-    assert tasks.first_sentences("One. Two!  Three?\nFour. Five.", 3) == "One. Two! Three?"
+    assert prompts.first_sentences("One. Two!  Three?\nFour. Five.", 3) == "One. Two! Three?"
 
 
 def test_summarize_is_top_k_2_for_100_tokens_cut_to_3_sentences(model_dir: Path, model: GPT2, capsys) -> None:
@@ -173,7 +173,7 @@ def test_summarize_is_top_k_2_for_100_tokens_cut_to_3_sentences(model_dir: Path,
     assert status == 0
     # The 128-token window leaves room for the article's last 28 tokens: summarize truncates the start.
     (raw,) = generate_text(model, BYTES, article[-21:] + "\nTL;DR:", top_k=2, max_new_tokens=100, seed=4)
-    assert out == tasks.first_sentences(raw, 3) + "\n"
+    assert out == prompts.first_sentences(raw, 3) + "\n"
 
 
 def test_translate_and_answer_are_greedy(model_dir: Path, model: GPT2, tmp_path: Path, capsys) -> None:
@@ -182,7 +182,7 @@ def test_translate_and_answer_are_greedy(model_dir: Path, model: GPT2, tmp_path:
                      "--examples", tmp_path / "pairs.txt")
     prompt = "Hello. = Bonjour.\nYes. = Oui.\nThanks. ="
     (raw,) = generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=64, stop_strings=["\n"])
-    assert out == tasks.first_sentences(raw, 1) + "\n"
+    assert out == prompts.first_sentences(raw, 1) + "\n"
     _, out, _ = gpt2(capsys, "task", "answer", "--model", model_dir, "--text", "Tom is here.",
                      "--question", "Who?")
     (raw,) = generate_text(model, BYTES, "Tom is here.\n\nQ: Who?\nA:", temperature=0, max_new_tokens=48,
@@ -199,15 +199,15 @@ def test_translate_and_answer_are_greedy(model_dir: Path, model: GPT2, tmp_path:
 
 
 def test_chat_history_is_trimmed_to_the_window() -> None:
-    chat = tasks.Chat(turns=[("first " * 10, "one"), ("second", "two"), ("third", "three")])
+    chat = prompts.Chat(turns=[("first " * 10, "one"), ("second", "two"), ("third", "three")])
     full = chat.prompt("now?", BYTES, budget=10_000)
-    assert full.startswith(tasks.CHAT_HEADER) and full.endswith("User: now?\nAssistant:")
+    assert full.startswith(prompts.CHAT_HEADER) and full.endswith("User: now?\nAssistant:")
     assert "User: first" in full and "Assistant: three\n" in full
     budget = len(BYTES.encode(full)) - 1
     trimmed = chat.prompt("now?", BYTES, budget=budget)
     assert "first" not in trimmed and "User: second\nAssistant: two\n" in trimmed
-    assert trimmed.startswith(tasks.CHAT_HEADER)
-    with pytest.raises(tasks.UserError, match="too long for the context window"):
+    assert trimmed.startswith(prompts.CHAT_HEADER)
+    with pytest.raises(prompts.UserError, match="too long for the context window"):
         chat.prompt("x" * 100, BYTES, budget=50)
 
 
@@ -216,7 +216,7 @@ def test_chat_loop_replies_and_remembers(model_dir: Path, model: GPT2, capsys, m
     status, out, _ = gpt2(capsys, "chat", "--model", model_dir, "--seed", 0, "--max-new-tokens", 12)
     assert status == 0
     replies = [line.removeprefix("gpt2> ") for line in out.splitlines()]
-    expected = tasks.Chat()
+    expected = prompts.Chat()
     for message, reply in zip(["hello", "and you?"], replies, strict=True):
         assert reply == expected.reply(model, BYTES, message, seed=0, max_new_tokens=12, top_k=40,
                                        temperature=1.0)

@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from gpt2.cli import chat, detect, eval, generate, info, plot, prepare, serve, task, tokenizer, train
+from gpt2.cli import chat, detect, evaluate, generate, info, plot, prepare, serve, task, tokenizer, train
 from gpt2.errors import UserError
 
 # Each module: register(subparsers) adds its verb with a handler.
-VERBS = [info, tokenizer, eval, generate, chat, task, detect, prepare, train, plot, serve]
+VERBS = [info, tokenizer, evaluate, generate, chat, task, detect, prepare, train, plot, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``gpt2 chat``: talk with a model in the terminal (the prompt format is in ``gpt2.tasks``)."""
+"""``gpt2 chat``: talk with a model in the terminal (the prompt format is in ``gpt2.prompts``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from gpt2.cli.generate import (
     report_warnings,
     sampling_settings,
 )
-from gpt2.tasks import CHAT_HEADER, Chat
+from gpt2.prompts import CHAT_HEADER, Chat
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

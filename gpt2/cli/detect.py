@@ -11,7 +11,7 @@ from pathlib import Path
 from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer, read_text_file
 from gpt2.detection import DEFAULT_THRESHOLD, MIN_TOKENS, Calibration, Detection, Detector, split_passages
 from gpt2.errors import UserError
-from gpt2.sampling import PRESETS, GenerationConfig
+from gpt2.sampling import SAMPLING_PRESETS, GenerationConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--max-false-positive", type=float, default=0.01, metavar="RATE",
                      help="the largest share of people's passages that may be called generated "
                      "(default 0.01)")
-    cal.add_argument("--preset", choices=list(PRESETS), default="paper",
+    cal.add_argument("--preset", choices=list(SAMPLING_PRESETS), default="paper",
                      help="how the model's passages are sampled (default paper: top-k 40)")
     cal.add_argument("--temperature", type=float, metavar="T", help="override the preset's temperature")
     cal.add_argument("--top-k", type=int, metavar="K", help="override the preset's top-k")

@@ -18,7 +18,7 @@ from gpt2.atomic import write_atomic
 from gpt2.cli.tokenizer import TOKENIZER_HELP
 from gpt2.errors import UserError
 from gpt2.sampling import (
-    PRESETS,
+    SAMPLING_PRESETS,
     ContextWindowReached,
     GenerationConfig,
     generate_text,
@@ -75,9 +75,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_sampling_arguments(p: argparse.ArgumentParser, *, preset: str) -> None:
     """The sampling options; anything not given comes from --preset."""
     presets = "; ".join(
-        f"{name}: " + ", ".join(f"{k} {v}" for k, v in settings.items()) for name, settings in PRESETS.items()
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in settings.items())
+        for name, settings in SAMPLING_PRESETS.items()
     )
-    p.add_argument("--preset", choices=list(PRESETS), default=preset,
+    p.add_argument("--preset", choices=list(SAMPLING_PRESETS), default=preset,
                    help=f"named sampling settings that the options below override (default {preset}; "
                    f"{presets})")
     p.add_argument("--max-new-tokens", type=int, metavar="N",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2 import tasks
+from gpt2 import prompts
 from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer, read_text_file
 
 
@@ -62,23 +62,23 @@ def _text(args: argparse.Namespace, path: Path | None = None) -> str:
 
 def run_summarize(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
-    print(tasks.summarize(model, tokenizer, _text(args), seed=args.seed))
+    print(prompts.summarize(model, tokenizer, _text(args), seed=args.seed))
     return 0
 
 
 def run_translate(args: argparse.Namespace) -> int:
-    examples = tasks.DEFAULT_EXAMPLES
+    examples = prompts.DEFAULT_EXAMPLES
     if args.examples:
-        examples = tasks.read_pairs(_text(args, args.examples), str(args.examples))
+        examples = prompts.read_pairs(_text(args, args.examples), str(args.examples))
     model, tokenizer = load_model_and_tokenizer(args)
-    print(tasks.translate(model, tokenizer, _text(args), examples))
+    print(prompts.translate(model, tokenizer, _text(args), examples))
     return 0
 
 
 def run_answer(args: argparse.Namespace) -> int:
     history = []
     if args.history:
-        history = tasks.read_pairs(_text(args, args.history), str(args.history), "question = answer")
+        history = prompts.read_pairs(_text(args, args.history), str(args.history), "question = answer")
     model, tokenizer = load_model_and_tokenizer(args)
-    print(tasks.answer(model, tokenizer, _text(args), args.question, history))
+    print(prompts.answer(model, tokenizer, _text(args), args.question, history))
     return 0

@@ -1,8 +1,24 @@
-"""Zero-shot evaluation as in the GPT-2 paper: perplexity of language-modelling corpora (``corpora``),
-LAMBADA, HellaSwag and the Children's Book Test (``tasks``), and the paper's Table 3 (``report``), all
+"""Zero-shot evaluation as in the GPT-2 paper: perplexity of language-modelling corpora (``perplexity``),
+LAMBADA, HellaSwag and the Children's Book Test (``benchmarks``), and the paper's Table 3 (``report``), all
 scored by one ``Scorer`` (``scoring``)."""
 
-from gpt2.evaluation.corpora import CORPORA, DETOKENIZERS, evaluate_perplexity, hub_text, read_text, tokenize
+from gpt2.evaluation.benchmarks import (
+    TaskResult,
+    evaluate_cbt,
+    evaluate_hellaswag,
+    evaluate_lambada,
+    read_cbt,
+    read_jsonl,
+    task_rows,
+)
+from gpt2.evaluation.perplexity import (
+    CORPORA,
+    DETOKENIZERS,
+    evaluate_perplexity,
+    hub_text,
+    read_text,
+    tokenize,
+)
 from gpt2.evaluation.report import (
     BENCHMARKS,
     load_suite,
@@ -12,15 +28,6 @@ from gpt2.evaluation.report import (
     write_report,
 )
 from gpt2.evaluation.scoring import Loglikelihood, PerplexityResult, Request, Scorer, check_vocabulary
-from gpt2.evaluation.tasks import (
-    TaskResult,
-    evaluate_cbt,
-    evaluate_hellaswag,
-    evaluate_lambada,
-    read_cbt,
-    read_jsonl,
-    task_rows,
-)
 
 __all__ = [
     "BENCHMARKS",

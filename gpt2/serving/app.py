@@ -9,7 +9,7 @@ OpenAI's sampling parameters are honoured (``temperature``, ``top_p``, ``n``, ``
 ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``...), and beyond them, as in
 vLLM, ``top_k`` (0 = off), ``min_p`` (0 = off) and ``repetition_penalty`` (CTRL's, 1 = off).
 ``max_tokens`` is capped so that prompt + completion fit the context window. Chat turns a base model
-into a chat partner with the plain transcript of ``gpt2.tasks`` (system messages replace its header
+into a chat partner with the plain transcript of ``gpt2.prompts`` (system messages replace its header
 line; each reply is one line).
 """
 
@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpt2.errors import UserError
+from gpt2.prompts import CHAT_HEADER, CHAT_STOPS, Chat
 from gpt2.sampling import GenerationConfig, encode_prompt
 from gpt2.serving.engine import Engine, Job, QueueFull, SequenceRequest, Step
-from gpt2.tasks import CHAT_HEADER, CHAT_STOPS, Chat
 
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 4
@@ -350,7 +350,7 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int) -> str:
-    """The transcript of ``gpt2.tasks.Chat`` for ``messages`` (system messages first, then user and
+    """The transcript of ``gpt2.prompts.Chat`` for ``messages`` (system messages first, then user and
     assistant turns in turn, ending with the user's)."""
     system = [m.text.strip() for m in messages if m.role == "system"]
     turns = [m for m in messages if m.role != "system"]

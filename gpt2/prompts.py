@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 
 from gpt2.errors import UserError
 from gpt2.model import Transformer
-from gpt2.sampling import PRESETS, GenerationConfig, TextTokenizer, encode_prompt, generate_text, stream_text
+from gpt2.sampling import (
+    SAMPLING_PRESETS,
+    GenerationConfig,
+    TextTokenizer,
+    encode_prompt,
+    generate_text,
+    stream_text,
+)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -53,7 +60,7 @@ def summarize(
     model: Transformer, tokenizer: TextTokenizer, article: str, *, seed: int | None = None, **settings: object
 ) -> str:
     """A summary of ``article``: 100 tokens with top-k 2 after "TL;DR:", cut to 3 sentences."""
-    settings = {**PRESETS["summarize"], "seed": seed, "truncate": True, **settings}
+    settings = {**SAMPLING_PRESETS["summarize"], "seed": seed, "truncate": True, **settings}
     (text,) = generate_text(model, tokenizer, summarize_prompt(article), **settings)
     return first_sentences(text, 3)
 
@@ -102,7 +109,7 @@ def translate(
     **settings: object,
 ) -> str:
     """The translation of ``sentence``: greedy decoding after the example pairs, first sentence."""
-    settings = {"max_new_tokens": 64, **PRESETS["greedy"], "stop_strings": ("\n",), **settings}
+    settings = {"max_new_tokens": 64, **SAMPLING_PRESETS["greedy"], "stop_strings": ("\n",), **settings}
     (text,) = generate_text(model, tokenizer, translate_prompt(sentence, examples), **settings)
     return first_sentences(text, 1)
 
@@ -125,7 +132,7 @@ def answer(
     **settings: object,
 ) -> str:
     """The answer to ``question`` about ``document`` after the dialogue ``history``: greedy, one line."""
-    settings = {"max_new_tokens": 48, **PRESETS["greedy"], "stop_strings": ("\n",), "truncate": True,
+    settings = {"max_new_tokens": 48, **SAMPLING_PRESETS["greedy"], "stop_strings": ("\n",), "truncate": True,
                 **settings}
     (text,) = generate_text(model, tokenizer, answer_prompt(document, question, history), **settings)
     return text.strip()

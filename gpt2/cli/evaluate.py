@@ -11,7 +11,7 @@ import torch
 
 from gpt2.api import GPT2
 from gpt2.errors import UserError
-from gpt2.evaluation import corpora, report, tasks
+from gpt2.evaluation import benchmarks, perplexity, report
 from gpt2.evaluation.hub import HUB_DATASETS
 from gpt2.evaluation.scoring import Scorer
 from gpt2.tokenizer import Tokenizer
@@ -34,14 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each token scored once with up to context - stride tokens of earlier context.",
     )
     _common(ppl)
-    ppl.add_argument("--corpus", choices=list(corpora.CORPORA),
+    ppl.add_argument("--corpus", choices=list(perplexity.CORPORA),
                      help="the file's corpus: sets the paper's de-tokeniser, word counting and, for enwik8 "
                      "and text8, the standard test split (default: the --dataset's, else raw: none of these)")
     ppl.add_argument("--stride", type=int, help="tokens between window starts (default: the context)")
     ppl.add_argument("--context", type=int, help="tokens per window (default: the model's context window)")
-    ppl.add_argument("--detokenize", choices=["none", *corpora.DETOKENIZERS],
+    ppl.add_argument("--detokenize", choices=["none", *perplexity.DETOKENIZERS],
                      help="de-tokeniser to apply to the raw text (default: the corpus's)")
-    ppl.add_argument("--split", choices=[*corpora.SPLITS, "all"],
+    ppl.add_argument("--split", choices=[*perplexity.SPLITS, "all"],
                      help="byte range of the 10^8-byte enwik8/text8 file, or all of it (default: test for "
                      "those corpora, all for others)")
     ppl.add_argument("--words", action="store_true",
@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cbt = _task_parser(tasks_, "cbt", "Children's Book Test (CN or NE) accuracy, official text format",
                        "CBT: each candidate fills the XXXXX gap and is scored with the rest of the question; "
                        "the most likely one is the answer.")
-    cbt.add_argument("--detokenize", choices=["none", *corpora.DETOKENIZERS], default="cbt",
+    cbt.add_argument("--detokenize", choices=["none", *perplexity.DETOKENIZERS], default="cbt",
                      help="de-tokeniser for the story and question (default: cbt)")
 
     rep = tasks_.add_parser("report", help="run a suite file and write the paper's Table 3 (markdown + JSON)",
@@ -115,31 +115,33 @@ def scorer_for(args: argparse.Namespace) -> Scorer:
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    corpus = corpora.get_corpus(args.corpus or (args.dataset if args.dataset in corpora.CORPORA else "raw"))
+    default = args.dataset if args.dataset in perplexity.CORPORA else "raw"
+    corpus = perplexity.get_corpus(args.corpus or default)
     detokenizer = args.detokenize or corpus.detokenizer
     split = args.split or ("test" if corpus.standard_split else None)
     if (args.file is None) == (args.dataset is None):
         raise UserError("give either --file or --dataset")
     scorer = scorer_for(args)
     if args.dataset:
-        text = corpora.hub_text(args.dataset, detokenizer=detokenizer)
+        text = perplexity.hub_text(args.dataset, detokenizer=detokenizer)
     else:
-        text = corpora.read_text(args.file, detokenizer=detokenizer, split=split)
+        text = perplexity.read_text(args.file, detokenizer=detokenizer, split=split)
     words = args.words or corpus.metric == "word_perplexity"
-    result = corpora.evaluate_perplexity(scorer, text, context=args.context, stride=args.stride, words=words)
+    result = perplexity.evaluate_perplexity(scorer, text, context=args.context, stride=args.stride,
+                                            words=words)
     _print(args, {"task": "perplexity", "corpus": corpus.name} | result.to_dict(), scorer)
     return 0
 
 
 def run_task(args: argparse.Namespace) -> int:
-    rows = tasks.task_rows(args.task, file=args.file, dataset=args.dataset)
+    rows = benchmarks.task_rows(args.task, file=args.file, dataset=args.dataset)
     scorer = scorer_for(args)
     if args.task == "lambada":
-        result = tasks.evaluate_lambada(scorer, rows, limit=args.limit)
+        result = benchmarks.evaluate_lambada(scorer, rows, limit=args.limit)
     elif args.task == "hellaswag":
-        result = tasks.evaluate_hellaswag(scorer, rows, style=args.style, limit=args.limit)
+        result = benchmarks.evaluate_hellaswag(scorer, rows, style=args.style, limit=args.limit)
     else:
-        result = tasks.evaluate_cbt(scorer, rows, detokenizer=args.detokenize, limit=args.limit)
+        result = benchmarks.evaluate_cbt(scorer, rows, detokenizer=args.detokenize, limit=args.limit)
     _print(args, result.to_dict(), scorer)
     return 0
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TextIO
 
 from gpt2.errors import UserError
-from gpt2.evaluation.corpora import get_detokenizer
 from gpt2.evaluation.hub import hub_rows
+from gpt2.evaluation.perplexity import get_detokenizer
 from gpt2.evaluation.scoring import Request, Scorer
 
 GROUP = 1024  # examples scored together: sorting by length within a group keeps padding low
