@@ -20,12 +20,17 @@ import time
 
 import torch
 
-from gpt2 import GPT2
-from gpt2.data import read_shard
 from gpt2.detection import STATISTICS, Detector, split_passages
+from gpt2.inference import load_for_inference
+from gpt2.sampling import GenerationConfig
+from gpt2.shards import read_shard
 
-WAYS = {"top-k 40": dict(top_k=40), "top-p 0.9": dict(top_p=0.9), "temperature 0.7": dict(temperature=0.7),
-        "temperature 1": dict()}
+WAYS = {
+    "top-k 40": GenerationConfig(top_k=40, seed=1),
+    "top-p 0.9": GenerationConfig(top_p=0.9, seed=1),
+    "temperature 0.7": GenerationConfig(temperature=0.7, seed=1),
+    "temperature 1": GenerationConfig(seed=1),
+}
 
 
 def main() -> None:
@@ -36,7 +41,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="tokens per passage")
     args = parser.parse_args()
 
-    model = GPT2.from_pretrained(args.model)
+    model = load_for_inference(args.model, device="cpu")
     detector = Detector(model, model.tokenizer)
     passages = split_passages(read_shard(args.val).tolist(), args.tokens, args.passages)
     print(f"{args.model} ({model.num_parameters() / 1e6:.1f}M parameters); {len(passages)} held-out passages "
@@ -46,7 +51,7 @@ def main() -> None:
     scored, seconds = 0, 0.0
     for way, sampling in WAYS.items():
         start = time.perf_counter()
-        c = detector.calibrate(passages, seed=1, **sampling)
+        c = detector.calibrate(passages, sampling=sampling)
         seconds += time.perf_counter() - start
         scored += 2 * len(passages) * args.tokens
         best = max(c.auroc[n] for n in names[1:])

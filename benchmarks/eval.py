@@ -18,6 +18,7 @@ import torch
 from gpt2 import GPT2, GPT2Config, Tokenizer
 from gpt2.config import PRESETS
 from gpt2.evaluation import Scorer
+from gpt2.inference import load_for_inference
 
 
 def transformers_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, int]:
@@ -47,14 +48,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="our windows per forward pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best one counts")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     from transformers import GPT2LMHeadModel
 
-    dtype = getattr(torch, args.dtype)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     torch.manual_seed(0)
     config = GPT2Config.from_preset(args.preset)
-    ours = GPT2(config).to(args.device, dtype)
+    ours = load_for_inference(GPT2(config), precision=args.precision, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
         theirs = GPT2LMHeadModel.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
@@ -72,7 +73,7 @@ def main() -> None:
         return transformers_perplexity(theirs, ids, config.n_positions, stride)[0]
 
     print(f"{args.preset} ({ours.num_parameters() / 1e6:.0f}M parameters, random weights) on {args.device}, "
-          f"{args.dtype}, {torch.get_num_threads()} threads; {n:,} tokens, context {config.n_positions}, "
+          f"{args.precision}, {torch.get_num_threads()} threads; {n:,} tokens, context {config.n_positions}, "
           f"stride {stride}, our batch size {args.batch_size}")
     for warm_up in (run_theirs, run_ours):
         warm_up()

@@ -28,7 +28,8 @@ import torch
 import transformers
 
 from gpt2 import GPT2
-from gpt2.sampling import generate, prepare_for_inference
+from gpt2.inference import load_for_inference
+from gpt2.sampling import GenerationConfig, generate
 
 PROMPT, NEW, PREFILL = 32, 128, 512
 
@@ -183,11 +184,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
 
-        def ours(**speed: bool) -> GPT2:
-            return prepare_for_inference(GPT2.from_pretrained(tmp, device=device), **speed)
+        def ours(**speed: object) -> GPT2:
+            return load_for_inference(tmp, device=str(device), **speed)
 
         def gen_ours(model: GPT2) -> Callable:
-            return lambda ids, new: generate(model, ids, max_new_tokens=new, temperature=0)
+            return lambda ids, new: generate(model, ids, GenerationConfig(max_new_tokens=new, temperature=0))
 
         def gen_hf(ids: torch.Tensor, new: int) -> torch.Tensor:
             with torch.inference_mode():
@@ -202,12 +203,12 @@ def main() -> None:
         default_matvec, our_matvec = matvec_seconds(fp32, device)
         results = [measure("transformers fp32", hf, gen_hf, device, args.repeats, reference),
                    measure("ours fp32", fp32, gen_ours(fp32), device, args.repeats, reference)]
-        variants = {"ours bf16": dict(bf16=True)}
+        variants = {"ours bf16": dict(precision="bf16")}
         if device.type == "cpu":
-            variants["ours int8 (dynamic)"] = dict(int8=True)
+            variants["ours int8 (dynamic)"] = dict(precision="int8")
         if not args.no_compile:
             variants["ours fp32 + compile"] = dict(compile=True)
-            variants["ours bf16 + compile"] = dict(bf16=True, compile=True)
+            variants["ours bf16 + compile"] = dict(precision="bf16", compile=True)
         for name, speed in variants.items():
             model = ours(**speed)
             start = time.perf_counter()

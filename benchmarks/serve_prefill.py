@@ -19,7 +19,8 @@ import time
 import torch
 
 from gpt2 import GPT2, GPT2Config, Tokenizer
-from gpt2.sampling import GenerationConfig, prepare_for_inference
+from gpt2.inference import load_for_inference
+from gpt2.sampling import GenerationConfig
 from gpt2.serving.engine import Engine, Job, SequenceRequest
 
 RUNNING, NEW = 4, 160
@@ -58,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     config = GPT2Config.from_preset(args.preset)
-    model = prepare_for_inference(GPT2(config))
+    model = load_for_inference(GPT2(config), device="cpu")
     tokenizer = Tokenizer(  # some bytes for every id of the model: only the ids matter here
         {bytes([i % 256]) * (1 + i // 256): i for i in range(config.vocab_size - 1)},
         {"<|endoftext|>": config.vocab_size - 1},

@@ -24,9 +24,11 @@ import torch
 import transformers
 
 from gpt2.config import GPT2Config
-from gpt2.data import ShardLoader, find_shards, write_shard
+from gpt2.data import ShardLoader
 from gpt2.metrics import read_metrics
-from gpt2.training import flops_per_token, load_config, measure_matmul_flops, train
+from gpt2.shards import find_shards, write_shard
+from gpt2.train_config import load_config
+from gpt2.training import flops_per_token, measure_matmul_flops, train
 
 SEQ, LR = 1024, 6e-4
 

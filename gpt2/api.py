@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gpt2 import checkpoints, sampling
 from gpt2.model import Transformer
+from gpt2.sampling import GenerationConfig
 from gpt2.tokenizer import Tokenizer
 
 
@@ -45,41 +47,54 @@ class GPT2(Transformer):
     def generate(
         self,
         input_ids: Tensor,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        config: GenerationConfig | None = None,
         *,
         attention_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         pad_token_id: int | None = None,
-        stream: bool = False,
-        **settings: object,
-    ) -> Tensor | Iterator[tuple[Tensor, Tensor]]:
+        **settings: Any,
+    ) -> Tensor:
         """Continue the prompts ``input_ids`` (B, T) (or (T,)): a LongTensor (B * num_samples, T + new).
 
-        ``temperature`` 0 is greedy decoding. Prompts of different lengths go left-padded, with
-        ``attention_mask`` (1 = token, 0 = padding). Rows that stop early are filled with
-        ``pad_token_id`` (default: the tokenizer's ``<|endoftext|>``, else 0). Further ``settings``
-        (``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``, ``logit_bias``,
-        ``stop_token_ids``, ``stop_strings``, ``num_samples``, ``seed``, ``truncate``, ``at_window``) are
-        described in ``gpt2.sampling.GenerationConfig``. ``stream=True`` returns an iterator of
-        ``(tokens, live)`` per step instead (see ``gpt2.sampling.stream_tokens``). The options that
-        trade exactness or start-up time for speed (bf16, int8, compile) are in
-        ``gpt2.sampling.prepare_for_inference``.
+        ``config`` says what to generate and how (``gpt2.sampling.GenerationConfig``); ``settings``
+        are its fields given by keyword instead (``max_new_tokens=50, temperature=0.8, top_k=40,
+        seed=0``...), applied on top of ``config``. ``temperature`` 0 is greedy decoding. Prompts of
+        different lengths go left-padded, with ``attention_mask`` (1 = token, 0 = padding). Rows that
+        stop early are filled with ``pad_token_id`` (default: the tokenizer's ``<|endoftext|>``, else
+        0). The model itself is left as it is; the options that trade exactness or start-up time for
+        speed (bf16, int8, compile) are chosen when loading it (``gpt2.inference.load_for_inference``).
         """
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
+        ids, options = self._generation_inputs(input_ids, pad_token_id)
+        return sampling.generate(self, ids, _config(config, settings), attention_mask=attention_mask,
+                                 generator=generator, **options)
+
+    def stream(
+        self,
+        input_ids: Tensor,
+        config: GenerationConfig | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        pad_token_id: int | None = None,
+        **settings: Any,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``generate`` step by step: yields ``(tokens, live)`` per step, each (B * num_samples,);
+        ``live`` is False for the rows that have stopped (see ``gpt2.sampling.stream_tokens``)."""
+        ids, options = self._generation_inputs(input_ids, pad_token_id)
+        return sampling.stream_tokens(self, ids, _config(config, settings), attention_mask=attention_mask,
+                                      generator=generator, **options)
+
+    def _generation_inputs(
+        self, input_ids: Tensor, pad_token_id: int | None
+    ) -> tuple[Tensor, dict[str, Any]]:
         tok = self.tokenizer
         if pad_token_id is None:
             pad_token_id = tok.eot_token if tok is not None else 0
-        options = dict(
-            generator=generator,
-            decode_bytes=tok.decode_bytes if tok is not None else None,
-            pad_token_id=pad_token_id,
-        )
-        settings.update(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        if stream:
-            config = sampling.GenerationConfig(**settings)
-            return sampling.stream_tokens(self, input_ids, attention_mask, config=config, **options)
-        return sampling.generate(self, input_ids, attention_mask, **options, **settings)
+        decode_bytes = tok.decode_bytes if tok is not None else None
+        ids = input_ids[None] if input_ids.ndim == 1 else input_ids
+        return ids, {"decode_bytes": decode_bytes, "pad_token_id": pad_token_id}
+
+
+def _config(config: GenerationConfig | None, settings: dict[str, Any]) -> GenerationConfig:
+    config = config or GenerationConfig()
+    return config.replace(**settings) if settings else config

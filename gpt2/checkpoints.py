@@ -5,6 +5,12 @@ Reading accepts the layout of the published GPT-2 checkpoints (keys with or with
 ``transformers`` writes today (safetensors, sharded or not, or ``pytorch_model.bin``). Writing
 produces a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads without warnings.
 Every file is written atomically, so a crash never leaves a half-written checkpoint behind.
+
+Read top to bottom: loading (``load_model``; ``resolve``, which finds the directory a name means;
+``read_config`` and the tensor readers), then saving (``save_model``, ``hf_config``). A training
+run directory (see gpt2.training) holds several checkpoints and a ``latest`` file naming the newest
+complete one: ``LATEST``, ``latest_checkpoint`` and ``write_latest`` are that file's one definition,
+read here by ``resolve`` and by the trainer's ``--resume``, written by the trainer.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ FIXED_OPTIONS = {
 }
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
 HF_DROPOUT = 0.1  # Hugging Face's default for the three *_pdrop keys
+LATEST = "latest"  # in a training run directory: names its newest complete checkpoint
 
 
 # --- Loading -------------------------------------------------------------------------------------
@@ -100,13 +107,28 @@ def resolve(name_or_path: str | Path) -> Path:
         raise UserError(f"{path} is a file; give the directory that holds it and {CONFIG}")
     if (path / CONFIG).is_file():
         return path
-    latest = path / "latest"
-    if latest.is_file():
-        target = path / latest.read_text().strip()
-        if not (target / CONFIG).is_file():
-            raise UserError(f"{latest} names {target}, which holds no {CONFIG}; fix or delete {latest}")
-        return target
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
     return _download(str(name_or_path), local=path.is_dir())
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint directory that run directory ``run``'s ``latest`` file names (None when it has
+    no such file); a name of a directory without config.json is an error."""
+    latest = run / LATEST
+    if not latest.is_file():
+        return None
+    target = run / latest.read_text().strip()
+    if not (target / CONFIG).is_file():
+        raise UserError(f"{latest} names {target}, which holds no {CONFIG}; fix or delete {latest}")
+    return target
+
+
+def write_latest(run: Path, name: str) -> None:
+    """Make ``run``'s ``latest`` file name checkpoint directory ``run / name``, atomically: a reader
+    sees the previous name or the new one, never a mix."""
+    write_atomic(run / LATEST, lambda path: path.write_text(name + "\n"))
 
 
 def _download(name: str, *, local: bool) -> Path:
@@ -137,12 +159,35 @@ def _download(name: str, *, local: bool) -> Path:
 def read_config(path: Path) -> GPT2Config:
     """Our ``GPT2Config`` from a Hugging Face GPT-2 config.json; options we do not implement are
     refused rather than silently ignored."""
+    hf = _read_json_object(path)
+    _refuse_unsupported(path, hf)
+    _check_sizes(path, hf)
+    try:
+        return GPT2Config(
+            vocab_size=hf.get("vocab_size", 50257),
+            n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_embd=hf.get("n_embd", 768),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            dropout=hf.get("resid_pdrop", HF_DROPOUT),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    except (UserError, TypeError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _read_json_object(path: Path) -> dict:
     try:
         hf = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read it as JSON ({e})") from None
     if not isinstance(hf, dict):
         raise UserError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+    return hf
+
+
+def _refuse_unsupported(path: Path, hf: dict) -> None:
+    """Refuse a model type, or options changing the network, that this package does not implement."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{path}: model_type is {hf['model_type']!r}; only 'gpt2' models can be loaded")
     for key, supported in FIXED_OPTIONS.items():
@@ -153,24 +198,16 @@ def read_config(path: Path) -> GPT2Config:
             f"{path}: activation_function {hf['activation_function']!r} is not supported "
             f"(only {' or '.join(ACTIVATIONS)}, GELU's tanh approximation)"
         )
+
+
+def _check_sizes(path: Path, hf: dict) -> None:
+    """The sizes are integers, and the MLP is 4 times as wide as the model (``n_inner``)."""
     for key in ("vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head"):
         if key in hf and (not isinstance(hf[key], int) or isinstance(hf[key], bool)):
             raise UserError(f"{path}: {key} must be an integer, found {hf[key]!r}")
     n_embd = hf.get("n_embd", 768)
     if hf.get("n_inner") not in (None, 4 * n_embd):
         raise UserError(f"{path}: n_inner={hf['n_inner']} is not supported (only 4 * n_embd = {4 * n_embd})")
-    try:
-        return GPT2Config(
-            vocab_size=hf.get("vocab_size", 50257),
-            n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            n_embd=n_embd,
-            n_layer=hf.get("n_layer", 12),
-            n_head=hf.get("n_head", 12),
-            dropout=hf.get("resid_pdrop", HF_DROPOUT),
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        )
-    except (UserError, TypeError) as e:
-        raise UserError(f"{path}: {e}") from None
 
 
 def _read_state(

@@ -1,4 +1,5 @@
-"""Model configuration and the named presets (the one place where sizes and defaults live)."""
+"""Model configuration, the named presets (the one place where sizes and defaults live) and the
+precisions a model can be loaded in."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ else:  # pragma: no cover
 
 GPT2_VOCAB_SIZE = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
 GPT2_CONTEXT = 1024
+
+# The precisions a model can be loaded in for inference (``gpt2.inference.load_for_inference``).
+PRECISIONS = {
+    "fp32": "the weights as published",
+    "bf16": "bfloat16 weights and cache: half the memory, faster on GPUs and on CPUs with AVX512-BF16",
+    "int8": "dynamic int8 quantisation of the linear layers (CPU): a quarter of the weight memory, "
+            "outputs differ slightly",
+}
 
 
 @dataclass

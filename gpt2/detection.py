@@ -34,7 +34,7 @@ import torch
 from gpt2.errors import UserError
 from gpt2.evaluation.scoring import Scorer
 from gpt2.model import Transformer
-from gpt2.sampling import generate
+from gpt2.sampling import GenerationConfig, generate
 from gpt2.tokenizer import Tokenizer
 
 # Where people's text (below) and top-k 40 samples (above) parted on the Shakespeare demo model
@@ -147,13 +147,13 @@ class Detector:
         *,
         prompt_tokens: int = 20,
         max_false_positive: float = 0.01,
-        seed: int = 0,
-        **sampling: object,
+        sampling: GenerationConfig | None = None,
     ) -> Calibration:
         """Measure the detector on people's ``passages`` (token ids, all of one length) against the
-        model's continuations of their first ``prompt_tokens`` tokens, sampled with ``sampling``
-        (``GenerationConfig`` fields, e.g. ``top_k=40``), and set ``self.threshold`` to the lowest
-        value that calls at most ``max_false_positive`` of the passages generated."""
+        model's continuations of their first ``prompt_tokens`` tokens, sampled as ``sampling`` says
+        (default: plain sampling with seed 0; its length and logit bias are set here), and set
+        ``self.threshold`` to the lowest value that calls at most ``max_false_positive`` of the
+        passages generated."""
         lengths = {len(p) for p in passages}
         if len(passages) < 2 or len(lengths) != 1:
             raise UserError("calibration needs at least 2 passages of people's text, all of one length")
@@ -165,8 +165,9 @@ class Detector:
             raise UserError(f"the false-positive rate must be in [0, 1), got {max_false_positive}")
         prompts = torch.tensor([list(p[:prompt_tokens]) for p in passages], device=self.scorer.device)
         never_end = {self.tokenizer.eot_token: -100.0}  # a passage's continuation, not a new document
-        sampled = generate(self.model, prompts, max_new_tokens=length - prompt_tokens, seed=seed,
-                           logit_bias=never_end, **sampling)
+        sampling = sampling or GenerationConfig(seed=0)
+        config = sampling.replace(max_new_tokens=length - prompt_tokens, logit_bias=never_end)
+        sampled = generate(self.model, prompts, config)
         human = [self.detect_ids(list(p)) for p in passages]
         machine = [self.detect_ids(row.tolist()) for row in sampled]
         scores = sorted((d.score for d in human), reverse=True)

@@ -1,5 +1,7 @@
-"""The GPT-2 network (Radford et al. 2019), read top to bottom: attention, MLP, block, model; then
-the oneDNN products that make fp32 inference on the CPU faster (``onednn_linears``).
+"""The GPT-2 network (Radford et al. 2019), read top to bottom: the KV cache and its operations,
+attention, MLP, block, model (its forward pass and its fixed-shape decode step); then the oneDNN
+products that make fp32 inference on the CPU faster (``onednn_linears``, applied by
+``gpt2.inference.load_for_inference``).
 
 Module and parameter names follow the published checkpoints (``transformer.h.0.attn.c_attn``...),
 but every projection is a plain ``nn.Linear`` (the published Conv1D weights are the transpose;
@@ -9,6 +11,7 @@ but every projection is a plain ``nn.Linear`` (the published Conv1D weights are 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +22,17 @@ from gpt2.errors import UserError
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for ``max_len`` positions.
+    """Keys and values of every layer, preallocated for ``max_len`` positions, with the operations its
+    users need: the network writes a layer's keys and values and advances it; the batching engine
+    moves, shifts and fills rows.
 
-    ``length`` counts the positions written so far. ``key_mask`` (B, max_len) marks which of those
-    positions hold real tokens (False for padding) and ``next_position`` (B,) is the position id the
-    next real token of each row gets, so rows of different lengths can be decoded together.
+    A batch of B sequences uses the cache's first B rows (the batching engine keeps its live sequences
+    first). ``length`` counts the positions written so far, ``slot`` holds it as a tensor (so that a
+    decode step has the same shapes at every position, for ``torch.compile`` and CUDA graphs).
+    ``key_mask`` (rows, max_len) marks which positions hold real tokens (False for padding) and
+    ``next_position`` (rows,) is the position id the next real token of each row gets, so rows of
+    different lengths can be decoded together. ``padded``: some padding was written, so attention
+    needs the mask (a cache made with ``padded=True`` always uses it).
     """
 
     def __init__(
@@ -33,6 +42,8 @@ class KVCache:
         max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        *,
+        padded: bool = False,
     ) -> None:
         self.max_len = max_len or config.n_positions
         if self.max_len > config.n_positions:
@@ -45,8 +56,100 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.key_mask = torch.ones(batch_size, self.max_len, device=device, dtype=torch.bool)
         self.next_position = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.slot = torch.zeros(1, device=device, dtype=torch.long)
         self.length = 0
-        self.padded = False  # True once any padding was written: attention then needs a mask
+        self.always_padded = padded
+        self.padded = padded
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    # -- the network's operations ---------------------------------------------------------------------
+
+    def record(self, batch: int, length: int, real: Tensor | None) -> Tensor | None:
+        """Note a chunk of ``length`` positions for the first ``batch`` rows before it is written:
+        ``real`` (batch, length) marks its real tokens (None: all real). Returns which of the
+        positions up to the chunk's end hold real tokens, or None while none is padding."""
+        rows = slice(0, batch)
+        if real is None and not self.padded:
+            self.next_position[rows] += length
+            return None
+        if real is None:
+            real = torch.ones(batch, length, dtype=torch.bool, device=self.key_mask.device)
+        self.next_position[rows] += real.long().sum(dim=1)
+        self.key_mask[rows, self.length : self.length + length] = real
+        self.padded = self.padded or not bool(real.all())
+        return self.key_mask[rows, : self.length + length]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a chunk's keys and values (B, heads, T, head_dim) of ``layer`` at positions
+        ``length`` to ``length + T``; returns the keys and values of every position up to there."""
+        B, end = k.shape[0], self.length + k.shape[2]
+        self.keys[layer][:B, :, self.length : end] = k
+        self.values[layer][:B, :, self.length : end] = v
+        return self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end]
+
+    def update_at_slot(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one position's keys and values (B, heads, 1, head_dim) of ``layer`` at ``slot``;
+        returns the keys and values of all ``max_len`` positions (fixed shapes)."""
+        B = k.shape[0]
+        keys, values = self.keys[layer][:B], self.values[layer][:B]
+        # (under autocast k and v may be in a lower precision than the cache)
+        keys.index_copy_(2, self.slot, k.to(keys.dtype))
+        values.index_copy_(2, self.slot, v.to(values.dtype))
+        return keys, values
+
+    def step_mask(self, batch: int) -> Tensor:
+        """The attention mask (batch, 1, 1, max_len) of a decode step at ``slot``: the real positions
+        written so far and the step's own."""
+        written = torch.arange(self.max_len, device=self.slot.device) <= self.slot
+        return (self.key_mask[:batch] & written)[:, None, None, :]
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` more positions as written (both forward paths call this after a chunk)."""
+        self.length += n
+        self.slot.fill_(self.length)
+
+    # -- the batching engine's operations -------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Empty the cache, as new."""
+        self.key_mask.fill_(True)
+        self.next_position.zero_()
+        self.padded = self.always_padded
+        self.length = 0
+        self.slot.zero_()
+
+    def insert(self, other: KVCache, source: Tensor, first_row: int) -> None:
+        """Copy rows ``source`` of ``other`` (prompts read together) into the rows from ``first_row``
+        on, so that they end at this cache's ``length`` (at least ``other.length``); the positions
+        before them become padding."""
+        rows = slice(first_row, first_row + len(source))
+        start, end = self.length - other.length, self.length
+        for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values), strict=True):
+            mine[rows, :, start:end] = theirs[source, :, : other.length]
+        self.key_mask[rows, :start] = False
+        self.key_mask[rows, start:end] = other.key_mask[source, : other.length]
+        self.next_position[rows] = other.next_position[source]
+
+    def move_rows(self, dst: list[int], src: list[int]) -> None:
+        """Copy rows ``src`` into rows ``dst`` (the engine fills freed rows with live ones)."""
+        to, of = torch.tensor(dst, device=self.slot.device), torch.tensor(src, device=self.slot.device)
+        for t in (*self.keys, *self.values, self.key_mask, self.next_position):
+            t[to] = t[of]
+
+    def shift(self, by: int, rows: int) -> None:
+        """Move the first ``rows`` rows ``by`` positions along the time axis (left when negative),
+        keeping them aligned at the end; positions that open up at the start become padding."""
+        old, new = self.length, self.length + by
+        keep = min(old, new)
+        for t in (*self.keys, *self.values):
+            t[:rows, :, new - keep : new] = t[:rows, :, old - keep : old].clone()
+        self.key_mask[:rows, new - keep : new] = self.key_mask[:rows, old - keep : old].clone()
+        self.key_mask[:rows, : new - keep] = False
+        self.length = new
+        self.slot.fill_(new)
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,22 +162,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slot: Tensor | None = None
+        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, step: bool = False
     ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if slot is not None:  # one token into cache position ``slot``; attend over the whole cache
-            # (under autocast k and v may be in a lower precision than the cache)
-            cache.keys[layer].index_copy_(2, slot, k.to(cache.keys[layer].dtype))
-            cache.values[layer].index_copy_(2, slot, v.to(cache.values[layer].dtype))
-            k, v = cache.keys[layer], cache.values[layer]
-        elif cache is not None:
-            start = cache.length
-            cache.keys[layer][:, :, start : start + T] = k
-            cache.values[layer][:, :, start : start + T] = v
-            k = cache.keys[layer][:, :, : start + T]
-            v = cache.values[layer][:, :, : start + T]
+        if cache is not None:  # ``step``: one token at the cache's slot, attending over all its positions
+            k, v = cache.update_at_slot(layer, k, v) if step else cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if mask is None:  # plain causal attention over a cache that starts at this chunk
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
@@ -107,9 +201,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slot: Tensor | None = None
+        self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, step: bool = False
     ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache, layer, slot)
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, step)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -167,7 +261,7 @@ class Transformer(nn.Module):
         batches of prompts of different lengths). ``last_only``: return logits for the last
         position only, (B, 1, vocab), which is all that sampling needs.
         """
-        T = idx.shape[1]
+        B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
             raise UserError(
@@ -176,66 +270,82 @@ class Transformer(nn.Module):
             )
         if cache is not None and start + T > cache.max_len:
             raise UserError(f"KV cache holds {cache.max_len} positions, {start + T} needed")
-        positions, mask = self._positions_and_mask(idx, start, cache, attention_mask)
+        real = None if attention_mask is None else attention_mask.to(device=idx.device, dtype=torch.bool)
+        positions = _positions(real, B, T, cache, idx.device)
+        keys_real = real if cache is None else cache.record(B, T, real)
+        mask = _attention_mask(keys_real, B, T, start, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, layer)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(self.transformer.ln_f(x))
 
-    def decode_step(self, idx: Tensor, cache: KVCache, slot: Tensor) -> Tensor:
+    def decode_step(self, idx: Tensor, cache: KVCache) -> Tensor:
         """Logits (B, vocab) for one new token per row, ``idx`` (B, 1), written into the cache at
-        position ``slot`` (a LongTensor holding ``cache.length``), which the caller then advances.
+        its ``slot``; the cache then advances by one, as after ``forward``.
 
         The same network as ``forward``, but every shape is fixed for the whole generation (attention
         runs over all ``max_len`` cache positions, those not yet written masked out), so
-        ``torch.compile`` compiles it once and CUDA graphs can replay it.
+        ``torch.compile`` compiles it once (``compile_decode_step``) and CUDA graphs can replay it.
         """
-        positions = cache.next_position[:, None]
-        written = torch.arange(cache.max_len, device=idx.device) <= slot
-        mask = (cache.key_mask & written)[:, None, None, :]  # (B, 1, 1, max_len)
+        logits = (self._compiled_step or self._decode_step)(idx, cache)
+        cache.advance(1)
+        return logits
+
+    _compiled_step: Callable[[Tensor, KVCache], Tensor] | None = None
+
+    def _decode_step(self, idx: Tensor, cache: KVCache) -> Tensor:
+        B = idx.shape[0]
+        positions = cache.next_position[:B, None]
+        mask = cache.step_mask(B)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, layer, slot)
-        cache.next_position += 1
+            x = block(x, mask, cache, layer, step=True)
+        cache.next_position[:B] += 1
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
-    def _positions_and_mask(
-        self, idx: Tensor, start: int, cache: KVCache | None, attention_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Position ids (B, T) and, where padding is involved, a boolean attention mask
-        (B, 1, T, start + T); None means plain causal attention."""
-        B, T = idx.shape
-        device = idx.device
-        if attention_mask is None and (cache is None or not cache.padded):
-            positions = torch.arange(start, start + T, device=device).expand(B, T)
-            if cache is not None:
-                cache.next_position += T
-            mask = None
-            if cache is not None and start > 0 and T > 1:  # a chunk after cached positions
-                mask = torch.ones(T, start + T, device=device, dtype=torch.bool).tril(start)
-                mask = mask.expand(B, 1, T, start + T)
-            return positions, mask
-        real = torch.ones(B, T, dtype=torch.bool, device=device)
-        if attention_mask is not None:
-            real = attention_mask.to(device=device, dtype=torch.bool)
-        offset = cache.next_position[:, None] if cache is not None else 0
-        positions = (offset + real.long().cumsum(dim=1) - 1).clamp(min=0)
-        if cache is not None:
-            cache.next_position += real.long().sum(dim=1)
-            cache.key_mask[:, start : start + T] = real
-            cache.padded = cache.padded or not bool(real.all())
-            keys_real = cache.key_mask[:, : start + T]
+    def compile_decode_step(self) -> None:
+        """Compile the decode step with ``torch.compile`` (the prompt's forward pass stays eager). Its
+        shapes are symbolic (``dynamic=True``) in batch size and cache length, so one compilation
+        serves every generation. On CUDA it is replayed as a CUDA graph ("reduce-overhead"); on the
+        CPU the weights become constants prepacked for its matrix kernels (freezing), so changing
+        them afterwards has no effect."""
+        if self.transformer.wte.weight.device.type == "cuda":
+            self._compiled_step = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=True)
         else:
-            keys_real = real
-        causal = torch.ones(T, start + T, device=device, dtype=torch.bool).tril(start)
-        mask = causal[None] & keys_real[:, None, :]
-        # A padding query would see no key at all (a NaN row); let every query see itself.
-        mask[:, torch.arange(T, device=device), torch.arange(start, start + T, device=device)] = True
-        return positions, mask[:, None]
+            self._compiled_step = torch.compile(self._decode_step, dynamic=True, options={"freezing": True})
+
+
+def _positions(real: Tensor | None, B: int, T: int, cache: KVCache | None, device: torch.device) -> Tensor:
+    """Position ids (B, T) of a chunk: consecutive after the cache's, or, where ``real`` (B, T) marks
+    padding, counting real tokens only (each row's from its ``next_position``)."""
+    start = cache.length if cache is not None else 0
+    if real is None and (cache is None or not cache.padded):
+        return torch.arange(start, start + T, device=device).expand(B, T)
+    if real is None:
+        real = torch.ones(B, T, dtype=torch.bool, device=device)
+    offset = cache.next_position[:B, None] if cache is not None else 0
+    return (offset + real.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _attention_mask(
+    keys_real: Tensor | None, B: int, T: int, start: int, device: torch.device
+) -> Tensor | None:
+    """The boolean attention mask (B, 1, T, start + T) of a chunk of T queries after ``start`` cached
+    positions; ``keys_real`` (B, start + T) marks the keys that are real tokens (None: all are).
+    None means plain causal attention (a chunk that starts the cache, or a single query)."""
+    if keys_real is None and (start == 0 or T == 1):
+        return None
+    causal = torch.ones(T, start + T, device=device, dtype=torch.bool).tril(start)
+    if keys_real is None:
+        return causal.expand(B, 1, T, start + T)
+    mask = causal[None] & keys_real[:, None, :]
+    # A padding query would see no key at all (a NaN row); let every query see itself.
+    mask[:, torch.arange(T, device=device), torch.arange(start, start + T, device=device)] = True
+    return mask[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,9 +389,3 @@ def onednn_linears(model: nn.Module) -> None:
         if weight is not None and weight.dtype == torch.float32 and weight.numel() >= 2**18:
             module.__class__ = _OneDNNLinear
 
-
-def plain_linears(model: nn.Module) -> None:
-    """Undo ``onednn_linears``: int8 quantisation, for one, converts only plain ``nn.Linear`` layers."""
-    for module in model.modules():
-        if type(module) is _OneDNNLinear:
-            module.__class__ = nn.Linear

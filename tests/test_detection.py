@@ -6,44 +6,40 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import BYTES, random_model, random_words, run_cli, saved_model_dir
 
-from gpt2 import GPT2, GPT2Config
-from gpt2.cli import main
+from gpt2 import GPT2
 from gpt2.detection import MIN_TOKENS, Detector, split_passages
 from gpt2.errors import UserError
 from gpt2.evaluation.scoring import Scorer
-from gpt2.sampling import generate
-from gpt2.tokenizer import Tokenizer
-
-BYTES = Tokenizer({bytes([i]): i for i in range(256)})  # <|endoftext|> is 256
+from gpt2.sampling import GenerationConfig, generate
 
 
-def byte_model(n_positions: int = 256) -> GPT2:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=BYTES.n_vocab, n_positions=n_positions, n_embd=64, n_layer=2, n_head=2)
-    model = GPT2(config).eval()
-    with torch.no_grad():  # next-token entropy about 3 nats, as in a trained model, not the init's 5.5
+def confident_model(n_positions: int = 256) -> GPT2:
+    """A random 2-layer model over bytes, sharpened: next-token entropy about 3 nats, as in a trained
+    model, not the initialisation's 5.5."""
+    model = random_model(n_embd=64, n_positions=n_positions, tokenizer=BYTES).eval()
+    with torch.no_grad():
         model.transformer.ln_f.weight.mul_(8)
-    model.tokenizer = BYTES
     return model
 
 
 @pytest.fixture(scope="module")
 def model() -> GPT2:
-    return byte_model()
+    return confident_model()
+
+
+PEOPLE_WORDS = ["the", "king", "shall", "speak", "of", "love", "and", "war", "to", "night", ",", "."]
 
 
 def people_text(n_chars: int, seed: int) -> str:
     """Text that the model did not write: random words."""
-    rng = random.Random(seed)
-    words = ["the", "king", "shall", "speak", "of", "love", "and", "war", "to", "night", ",", "."]
-    return " ".join(rng.choice(words) for _ in range(n_chars))[:n_chars]
+    return random_words(PEOPLE_WORDS, n_chars, seed)[:n_chars]
 
 
 def test_statistics_equal_a_direct_computation(model: GPT2) -> None:
@@ -72,7 +68,7 @@ def test_statistics_equal_a_direct_computation(model: GPT2) -> None:
 
 
 def test_long_texts_are_read_in_windows_each_token_once() -> None:
-    small = byte_model(n_positions=32)
+    small = confident_model(n_positions=32)
     text = people_text(150, seed=2)
     ids = BYTES.encode(text)
     got = Detector(small, BYTES, stride=16).detect(text)
@@ -82,9 +78,12 @@ def test_long_texts_are_read_in_windows_each_token_once() -> None:
     assert got.log_likelihood == pytest.approx(-reference.nll / reference.tokens, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_temperature_one_samples_score_like_a_standard_normal(model: GPT2) -> None:
     prompts = torch.full((40, 1), BYTES.eot_token)
-    samples = generate(model, prompts, max_new_tokens=120, seed=0, logit_bias={BYTES.eot_token: -100.0})
+    samples = generate(
+        model, prompts, GenerationConfig(max_new_tokens=120, seed=0, logit_bias={BYTES.eot_token: -100.0})
+    )
     detector = Detector(model, BYTES)
     scores = np.array([detector.detect_ids(row[1:].tolist()).discrepancy for row in samples])
     assert abs(scores.mean()) < 0.5 and 0.6 < scores.std() < 1.5
@@ -94,13 +93,18 @@ def test_calibration_separates_top_k_samples_from_people_s_text(model: GPT2) -> 
     detector = Detector(model, BYTES)
     passages = split_passages(BYTES.encode(people_text(6000, seed=3)), 100, 30)
     assert len(passages) == 30 and {len(p) for p in passages} == {100}
-    calibration = detector.calibrate(passages, top_k=5, max_false_positive=0.1)
+    calibration = detector.calibrate(
+        passages, sampling=GenerationConfig(top_k=5, seed=0), max_false_positive=0.1
+    )
     assert calibration.auroc["score"] > 0.95
     assert calibration.false_positive_rate <= 0.1 and calibration.true_positive_rate > 0.9
     assert detector.threshold == calibration.threshold
     # Unseen texts of both kinds, judged at the calibrated threshold.
-    sample = generate(model, torch.tensor([BYTES.encode("the king shall")]), max_new_tokens=100, top_k=5,
-                      seed=99, logit_bias={BYTES.eot_token: -100.0})
+    sample = generate(
+        model,
+        torch.tensor([BYTES.encode("the king shall")]),
+        GenerationConfig(max_new_tokens=100, top_k=5, seed=99, logit_bias={BYTES.eot_token: -100.0}),
+    )
     assert detector.detect_ids(sample[0].tolist()).verdict == "generated"
     assert detector.detect(people_text(150, seed=4)).verdict == "human-like"
 
@@ -126,47 +130,68 @@ def test_short_texts_get_no_verdict_and_bad_input_is_refused(model: GPT2) -> Non
 
 @pytest.fixture(scope="module")
 def model_dir(model: GPT2, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("model")
-    model.save_pretrained(directory)
-    return directory
-
-
-def gpt2(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
+    return saved_model_dir(model, tmp_path_factory)
 
 
 def test_detect_command_table_json_and_calibration(model, model_dir: Path, tmp_path: Path, capsys) -> None:
     people = tmp_path / "people.txt"
     people.write_text(people_text(150, seed=5), encoding="utf-8")
     ascii_only = {token: -100.0 for token in range(128, BYTES.n_vocab)}  # so that the file is UTF-8
-    sample = generate(model, torch.tensor([BYTES.encode("the king")]), max_new_tokens=120, top_k=5, seed=1,
-                      logit_bias=ascii_only)
+    sample = generate(
+        model,
+        torch.tensor([BYTES.encode("the king")]),
+        GenerationConfig(max_new_tokens=120, top_k=5, seed=1, logit_bias=ascii_only),
+    )
     machine = tmp_path / "machine.txt"
     machine.write_bytes(BYTES.decode_bytes(sample[0].tolist()))
-    status, out, _ = gpt2(capsys, "detect", "--model", model_dir, "--file", people, "--file", machine)
+    status, out, _ = run_cli(capsys, "detect", "--model", model_dir, "--file", people, "--file", machine)
     assert status == 0
     lines = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
     assert lines[str(people)][3] == "human-like" and lines[str(machine)][3] == "generated"
 
-    status, out, _ = gpt2(capsys, "detect", "--model", model_dir, "--file", people, "--json")
+    status, out, _ = run_cli(capsys, "detect", "--model", model_dir, "--file", people, "--json")
     (record,) = [json.loads(line) for line in out.splitlines()]
     expected = Detector(model, BYTES).detect(people.read_text(encoding="utf-8"))
     assert record["source"] == str(people) and record["score"] == pytest.approx(expected.score)
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(people_text(5000, seed=6), encoding="utf-8")
-    status, out, err = gpt2(capsys, "detect", "--model", model_dir, "--calibrate", corpus, "--passage-tokens",
-                          100, "--passages", 20, "--top-k", 5, "--max-false-positive", 0.1, "--file", machine)
+    status, out, err = run_cli(
+        capsys,
+        "detect",
+        "--model",
+        model_dir,
+        "--calibrate",
+        corpus,
+        "--passage-tokens",
+        100,
+        "--passages",
+        20,
+        "--top-k",
+        5,
+        "--max-false-positive",
+        0.1,
+        "--file",
+        machine,
+    )
     assert status == 0
     threshold = float(out.split("threshold ")[1].split(":")[0])
     assert "note:" not in err  # 20 passages can measure a 10% false-positive rate
     assert f"the score is above {threshold:.4f}" in out  # the calibrated threshold judges the file
     row = out.splitlines()[-2].split()
     assert row[0] == str(machine) and row[3] == "generated"
-    _, _, err = gpt2(capsys, "detect", "--model", model_dir, "--calibrate", corpus, "--passage-tokens", 100,
-                     "--passages", 20)
+    _, _, err = run_cli(
+        capsys,
+        "detect",
+        "--model",
+        model_dir,
+        "--calibrate",
+        corpus,
+        "--passage-tokens",
+        100,
+        "--passages",
+        20,
+    )
     assert err.startswith("note: 20 passages cannot measure a false-positive rate of 1.0%")
 
 
@@ -180,6 +205,6 @@ def test_detect_command_table_json_and_calibration(model, model_dir: Path, tmp_p
     ],
 )
 def test_detect_command_bad_input(model_dir: Path, capsys, options: list[str], message: str) -> None:
-    status, out, err = gpt2(capsys, "detect", "--model", model_dir, *options)
+    status, out, err = run_cli(capsys, "detect", "--model", model_dir, *options)
     assert status == 2 and out == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

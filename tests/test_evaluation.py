@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BYTES, random_model, random_words, saved_model_dir
 
 from gpt2 import GPT2, GPT2Config, Tokenizer, UserError
 from gpt2.cli import main
@@ -37,23 +38,14 @@ from gpt2.evaluation.perplexity import moses_detokenize, ptb_detokenize, wikitex
 from gpt2.evaluation.report import BENCHMARKS, published_size
 from gpt2.evaluation.scoring import sliding_windows
 
+# The models are conftest's random_model: 2 layers, 2 heads, width 32, over BYTES (256 bytes and
+# <|endoftext|>, no merges), so that tiny models stay tiny.
 
-@pytest.fixture(scope="module")
-def byte_tokenizer() -> Tokenizer:
-    """A byte-level tokenizer without merges: 256 bytes + <|endoftext|>, so tiny models stay tiny."""
-    return Tokenizer({bytes([i]): i for i in range(256)}, source="bytes")
-
-
-def tiny_model(vocab_size: int, n_positions: int = 64, seed: int = 0, n_embd: int = 32) -> GPT2:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=2, n_head=2)
-    return GPT2(config)
+WORDS = ["the", "cat", "sat", "on", "mat", ",", ".", "é", "naïve", "日本", "42", "\n"]
 
 
 def random_text(n_words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    words = ["the", "cat", "sat", "on", "mat", ",", ".", "é", "naïve", "日本", "42", "\n"]
-    return " ".join(rng.choice(words) for _ in range(n_words)) + "\n"
+    return random_words(WORDS, n_words, seed) + "\n"
 
 
 # -- perplexity ---------------------------------------------------------------------------------------
@@ -82,18 +74,17 @@ def transformers_perplexity(hf_model, ids: torch.Tensor, max_length: int, stride
     [(64, 200, 32), (32, 200, 32), (32, 10, 32), (32, 200, 256)],
     ids=["disjoint", "half", "shorter-than-a-window", "wide-enough-for-onednn"],
 )
-def test_perplexity_equals_transformers(tmp_path, byte_tokenizer, stride, n_words, n_embd):
+def test_perplexity_equals_transformers(tmp_path, stride, n_words, n_embd):
     transformers = pytest.importorskip("transformers")
-    model = tiny_model(byte_tokenizer.n_vocab, n_embd=n_embd)
-    model.tokenizer = byte_tokenizer
+    model = random_model(n_embd=n_embd, tokenizer=BYTES)
     model.save_pretrained(tmp_path / "model")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "model").eval()
     text = random_text(n_words)
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    ids = torch.tensor([byte_tokenizer.encode(text)])
+    ids = torch.tensor([BYTES.encode(text)])
     assert n_words > 100 or ids.size(1) < 64  # the short case fits in one window
 
-    scorer = Scorer(model, byte_tokenizer, batch_size=3)
+    scorer = Scorer(model, BYTES, batch_size=3)
     ours = evaluate_perplexity(scorer, read_text(tmp_path / "t.txt", block_bytes=50), stride=stride)
     expected, count = transformers_perplexity(hf, ids, 64, stride)
     assert ours.tokens == count
@@ -103,7 +94,7 @@ def test_perplexity_equals_transformers(tmp_path, byte_tokenizer, stride, n_word
 def test_bits_per_byte_and_char_count_the_scored_text(gpt2_ranks_file):
     """With multi-byte tokens and characters: bytes and characters are those the scored tokens stand for."""
     tokenizer = Tokenizer.from_file(gpt2_ranks_file)
-    model = tiny_model(tokenizer.n_vocab)
+    model = random_model(tokenizer.n_vocab)
     text = random_text(120)
     ids = tokenizer.encode(text)
     result = Scorer(model, tokenizer).perplexity([ids], context=32, stride=16)
@@ -203,16 +194,17 @@ def write_cbt(path, examples) -> None:
 
 
 @pytest.fixture(scope="module")
-def memorizer(task_data, byte_tokenizer) -> GPT2:
-    """A tiny model trained on the right answers of ``task_data`` until it knows them by heart."""
+def memorizer(task_data) -> GPT2:
+    """A tiny model trained on the right answers of ``task_data`` until it knows them by heart (seconds
+    of training: the tests that use it are marked slow)."""
     texts = [ex["text"] for ex in task_data["lambada"]]
     texts += [f"{ex['ctx']} {ex['endings'][ex['label']]}" for ex in task_data["hellaswag"]]
     texts += [
         " ".join(ex["sentences"]) + " " + ex["question"].replace("XXXXX", ex["answer"])
         for ex in task_data["cbt"]
     ]
-    ids = [byte_tokenizer.encode(t) for t in texts]
-    model = tiny_model(byte_tokenizer.n_vocab, n_positions=160, seed=1)
+    ids = [BYTES.encode(t) for t in texts]
+    model = random_model(n_positions=160, seed=1)
     x = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
     y = torch.full_like(x, -100)
     for i, row in enumerate(ids):
@@ -240,14 +232,15 @@ def direct_logprob(model: GPT2, context: list[int], continuation: list[int]) -> 
     return sum(logprobs[len(context) + i - 1, t].item() for i, t in enumerate(continuation))
 
 
-def test_lambada(tmp_path, task_data, memorizer, byte_tokenizer):
-    scorer = Scorer(memorizer, byte_tokenizer, batch_size=3)
+@pytest.mark.slow
+def test_lambada(tmp_path, task_data, memorizer):
+    scorer = Scorer(memorizer, BYTES, batch_size=3)
     write_jsonl(tmp_path / "lambada.jsonl", task_data["lambada"])
     result = evaluate_lambada(scorer, read_jsonl(tmp_path / "lambada.jsonl"))
     assert result.metrics["accuracy"] == 1.0
     for ex, detail in zip(task_data["lambada"], result.details, strict=True):
         context, word = ex["text"].rsplit(" ", 1)
-        lp = direct_logprob(memorizer, byte_tokenizer.encode(context), byte_tokenizer.encode(" " + word))
+        lp = direct_logprob(memorizer, BYTES.encode(context), BYTES.encode(" " + word))
         assert detail["logprob"] == pytest.approx(lp, abs=1e-4)
     logprobs = [d["logprob"] for d in result.details]
     assert result.metrics["perplexity"] == pytest.approx(math.exp(-sum(logprobs) / len(logprobs)))
@@ -269,14 +262,15 @@ def _shuffle_labels(examples: list[dict], key: str, choices: str, seed: int = 1)
     return out, same
 
 
-def test_hellaswag(tmp_path, task_data, memorizer, byte_tokenizer):
-    scorer = Scorer(memorizer, byte_tokenizer, batch_size=5)
+@pytest.mark.slow
+def test_hellaswag(tmp_path, task_data, memorizer):
+    scorer = Scorer(memorizer, BYTES, batch_size=5)
     write_jsonl(tmp_path / "hs.jsonl", task_data["hellaswag"])
     result = evaluate_hellaswag(scorer, read_jsonl(tmp_path / "hs.jsonl"), style="llmc")
     assert result.metrics == {"accuracy": 1.0, "accuracy_norm": 1.0}
     for ex, detail in zip(task_data["hellaswag"], result.details, strict=True):
-        context = byte_tokenizer.encode(ex["ctx"])
-        expected = [direct_logprob(memorizer, context, byte_tokenizer.encode(" " + e)) for e in ex["endings"]]
+        context = BYTES.encode(ex["ctx"])
+        expected = [direct_logprob(memorizer, context, BYTES.encode(" " + e)) for e in ex["endings"]]
         assert detail["logprobs"] == pytest.approx(expected, abs=1e-4)
 
     shuffled, chance = _shuffle_labels(task_data["hellaswag"], "label", "endings")
@@ -294,15 +288,16 @@ def test_hellaswag_harness_prompt():
     assert choice.lengths == [len("pours it out."), len("sings.")]
 
 
-def test_cbt(tmp_path, task_data, memorizer, byte_tokenizer):
-    scorer = Scorer(memorizer, byte_tokenizer, batch_size=8)
+@pytest.mark.slow
+def test_cbt(tmp_path, task_data, memorizer):
+    scorer = Scorer(memorizer, BYTES, batch_size=8)
     write_cbt(tmp_path / "cbt.txt", task_data["cbt"])
     result = evaluate_cbt(scorer, read_cbt(tmp_path / "cbt.txt"), detokenizer=None)
     assert result.metrics == {"accuracy": 1.0}
     for ex, detail in zip(task_data["cbt"], result.details, strict=True):
         before, after = ex["question"].split(" XXXXX")
-        context = byte_tokenizer.encode(" ".join(ex["sentences"]) + " " + before)
-        filled = [byte_tokenizer.encode(f" {option}{after}") for option in ex["options"]]
+        context = BYTES.encode(" ".join(ex["sentences"]) + " " + before)
+        filled = [BYTES.encode(f" {option}{after}") for option in ex["options"]]
         expected = [direct_logprob(memorizer, context, continuation) for continuation in filled]
         assert detail["logprobs"] == pytest.approx(expected, abs=1e-4)
 
@@ -322,7 +317,8 @@ TABLE3_117M = {
 }
 
 
-def test_report_writes_table3_with_the_published_numbers(tmp_path, task_data, memorizer, byte_tokenizer):
+@pytest.mark.slow
+def test_report_writes_table3_with_the_published_numbers(tmp_path, task_data, memorizer):
     write_jsonl(tmp_path / "lambada.jsonl", task_data["lambada"])
     write_cbt(tmp_path / "cbt.txt", task_data["cbt"][:1])
     (tmp_path / "text.txt").write_text(" = Title = \n A line @-@ of text , here . \n", encoding="utf-8")
@@ -338,7 +334,7 @@ def test_report_writes_table3_with_the_published_numbers(tmp_path, task_data, me
         ),
         encoding="utf-8",
     )
-    scorer = Scorer(memorizer, byte_tokenizer)
+    scorer = Scorer(memorizer, BYTES)
     report = run_suite(scorer, load_suite(suite), model_name="tiny", published_as="gpt2")
     md, js = write_report(report, tmp_path / "out")
 
@@ -367,11 +363,12 @@ def _cells(row: str) -> list[str]:
     return [cell.strip() for cell in row.strip().strip("|").split("|")]
 
 
-def test_report_without_a_published_size(tmp_path, task_data, byte_tokenizer, memorizer):
+@pytest.mark.slow
+def test_report_without_a_published_size(tmp_path, task_data, memorizer):
     write_jsonl(tmp_path / "hs.jsonl", task_data["hellaswag"])
     suite = tmp_path / "suite.yaml"  # YAML works as well as TOML
     suite.write_text("eval:\n  - benchmark: hellaswag\n    file: hs.jsonl\n    style: llmc\n")
-    report = run_suite(Scorer(memorizer, byte_tokenizer), load_suite(suite), model_name="tiny")
+    report = run_suite(Scorer(memorizer, BYTES), load_suite(suite), model_name="tiny")
     md, _ = write_report(report, tmp_path)
     assert report["published_size"] is None
     assert [(r["metric"], r["ours"]) for r in report["rows"]] == [("ACC", 100.0), ("ACC-norm", 100.0)]
@@ -382,21 +379,17 @@ def test_report_without_a_published_size(tmp_path, task_data, byte_tokenizer, me
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, byte_tokenizer):
-    directory = tmp_path_factory.mktemp("model")
-    model = tiny_model(byte_tokenizer.n_vocab)
-    model.tokenizer = byte_tokenizer
-    model.save_pretrained(directory)
-    return directory
+def model_dir(tmp_path_factory):
+    return saved_model_dir(random_model(tokenizer=BYTES), tmp_path_factory)
 
 
-def test_cli_perplexity_json(tmp_path, model_dir, byte_tokenizer, capsys):
+def test_cli_perplexity_json(tmp_path, model_dir, capsys):
     (tmp_path / "t.txt").write_text(random_text(100), encoding="utf-8")
     args = ["eval", "perplexity", "--model", str(model_dir), "--file", str(tmp_path / "t.txt"),
             "--stride", "32", "--words", "--json", "--no-progress", "--device", "cpu"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
-    scorer = Scorer(GPT2.from_pretrained(model_dir), byte_tokenizer)
+    scorer = Scorer(GPT2.from_pretrained(model_dir), BYTES)
     expected = evaluate_perplexity(scorer, read_text(tmp_path / "t.txt"), stride=32, words=True)
     assert out["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
     assert out["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
@@ -429,18 +422,18 @@ def test_vocabulary_mismatch_is_an_error(tmp_path, model_dir, gpt2_ranks_file, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "vocabulary (257 ids)" in err and "\n" not in err
     with pytest.raises(UserError, match="does not match the tokenizer"):
-        Scorer(tiny_model(50257), Tokenizer({bytes([i]): i for i in range(256)}))
+        Scorer(random_model(50257), BYTES)
 
 
-def test_continuations_are_scored_in_any_batch_order(byte_tokenizer):
-    model = tiny_model(byte_tokenizer.n_vocab, n_positions=16)
+def test_continuations_are_scored_in_any_batch_order():
+    model = random_model(n_positions=16)
     rng = random.Random(0)
     def tokens(low: int, high: int) -> list[int]:
         return [rng.randrange(256) for _ in range(rng.randint(low, high))]
 
     requests = [Request(tokens(1, 30), tokens(1, 4)) for _ in range(9)]
-    one = Scorer(model, byte_tokenizer, batch_size=1).loglikelihoods(requests)
-    many = Scorer(model, byte_tokenizer, batch_size=4).loglikelihoods(requests)
+    one = Scorer(model, BYTES, batch_size=1).loglikelihoods(requests)
+    many = Scorer(model, BYTES, batch_size=4).loglikelihoods(requests)
     for r, a, b in zip(requests, one, many, strict=True):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
         window = (r.context + r.continuation)[-17:]  # contexts longer than the window lose their start
@@ -448,12 +441,12 @@ def test_continuations_are_scored_in_any_batch_order(byte_tokenizer):
         assert a.logprob == pytest.approx(direct_logprob(model, window[:cut], window[cut:]), abs=1e-4)
 
 
-def test_bfloat16_scores_close_to_float32(byte_tokenizer):
-    model = tiny_model(byte_tokenizer.n_vocab)
-    ids = [byte_tokenizer.encode(random_text(60))]
-    fp32 = Scorer(model, byte_tokenizer).perplexity(ids, stride=32)
-    bf16_model = tiny_model(byte_tokenizer.n_vocab).to(torch.bfloat16)  # the same weights, rounded
-    bf16 = Scorer(bf16_model, byte_tokenizer).perplexity(ids, stride=32)
+def test_bfloat16_scores_close_to_float32():
+    model = random_model()
+    ids = [BYTES.encode(random_text(60))]
+    fp32 = Scorer(model, BYTES).perplexity(ids, stride=32)
+    bf16_model = random_model().to(torch.bfloat16)  # the same weights, rounded
+    bf16 = Scorer(bf16_model, BYTES).perplexity(ids, stride=32)
     assert bf16.tokens == fp32.tokens
     assert bf16.perplexity == pytest.approx(fp32.perplexity, rel=2e-2)
 

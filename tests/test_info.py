@@ -6,14 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from gpt2 import GPT2, GPT2Config, Tokenizer
 from gpt2.cli import main
 
 
 def info(capsys: pytest.CaptureFixture, *argv: str) -> dict[str, str]:
-    assert main(["info", *argv]) == 0
-    return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    """The rows ``gpt2 info ARGV`` prints, by their first word."""
+    code, out, _ = run_cli(capsys, "info", *argv)
+    assert code == 0
+    return dict(line.split(None, 1) for line in out.splitlines())
 
 
 def test_info_on_a_saved_model(tmp_path: Path, capsys) -> None:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import random_model
 
 from gpt2 import GPT2, PRESETS, GPT2Config, UserError
 from gpt2.model import KVCache
@@ -30,8 +31,8 @@ SMALL_VOCAB = 1000  # the behaviour tests do not need GPT-2's 50,257 embeddings
 
 @pytest.fixture
 def tiny() -> GPT2:
-    torch.manual_seed(0)
-    return GPT2(GPT2Config.from_preset("tiny", vocab_size=SMALL_VOCAB)).eval()
+    """A random model of the tiny preset's shape, in eval mode."""
+    return random_model(SMALL_VOCAB, n_layer=4, n_head=4, n_embd=256, n_positions=256).eval()
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -9,9 +9,9 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from test_serving import BYTES, serving, tiny_model, wait_for
+from conftest import BYTES, endless_model, serving, wait_for
 
-from gpt2.sampling import generate_text
+from gpt2.sampling import GenerationConfig, generate_text
 
 webdriver = pytest.importorskip("selenium.webdriver")
 
@@ -40,7 +40,7 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 
 def test_playground_streams_the_completion(browser) -> None:
-    model = tiny_model()
+    model = endless_model()
     prompt, new = "Once upon a time", 40
     with serving(model) as (url, _):
         browser.get(f"{url}/")
@@ -69,13 +69,22 @@ def test_playground_streams_the_completion(browser) -> None:
         assert status == f"done: {new} tokens (max tokens reached)", status
         shown = browser.execute_script(
             "return Array.from(document.querySelectorAll('#output span.token'), s => s.textContent).join('')")
-        assert shown == generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=new, **penalties)[0]
-        assert shown != generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=new)[0]
+        assert (
+            shown
+            == generate_text(
+                model, BYTES, prompt, GenerationConfig(temperature=0, max_new_tokens=new, **penalties)
+            )[0]
+        )
+        assert (
+            shown
+            != generate_text(model, BYTES, prompt, GenerationConfig(temperature=0, max_new_tokens=new))[0]
+        )
         seen = browser.execute_script("return window.seen")
         while_generating = {count for count, state in seen if state == "generating..." and count > 0}
         assert len(while_generating) > 1, f"the text did not arrive in pieces: {seen}"
         titles = browser.execute_script(
-            "return Array.from(document.querySelectorAll('#output span.token'), s => s.title)")
+            "return Array.from(document.querySelectorAll('#output span.token'), s => s.title)"
+        )
         assert all("p = " in t and t.endswith("%") for t in titles if t)
         # every generated token's probability, also of those that end inside a character ("\ufffd" here)
         assert sum(t.count("p = ") for t in titles) == new, titles

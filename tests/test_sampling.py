@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BYTES, random_model
 
 from gpt2 import GPT2, GPT2Config, UserError
+from gpt2.inference import load_for_inference
 from gpt2.model import _OneDNNLinear
 from gpt2.sampling import (
     ContextWindowReached,
@@ -21,7 +23,6 @@ from gpt2.sampling import (
     generate,
     generate_text,
     next_token,
-    prepare_for_inference,
     stream_text,
 )
 from gpt2.tokenizer import Tokenizer
@@ -51,15 +52,11 @@ def hf_greedy(hf: object, ids: torch.Tensor, new: int, mask: torch.Tensor | None
                            eos_token_id=None, **kw)
 
 
-BYTES = Tokenizer({bytes([i]): i for i in range(256)})  # every byte a token: characters span tokens
-
-
 @pytest.fixture(scope="module")
 def byte_model() -> GPT2:
-    torch.manual_seed(1)
-    model = GPT2(GPT2Config.from_preset("tiny", vocab_size=BYTES.n_vocab, n_positions=64)).eval()
-    model.tokenizer = BYTES
-    return model
+    """The tiny preset's shape with a 64-token window over BYTES: every byte a token, so characters
+    span tokens."""
+    return random_model(n_layer=4, n_head=4, n_embd=256, n_positions=64, seed=1, tokenizer=BYTES).eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -70,7 +67,7 @@ def test_greedy_matches_transformers_single_prompt(hf_and_ours) -> None:
     hf, ours = hf_and_ours
     ids = torch.randint(1, 512, (1, 7), generator=torch.Generator().manual_seed(0))
     expected = hf_greedy(hf, ids, 40)
-    assert torch.equal(ours.generate(ids, 40, temperature=0), expected)
+    assert torch.equal(ours.generate(ids, max_new_tokens=40, temperature=0), expected)
 
 
 def test_greedy_matches_transformers_padded_batch(hf_and_ours) -> None:
@@ -82,10 +79,10 @@ def test_greedy_matches_transformers_padded_batch(hf_and_ours) -> None:
         mask[row, 9 - n :] = 1
     ids = ids * mask  # left padding with id 0
     expected = hf_greedy(hf, ids, 30, mask)
-    assert torch.equal(ours.generate(ids, 30, temperature=0, attention_mask=mask), expected)
+    assert torch.equal(ours.generate(ids, max_new_tokens=30, temperature=0, attention_mask=mask), expected)
     # Each row alone gives the same tokens: padding changes nothing.
     for row, n in enumerate(lengths):
-        alone = ours.generate(ids[row : row + 1, 9 - n :], 30, temperature=0)
+        alone = ours.generate(ids[row : row + 1, 9 - n :], max_new_tokens=30, temperature=0)
         assert torch.equal(alone[0, n:], expected[row, 9:])
 
 
@@ -93,7 +90,7 @@ def test_repetition_penalty_matches_transformers(hf_and_ours) -> None:
     hf, ours = hf_and_ours
     ids = torch.randint(1, 512, (1, 5), generator=torch.Generator().manual_seed(2))
     expected = hf_greedy(hf, ids, 30, repetition_penalty=1.5)
-    assert torch.equal(ours.generate(ids, 30, temperature=0, repetition_penalty=1.5), expected)
+    assert torch.equal(ours.generate(ids, max_new_tokens=30, temperature=0, repetition_penalty=1.5), expected)
     assert not torch.equal(expected, hf_greedy(hf, ids, 30))  # the penalty did change something
 
 
@@ -111,9 +108,12 @@ def test_frequency_presence_penalties_and_logit_bias_follow_their_definitions(by
                 logits[token] += b
             text.append(int(logits.argmax()))
     settings = dict(frequency_penalty=0.8, presence_penalty=0.6, logit_bias=bias)
-    out = byte_model.generate(torch.tensor([ids]), steps, temperature=0, **settings)
+    out = byte_model.generate(torch.tensor([ids]), max_new_tokens=steps, temperature=0, **settings)
     assert out[0].tolist() == text
-    assert out[0].tolist() != byte_model.generate(torch.tensor([ids]), steps, temperature=0)[0].tolist()
+    assert (
+        out[0].tolist()
+        != byte_model.generate(torch.tensor([ids]), max_new_tokens=steps, temperature=0)[0].tolist()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,29 +178,31 @@ def test_temperature_reshapes_the_distribution() -> None:
 
 def test_fixed_seed_is_reproducible(byte_model: GPT2) -> None:
     ids = torch.tensor([[72, 101, 108, 108, 111]])
-    first = byte_model.generate(ids, 30, seed=7)
-    assert torch.equal(byte_model.generate(ids, 30, seed=7), first)
-    assert torch.equal(byte_model.generate(ids, 30, generator=torch.Generator().manual_seed(7)), first)
-    assert not torch.equal(byte_model.generate(ids, 30, seed=8), first)
+    first = byte_model.generate(ids, max_new_tokens=30, seed=7)
+    assert torch.equal(byte_model.generate(ids, max_new_tokens=30, seed=7), first)
+    assert torch.equal(
+        byte_model.generate(ids, max_new_tokens=30, generator=torch.Generator().manual_seed(7)), first
+    )
+    assert not torch.equal(byte_model.generate(ids, max_new_tokens=30, seed=8), first)
 
 
 def test_several_samples_per_prompt(byte_model: GPT2) -> None:
     ids = torch.tensor([[72, 101, 108], [0, 111, 33]])
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
-    out = byte_model.generate(ids, 12, seed=0, num_samples=3, attention_mask=mask)
+    out = byte_model.generate(ids, max_new_tokens=12, seed=0, num_samples=3, attention_mask=mask)
     assert out.shape == (6, 15)
     assert torch.equal(out[:3, :3], ids[:1].expand(3, -1)) and torch.equal(out[3:, :3], ids[1:].expand(3, -1))
     assert len({tuple(row) for row in out[:3].tolist()}) == 3  # samples differ
-    greedy = byte_model.generate(ids[:1], 12, temperature=0, num_samples=2)
+    greedy = byte_model.generate(ids[:1], max_new_tokens=12, temperature=0, num_samples=2)
     assert torch.equal(greedy[0], greedy[1])
 
 
 def test_stop_token_ends_a_row_and_pads_it(byte_model: GPT2) -> None:
     ids = torch.tensor([[72, 101, 108], [87, 111, 119]])
-    free = byte_model.generate(ids, 20, temperature=0)
+    free = byte_model.generate(ids, max_new_tokens=20, temperature=0)
     stop = int(free[0, 3 + 5])  # the 6th new token of row 0
     first = (free[0, 3:] == stop).nonzero()[0, 0].item()
-    out = byte_model.generate(ids, 20, temperature=0, stop_token_ids=[stop], pad_token_id=0)
+    out = byte_model.generate(ids, max_new_tokens=20, temperature=0, stop_token_ids=[stop], pad_token_id=0)
     assert torch.equal(out[0, : 3 + first + 1], free[0, : 3 + first + 1])
     assert torch.all(out[0, 3 + first + 1 :] == 0)
     row1 = (free[1, 3:] == stop).nonzero()
@@ -213,13 +215,20 @@ def test_stop_strings_cut_the_text(byte_model: GPT2) -> None:
         return len(text) == 2 and text.isprintable() and "\ufffd" not in text
 
     # The first seed whose sample has two plain characters at 10:12 to stop at.
-    seed, free = next((seed, text) for seed in range(100)
-                      for text in generate_text(byte_model, BYTES, "ab", max_new_tokens=40, seed=seed)
-                      if plain(text[10:12]))
+    seed, free = next(
+        (seed, text)
+        for seed in range(100)
+        for text in generate_text(byte_model, BYTES, "ab", GenerationConfig(max_new_tokens=40, seed=seed))
+        if plain(text[10:12])
+    )
     stop = free[10:12]
-    cut = generate_text(byte_model, BYTES, "ab", max_new_tokens=40, seed=seed, stop_strings=[stop])[0]
+    cut = generate_text(
+        byte_model, BYTES, "ab", GenerationConfig(max_new_tokens=40, seed=seed, stop_strings=[stop])
+    )[0]
     assert cut == free[: free.index(stop)]
-    pieces = stream_text(byte_model, BYTES, "ab", max_new_tokens=40, seed=seed, stop_strings=[stop])
+    pieces = stream_text(
+        byte_model, BYTES, "ab", GenerationConfig(max_new_tokens=40, seed=seed, stop_strings=[stop])
+    )
     streamed = "".join(pieces)
     assert streamed == cut
 
@@ -232,8 +241,8 @@ def test_stop_strings_cut_the_text(byte_model: GPT2) -> None:
 def test_streaming_yields_exactly_the_text_and_never_splits_characters(byte_model: GPT2, seed: int) -> None:
     prompt = "日本語と絵文字 🎉: "
     settings = dict(max_new_tokens=34, seed=seed, temperature=1.5)
-    pieces = list(stream_text(byte_model, BYTES, prompt, **settings))
-    (text,) = generate_text(byte_model, BYTES, prompt, **settings)
+    pieces = list(stream_text(byte_model, BYTES, prompt, GenerationConfig(**settings)))
+    (text,) = generate_text(byte_model, BYTES, prompt, GenerationConfig(**settings))
     assert "".join(pieces) == text
     # Byte tokens make invalid UTF-8 and incomplete characters common; a split would show as extra
     # U+FFFD in the pieces compared with decoding the whole.
@@ -244,8 +253,14 @@ def test_streaming_yields_exactly_the_text_and_never_splits_characters(byte_mode
 def test_incremental_decoder_keeps_characters_whole(text: str, gpt2_ranks_file: Path) -> None:
     tokenizer = Tokenizer.from_file(gpt2_ranks_file)
     ids = tokenizer.encode(text)
-    assert any(tokenizer.decode_bytes([i]).decode("utf-8", "replace") != tokenizer.decode([i]) or
-               "\ufffd" in tokenizer.decode([i]) for i in ids) or text == "ü é ñ ß"
+    assert (
+        any(
+            tokenizer.decode_bytes([i]).decode("utf-8", "replace") != tokenizer.decode([i])
+            or "\ufffd" in tokenizer.decode([i])
+            for i in ids
+        )
+        or text == "ü é ñ ß"
+    )
     decoder = IncrementalDecoder(tokenizer)
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
@@ -254,24 +269,32 @@ def test_incremental_decoder_keeps_characters_whole(text: str, gpt2_ranks_file: 
 
 def test_empty_prompt_starts_from_endoftext(byte_model: GPT2) -> None:
     assert encode_prompt(BYTES, "") == [BYTES.eot_token]
-    (text,) = generate_text(byte_model, BYTES, "", max_new_tokens=20, temperature=0)
-    ids = generate(byte_model, torch.tensor([[BYTES.eot_token]]), max_new_tokens=20, temperature=0,
-                   stop_token_ids=[BYTES.eot_token])
+    (text,) = generate_text(byte_model, BYTES, "", GenerationConfig(max_new_tokens=20, temperature=0))
+    ids = generate(
+        byte_model,
+        torch.tensor([[BYTES.eot_token]]),
+        GenerationConfig(max_new_tokens=20, temperature=0, stop_token_ids=[BYTES.eot_token]),
+    )
     new = [t for t in ids[0, 1:].tolist() if t != BYTES.eot_token]
     assert text == BYTES.decode(new)
 
 
 def test_a_batch_of_prompts_gives_each_prompt_its_own_completion(byte_model: GPT2) -> None:
     prompts = ["a", "a much longer prompt", "", "μέτριο"]
-    batch = generate_text(byte_model, BYTES, prompts, max_new_tokens=15, temperature=0)
-    alone = [generate_text(byte_model, BYTES, p, max_new_tokens=15, temperature=0)[0] for p in prompts]
+    batch = generate_text(byte_model, BYTES, prompts, GenerationConfig(max_new_tokens=15, temperature=0))
+    alone = [
+        generate_text(byte_model, BYTES, p, GenerationConfig(max_new_tokens=15, temperature=0))[0]
+        for p in prompts
+    ]
     assert batch == alone
 
 
 def test_token_stream_matches_generate(byte_model: GPT2) -> None:
     ids = torch.tensor([[1, 2, 3]])
-    steps = list(byte_model.generate(ids, 10, seed=5, stream=True))
-    assert torch.equal(torch.stack([t for t, _ in steps], dim=1), byte_model.generate(ids, 10, seed=5)[:, 3:])
+    steps = list(byte_model.stream(ids, max_new_tokens=10, seed=5))
+    assert torch.equal(
+        torch.stack([t for t, _ in steps], dim=1), byte_model.generate(ids, max_new_tokens=10, seed=5)[:, 3:]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,28 +304,30 @@ def test_token_stream_matches_generate(byte_model: GPT2) -> None:
 def test_prompt_longer_than_the_window_needs_truncation(byte_model: GPT2) -> None:
     ids = torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match="exceeds the context window"):
-        byte_model.generate(ids, 4, temperature=0)
-    out = byte_model.generate(ids, 4, temperature=0, truncate=True)
-    assert torch.equal(out, byte_model.generate(ids[:, -60:], 4, temperature=0))  # keeps 64 - 4
+        byte_model.generate(ids, max_new_tokens=4, temperature=0)
+    out = byte_model.generate(ids, max_new_tokens=4, temperature=0, truncate=True)
+    assert torch.equal(
+        out, byte_model.generate(ids[:, -60:], max_new_tokens=4, temperature=0)
+    )  # keeps 64 - 4
 
 
 def test_generation_stops_at_the_window_with_a_message(byte_model: GPT2) -> None:
     ids = torch.tensor([[1] * 50])
     with pytest.raises(UserError, match=r"max_new_tokens \(20\) exceeds the context window \(64\)"):
-        byte_model.generate(ids, 20, temperature=0)
+        byte_model.generate(ids, max_new_tokens=20, temperature=0)
     with pytest.warns(ContextWindowReached, match="stopped at the context window"):
-        out = byte_model.generate(ids, 20, temperature=0, at_window="stop")
+        out = byte_model.generate(ids, max_new_tokens=20, temperature=0, at_window="stop")
     assert out.shape == (1, 64)
-    assert torch.equal(out, byte_model.generate(ids, 14, temperature=0))
+    assert torch.equal(out, byte_model.generate(ids, max_new_tokens=14, temperature=0))
 
 
 def test_sliding_window_keeps_generating_from_the_last_half(byte_model: GPT2) -> None:
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = byte_model.generate(ids, 100, temperature=0, at_window="slide")
+        out = byte_model.generate(ids, max_new_tokens=100, temperature=0, at_window="slide")
     assert out.shape == (1, 110)
-    assert torch.equal(out[:, :64], byte_model.generate(ids, 54, temperature=0))
+    assert torch.equal(out[:, :64], byte_model.generate(ids, max_new_tokens=54, temperature=0))
     # The first slide happens when 65 tokens exist: the model then sees the last 32 of them.
     with torch.no_grad():
         expected = byte_model(out[:, 65 - 32 : 65])[0, -1].argmax()
@@ -353,12 +378,12 @@ def test_default_preparation_changes_no_value_and_no_output(hf_and_ours, tmp_pat
     hf, ours = hf_and_ours
     model = GPT2(ours.config)
     model.load_state_dict(ours.state_dict())
-    prepare_for_inference(model)
+    load_for_inference(model, device="cpu")
     assert model.lm_head.weight is model.transformer.wte.weight
     for (name, a), b in zip(ours.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(model.generate(ids, 20, temperature=0), hf_greedy(hf, ids, 20))
+    assert torch.equal(model.generate(ids, max_new_tokens=20, temperature=0), hf_greedy(hf, ids, 20))
     model.save_pretrained(tmp_path)  # still saves
     assert torch.equal(GPT2.from_pretrained(tmp_path).transformer.wte.weight, ours.transformer.wte.weight)
 
@@ -369,7 +394,7 @@ def test_onednn_products_give_the_same_logits_and_tokens() -> None:
     plain = GPT2(config).eval()  # the reference: PyTorch's own products, never prepared or generated with
     model = GPT2(config)
     model.load_state_dict(plain.state_dict())
-    model.generate(torch.tensor([[1, 2]]), 1)  # generating is enough: fast by default
+    load_for_inference(model, device="cpu")  # fp32 on the CPU: oneDNN's products
     assert all(isinstance(m, _OneDNNLinear) for m in (model.lm_head, model.transformer.h[1].mlp.c_proj))
     ids = torch.randint(0, 1024, (3, 11), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -377,7 +402,7 @@ def test_onednn_products_give_the_same_logits_and_tokens() -> None:
         expected = ids
         for _ in range(12):  # greedy by whole forward passes
             expected = torch.cat([expected, plain(expected)[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(model.generate(ids, 12, temperature=0), expected)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, temperature=0), expected)
     assert not any(isinstance(m, _OneDNNLinear) for m in plain.modules())
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():  # autocast still applies
         assert model(ids).dtype == torch.bfloat16
@@ -385,26 +410,30 @@ def test_onednn_products_give_the_same_logits_and_tokens() -> None:
     assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens() -> None:
     config = GPT2Config(vocab_size=1024, n_positions=64, n_embd=256, n_layer=2, n_head=4)
     plain = GPT2(config).eval()
     model = GPT2(config)
     model.load_state_dict(plain.state_dict())
-    prepare_for_inference(model, compile=True)  # about 10 s of compilation on 2 cores
+    load_for_inference(model, device="cpu", compile=True)  # about 10 s of compilation on 2 cores
     ids = torch.randint(0, 1024, (3, 11), generator=torch.Generator().manual_seed(6))
-    assert torch.equal(model.generate(ids, 12, temperature=0), plain.generate(ids, 12, temperature=0))
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=12, temperature=0),
+        plain.generate(ids, max_new_tokens=12, temperature=0),
+    )
 
 
 def test_bf16_weights_generate_close_to_fp32(byte_model: GPT2) -> None:
     ids = torch.tensor([[5, 6, 7, 8]])
     model = GPT2(byte_model.config)
     model.load_state_dict(byte_model.state_dict())
-    prepare_for_inference(model, bf16=True)
+    load_for_inference(model, precision="bf16", device="cpu")
     assert model.transformer.wte.weight.dtype == torch.bfloat16
     with torch.no_grad():
         expected, got = byte_model(ids)[0, -1], model(ids)[0, -1].float()
     assert (got - expected).abs().max() < 0.05 * expected.abs().max() + 0.05
-    out = model.generate(ids, 10, temperature=0)
+    out = model.generate(ids, max_new_tokens=10, temperature=0)
     assert out.shape == (1, 14) and out.dtype == torch.long
 
 
@@ -412,7 +441,7 @@ def test_generation_under_bf16_autocast_matches_bf16_logits(byte_model: GPT2) ->
     # The trainer prints samples from an fp32 model under bf16 autocast: the fp32 cache takes bf16 keys.
     ids = torch.tensor([[72, 101, 108, 108, 111]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = byte_model.generate(ids, 8, temperature=0)
+        out = byte_model.generate(ids, max_new_tokens=8, temperature=0)
         full = byte_model(out[:, :-1])
     assert out.shape == (1, 13)
     assert torch.equal(full[0, 4:].argmax(-1), out[0, 5:])
@@ -422,11 +451,11 @@ def test_int8_quantisation_generates_close_to_fp32(byte_model: GPT2) -> None:
     ids = torch.tensor([[5, 6, 7, 8]])
     model = GPT2(byte_model.config)
     model.load_state_dict(byte_model.state_dict())
-    model.generate(ids, 1)  # its wide layers now run on oneDNN: quantisation must still take them
-    prepare_for_inference(model, int8=True)
+    model.generate(ids, max_new_tokens=1)  # generating first leaves every layer for quantisation to take
+    load_for_inference(model, precision="int8", device="cpu")
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     with torch.no_grad():
         expected, got = byte_model(ids)[0, -1], model(ids)[0, -1]
     assert math.isfinite(float(got.sum()))
     assert (got - expected).abs().max() < 0.1 * expected.abs().max() + 0.1
-    assert model.generate(ids, 10, temperature=0).shape == (1, 14)
+    assert model.generate(ids, max_new_tokens=10, temperature=0).shape == (1, 14)

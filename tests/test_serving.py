@@ -1,14 +1,14 @@
 """The server: the official openai client against it, streaming, batching that really shares forward
 passes, the queue limit, disconnects, and every bad input a clear 4xx (with the server still up).
 
-A tiny random model over bytes serves on 127.0.0.1 (a free port, in a thread). Its end-of-text
-logit is pushed far down so that it never ends a text by itself and every length is known.
+A tiny random model over bytes serves on 127.0.0.1 (a free port, in a thread: ``serving`` in
+conftest.py). Its end-of-text logit is pushed far down so that it never ends a text by itself and every
+length is known (``endless_model``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import socket
@@ -16,71 +16,28 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import BYTES, endless_model, serving, wait_for
 
-from gpt2 import GPT2, GPT2Config
+from gpt2 import GPT2
 from gpt2.cli import main
 from gpt2.sampling import GenerationConfig, generate, generate_text
-from gpt2.serving import Engine, create_app
+from gpt2.serving import Engine
 from gpt2.serving.engine import Job, SequenceRequest, draw
-from gpt2.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-BYTES = Tokenizer({bytes([i]): i for i in range(256)})  # <|endoftext|> is 256
 WINDOW = 96
 KEY = "secret-key"
 
 
-def tiny_model() -> GPT2:
-    """A random 2-layer model over bytes whose <|endoftext|> logit is always about -6 below the rest."""
-    torch.manual_seed(0)
-    config = GPT2Config.from_preset("tiny", vocab_size=BYTES.n_vocab, n_positions=WINDOW, n_layer=2,
-                                    n_embd=64, n_head=4)
-    model = GPT2(config).eval()
-    with torch.no_grad():  # ln_f's output then always has a component b*1, which w_eot = -1 turns down
-        model.transformer.ln_f.bias.fill_(0.1)
-        model.transformer.wte.weight[BYTES.eot_token] = -1.0
-    model.tokenizer = BYTES
-    return model
-
-
-@contextlib.contextmanager
-def serving(model: GPT2, **options: object) -> Iterator[tuple[str, Engine]]:
-    """Serve ``model`` on a free loopback port in a thread; yields (base URL, engine)."""
-    engine = Engine(model, model.tokenizer, max_batch_size=int(options.pop("max_batch_size", 8)),
-                    max_queue=int(options.pop("max_queue", 64)),
-                    prefill_chunk=int(options.pop("prefill_chunk", 256)))
-    app = create_app(engine, model_name="tiny", **options)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, "the server to start")
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def model() -> GPT2:
-    return tiny_model()
+    return endless_model(WINDOW)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +73,7 @@ def post(url: str, path: str, body: bytes | str | dict | Iterator[bytes],
 def test_completion_is_the_greedy_continuation(client, model) -> None:
     prompts = ["Hello", "The quick brown fox"]
     result = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0)
-    expected = generate_text(model, BYTES, prompts, temperature=0, max_new_tokens=12)
+    expected = generate_text(model, BYTES, prompts, GenerationConfig(temperature=0, max_new_tokens=12))
     assert [c.text for c in sorted(result.choices, key=lambda c: c.index)] == expected
     assert {c.finish_reason for c in result.choices} == {"length"}
     assert result.usage.prompt_tokens == sum(len(BYTES.encode(p)) for p in prompts)
@@ -156,7 +113,9 @@ def test_logprobs_and_echo(client, model) -> None:
     lp = choice.logprobs
     assert len(lp.tokens) == 3 + 5 and lp.token_logprobs[0] is None
     # Direct computation: the model's log-softmax over the prompt and its greedy continuation.
-    ids = generate(model, torch.tensor([BYTES.encode("abc")]), max_new_tokens=5, temperature=0)[0].tolist()
+    ids = generate(
+        model, torch.tensor([BYTES.encode("abc")]), GenerationConfig(max_new_tokens=5, temperature=0)
+    )[0].tolist()
     assert lp.tokens == [BYTES.decode([t]) for t in ids]
     with torch.no_grad():
         expected = model(torch.tensor([ids])).log_softmax(-1)[0]
@@ -168,20 +127,25 @@ def test_logprobs_and_echo(client, model) -> None:
 
 
 def test_chat_uses_the_transcript_and_streams_the_same(client, model) -> None:
-    messages = [{"role": "system", "content": "Two friends talk."},
-                {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": "How are you?"}]
+    messages = [
+        {"role": "system", "content": "Two friends talk."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "How are you?"},
+    ]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     reply = whole.choices[0].message
     assert reply.role == "assistant"
     # The template of gpt2.prompts.Chat, continued greedily (a reply is one line, leading spaces dropped).
     transcript = "Two friends talk.\n\nUser: Hi!\nAssistant: Hello.\nUser: How are you?\nAssistant:"
-    (expected,) = generate_text(model, BYTES, transcript, temperature=0, max_new_tokens=10,
-                                stop_strings=["\n"])
+    (expected,) = generate_text(
+        model, BYTES, transcript, GenerationConfig(temperature=0, max_new_tokens=10, stop_strings=["\n"])
+    )
     assert reply.content == expected.lstrip()
     assert whole.usage.prompt_tokens == len(BYTES.encode(transcript))
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.content
@@ -190,24 +154,39 @@ def test_chat_uses_the_transcript_and_streams_the_same(client, model) -> None:
 
 def test_penalties_and_logit_bias_are_the_library_s(client, model) -> None:
     settings = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
-    result = client.completions.create(model="tiny", prompt="abcabc", max_tokens=16, temperature=0,
-                                       extra_body={"repetition_penalty": 1.3},
-                                       frequency_penalty=1.5, presence_penalty=0.5)
-    (expected,) = generate_text(model, BYTES, "abcabc", temperature=0, max_new_tokens=16, **settings)
-    (plain,) = generate_text(model, BYTES, "abcabc", temperature=0, max_new_tokens=16)
+    result = client.completions.create(
+        model="tiny",
+        prompt="abcabc",
+        max_tokens=16,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.3},
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+    )
+    (expected,) = generate_text(
+        model, BYTES, "abcabc", GenerationConfig(temperature=0, max_new_tokens=16, **settings)
+    )
+    (plain,) = generate_text(model, BYTES, "abcabc", GenerationConfig(temperature=0, max_new_tokens=16))
     assert result.choices[0].text == expected != plain
-    forced = client.completions.create(model="tiny", prompt="hi", max_tokens=6, temperature=1.0,
-                                       logit_bias={str(ord("z")): 100})
+    forced = client.completions.create(
+        model="tiny", prompt="hi", max_tokens=6, temperature=1.0, logit_bias={str(ord("z")): 100}
+    )
     assert forced.choices[0].text == "zzzzzz"
-    banned = client.completions.create(model="tiny", prompt="hi", max_tokens=6, temperature=0,
-                                       logit_bias={str(ord(c)): -100 for c in plain[:6]})
+    banned = client.completions.create(
+        model="tiny",
+        prompt="hi",
+        max_tokens=6,
+        temperature=0,
+        logit_bias={str(ord(c)): -100 for c in plain[:6]},
+    )
     assert not set(banned.choices[0].text) & set(plain[:6])
 
 
 def test_min_p_of_one_samples_the_greedy_text(client, model) -> None:
-    result = client.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0, seed=3,
-                                       extra_body={"min_p": 1.0})
-    (greedy,) = generate_text(model, BYTES, "abc", temperature=0, max_new_tokens=12)
+    result = client.completions.create(
+        model="tiny", prompt="abc", max_tokens=12, temperature=1.0, seed=3, extra_body={"min_p": 1.0}
+    )
+    (greedy,) = generate_text(model, BYTES, "abc", GenerationConfig(temperature=0, max_new_tokens=12))
     assert result.choices[0].text == greedy
     sampled = client.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=1.0, seed=3)
     assert sampled.choices[0].text != greedy  # (without it, temperature 1 does sample)
@@ -217,11 +196,16 @@ def test_n_choices_read_their_prompt_once(server, client) -> None:
     _, engine = server
     prompt = "All four choices share this prompt."
     before = engine.load()["prompt_tokens"]
-    together = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, n=4, seed=7, echo=True,
-                                         logprobs=1)
+    together = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=8, n=4, seed=7, echo=True, logprobs=1
+    )
     assert engine.load()["prompt_tokens"] - before == len(BYTES.encode(prompt))
-    alone = [client.completions.create(model="tiny", prompt=prompt, max_tokens=8, seed=7 + i, echo=True,
-                                       logprobs=1).choices[0] for i in range(4)]
+    alone = [
+        client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=8, seed=7 + i, echo=True, logprobs=1
+        ).choices[0]
+        for i in range(4)
+    ]
     for shared, single in zip(sorted(together.choices, key=lambda c: c.index), alone, strict=True):
         assert shared.text == single.text
         expected = single.logprobs.token_logprobs[1:]
@@ -232,8 +216,9 @@ def test_n_choices_read_their_prompt_once(server, client) -> None:
 def test_chat_takes_text_content_parts(client) -> None:
     def reply(system: object, user: object) -> tuple[str, list[float]]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        choice = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
-                                                logprobs=True).choices[0]
+        choice = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True
+        ).choices[0]
         return choice.message.content, [t.logprob for t in choice.logprobs.content]
 
     def text(t: str) -> dict[str, str]:
@@ -275,8 +260,15 @@ def test_concurrent_requests_share_forward_passes(server, client, model) -> None
     after = engine.load()
     # Batched with others (left-padded, shifted in the shared cache), each is its own greedy continuation.
     for i, prompt in enumerate(prompts):
-        assert results[i] == generate_text(model, BYTES, prompt, temperature=0,
-                                           max_new_tokens=min(40, WINDOW - len(prompt)))[0]
+        assert (
+            results[i]
+            == generate_text(
+                model,
+                BYTES,
+                prompt,
+                GenerationConfig(temperature=0, max_new_tokens=min(40, WINDOW - len(prompt))),
+            )[0]
+        )
     tokens = after["tokens_generated"] - before["tokens_generated"]
     passes = after["forward_passes"] - before["forward_passes"]
     assert tokens == sum(min(40, WINDOW - len(p)) for p in prompts)
@@ -286,14 +278,16 @@ def test_concurrent_requests_share_forward_passes(server, client, model) -> None
 
 def test_chunked_prefill_gives_the_same_text_and_prompt_logprobs(client, model) -> None:
     prompts = ["Hi", "The quick brown fox jumps over the lazy dog"]  # 2 and 43 tokens, left-padded
-    whole = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0, echo=True,
-                                      logprobs=1)
+    whole = client.completions.create(
+        model="tiny", prompt=prompts, max_tokens=10, temperature=0, echo=True, logprobs=1
+    )
     with serving(model, prefill_chunk=5) as (url, _):
         chunked_client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        chunked = chunked_client.completions.create(model="tiny", prompt=prompts, max_tokens=10,
-                                                    temperature=0, echo=True, logprobs=1)
+        chunked = chunked_client.completions.create(
+            model="tiny", prompt=prompts, max_tokens=10, temperature=0, echo=True, logprobs=1
+        )
     for a, b, prompt in zip(whole.choices, chunked.choices, prompts, strict=True):
-        (expected,) = generate_text(model, BYTES, prompt, temperature=0, max_new_tokens=10)
+        (expected,) = generate_text(model, BYTES, prompt, GenerationConfig(temperature=0, max_new_tokens=10))
         assert a.text == b.text == prompt + expected
         assert b.logprobs.token_logprobs[0] is None
         assert b.logprobs.token_logprobs[1:] == pytest.approx(a.logprobs.token_logprobs[1:], abs=1e-4)
@@ -343,7 +337,8 @@ def test_a_request_cancelled_while_its_prompt_is_read_is_dropped(model) -> None:
                 await asyncio.sleep(0.001)
             after = engine.submit([SequenceRequest([97], greedy)])
             assert [step.token async for _, step in after.steps()] == generate(
-                model, torch.tensor([[97]]), max_new_tokens=3, temperature=0)[0, 1:].tolist()
+                model, torch.tensor([[97]]), GenerationConfig(max_new_tokens=3, temperature=0)
+            )[0, 1:].tolist()
             return engine.load()
         finally:
             engine.stop()
@@ -357,8 +352,9 @@ def test_full_queue_answers_429_and_disconnect_frees_the_slot(model) -> None:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         stream = client.completions.create(model="tiny", prompt="a", max_tokens=WINDOW - 1, stream=True)
         next(iter(stream))  # the first request holds the only slot
-        waiting = threading.Thread(target=client.completions.create,
-                                   kwargs=dict(model="tiny", prompt="b", max_tokens=4))
+        waiting = threading.Thread(
+            target=client.completions.create, kwargs=dict(model="tiny", prompt="b", max_tokens=4)
+        )
         waiting.start()
         wait_for(lambda: engine.load()["waiting"] == 1, "the second request to wait")
         with pytest.raises(openai.RateLimitError) as refused:
@@ -423,8 +419,18 @@ def test_bad_completion_requests(server, body, status, words) -> None:
         ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, "role"),
         ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, "alternate"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 2 * WINDOW}]}, "too long"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "'image_url'"),
+        (
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+                    }
+                ],
+            },
+            "'image_url'",
+        ),
     ],
 )
 def test_bad_chat_requests(server, body, words) -> None:
@@ -494,8 +500,21 @@ def test_gpt2_serve_command(model, tmp_path, capsys) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "gpt2", "serve", "--model", str(directory), "--port", str(port),
-               "--api-key", KEY, "--no-batching", "--prefill-chunk", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "gpt2",
+        "serve",
+        "--model",
+        str(directory),
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--no-batching",
+        "--prefill-chunk",
+        "2",
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
@@ -509,7 +528,10 @@ def test_gpt2_serve_command(model, tmp_path, capsys) -> None:
 
         wait_for(up, "gpt2 serve to answer", timeout=90)
         result = client.completions.create(model="bytes-model", prompt="Hi", max_tokens=5, temperature=0)
-        assert result.choices[0].text == generate_text(model, BYTES, "Hi", temperature=0, max_new_tokens=5)[0]
+        assert (
+            result.choices[0].text
+            == generate_text(model, BYTES, "Hi", GenerationConfig(temperature=0, max_new_tokens=5))[0]
+        )
     finally:
         process.terminate()
         _, err = process.communicate(timeout=30)

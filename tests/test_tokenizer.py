@@ -1,8 +1,9 @@
 """The tokenizer: parity with tiktoken and transformers, every file format, training, the CLI, bad input.
 
-The references are built here independently of gpt2.tokenizer: a tiktoken.Encoding over the ranks
-file with GPT-2's regex, OpenAI's encoder.json + vocab.bpe derived from the ranks by plain BPE, and
-transformers' GPT2Tokenizer over those files.
+The references are built independently of gpt2.tokenizer: a tiktoken.Encoding over the ranks file
+with GPT-2's regex (``reference_encoding``, in conftest.py, beside ``gpt2_tokenizer``, ours), and here
+OpenAI's encoder.json + vocab.bpe derived from the ranks by plain BPE, and transformers' GPT2Tokenizer
+over those files.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from gpt2.cli import main
 from gpt2.errors import UserError
 from gpt2.tokenizer import Tokenizer, train_tokenizer
 
-GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
 
 ADVERSARIAL = [
@@ -112,17 +112,6 @@ def ranks(gpt2_ranks_file: Path) -> dict[bytes, int]:
 
 
 @pytest.fixture(scope="module")
-def reference(ranks: dict[bytes, int]) -> tiktoken.Encoding:
-    return tiktoken.Encoding("gpt2-reference", pat_str=GPT2_REGEX, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)})
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_ranks_file: Path) -> Tokenizer:
-    return Tokenizer.from_file(gpt2_ranks_file)
-
-
-@pytest.fixture(scope="module")
 def shakespeare(shakespeare_files: list[Path]) -> list[str]:
     return [f.read_text(encoding="utf-8") for f in shakespeare_files]
 
@@ -136,87 +125,101 @@ def openai_dir(ranks: dict[bytes, int], tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def saved_dir(gpt2: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def saved_dir(gpt2_tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("saved")
-    gpt2.save_pretrained(directory)
+    gpt2_tokenizer.save_pretrained(directory)
     return directory
 
 
 # -- parity with tiktoken ----------------------------------------------------------------------------------
 
 
-def test_shakespeare_parity_with_tiktoken(gpt2: Tokenizer, reference: tiktoken.Encoding,
+def test_shakespeare_parity_with_tiktoken(gpt2_tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding,
                                           shakespeare: list[str]):
-    expected = [reference.encode_ordinary(text) for text in shakespeare]
-    ours = [gpt2.encode(text) for text in shakespeare]
+    expected = [reference_encoding.encode_ordinary(text) for text in shakespeare]
+    ours = [gpt2_tokenizer.encode(text) for text in shakespeare]
     mismatching_ids = sum(sum(a != b for a, b in zip(x, y, strict=False)) + abs(len(x) - len(y))
                           for x, y in zip(ours, expected, strict=True))
     assert mismatching_ids == 0
-    assert [gpt2.decode(ids) for ids in ours] == shakespeare
-    assert gpt2.encode_batch(shakespeare, num_threads=2) == expected
+    assert [gpt2_tokenizer.decode(ids) for ids in ours] == shakespeare
+    assert gpt2_tokenizer.encode_batch(shakespeare, num_threads=2) == expected
 
 
-def test_batch_encoding_cuts_long_texts_without_changing_ids(gpt2: Tokenizer, reference: tiktoken.Encoding,
-                                                             shakespeare: list[str]):
+def test_batch_encoding_cuts_long_texts_without_changing_ids(
+    gpt2_tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding, shakespeare: list[str]
+):
     from gpt2.tokenizer import _split_at_lines
 
     texts = [*shakespeare[:2], "\n".join(ADVERSARIAL) * 3]
     for text in texts:
         pieces = _split_at_lines(text, 200)
         assert len(pieces) > 3 and "".join(pieces) == text
-        apart = [i for piece in pieces for i in reference.encode_ordinary(piece)]
-        assert apart == reference.encode_ordinary(text)
+        apart = [i for piece in pieces for i in reference_encoding.encode_ordinary(piece)]
+        assert apart == reference_encoding.encode_ordinary(text)
     one_long_text = "".join(shakespeare[:8])  # long enough to be cut into pieces for the threads
-    assert gpt2.encode_batch([one_long_text], num_threads=2) == [reference.encode_ordinary(one_long_text)]
+    assert gpt2_tokenizer.encode_batch([one_long_text], num_threads=2) == [
+        reference_encoding.encode_ordinary(one_long_text)
+    ]
 
 
-def test_adversarial_parity_with_tiktoken(gpt2: Tokenizer, reference: tiktoken.Encoding):
+def test_adversarial_parity_with_tiktoken(gpt2_tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding):
     for text in ADVERSARIAL:
-        ids = gpt2.encode(text)
-        assert ids == reference.encode_ordinary(text), text
-        assert gpt2.decode(ids) == text
-    assert gpt2.encode_batch(ADVERSARIAL, num_threads=2) == reference.encode_ordinary_batch(ADVERSARIAL)
+        ids = gpt2_tokenizer.encode(text)
+        assert ids == reference_encoding.encode_ordinary(text), text
+        assert gpt2_tokenizer.decode(ids) == text
+    assert gpt2_tokenizer.encode_batch(ADVERSARIAL, num_threads=2) == (
+        reference_encoding.encode_ordinary_batch(ADVERSARIAL)
+    )
 
 
-def test_lone_surrogates_are_replaced_like_tiktoken(gpt2: Tokenizer, reference: tiktoken.Encoding):
+def test_lone_surrogates_are_replaced_like_tiktoken(
+    gpt2_tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding
+):
     # A lone surrogate cannot be UTF-8 encoded; tiktoken replaces it with U+FFFD, and so do we,
     # so the round trip gives U+FFFD where the surrogate was.
     for text in LONE_SURROGATES:
-        ids = gpt2.encode(text)
-        assert ids == reference.encode_ordinary(text)
+        ids = gpt2_tokenizer.encode(text)
+        assert ids == reference_encoding.encode_ordinary(text)
         replaced = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        assert ids == gpt2.encode(replaced)
-        assert gpt2.decode(ids) == replaced
+        assert ids == gpt2_tokenizer.encode(replaced)
+        assert gpt2_tokenizer.decode(ids) == replaced
 
 
-def test_special_tokens_are_text_unless_allowed(gpt2: Tokenizer, reference: tiktoken.Encoding):
+def test_special_tokens_are_text_unless_allowed(
+    gpt2_tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding
+):
     text = f"a{EOT}b"
-    assert gpt2.eot_token == 50256 and gpt2.n_vocab == 50257
-    assert gpt2.encode(text) == reference.encode_ordinary(text)
-    assert 50256 not in gpt2.encode(text)
-    assert gpt2.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
-    assert gpt2.encode(text, allowed_special={EOT}) == [*gpt2.encode("a"), 50256, *gpt2.encode("b")]
-    assert gpt2.decode(gpt2.encode(text, allowed_special="all")) == text
+    assert gpt2_tokenizer.eot_token == 50256 and gpt2_tokenizer.n_vocab == 50257
+    assert gpt2_tokenizer.encode(text) == reference_encoding.encode_ordinary(text)
+    assert 50256 not in gpt2_tokenizer.encode(text)
+    assert gpt2_tokenizer.encode(text, allowed_special="all") == reference_encoding.encode(
+        text, allowed_special="all"
+    )
+    assert gpt2_tokenizer.encode(text, allowed_special={EOT}) == [
+        *gpt2_tokenizer.encode("a"), 50256, *gpt2_tokenizer.encode("b")
+    ]
+    assert gpt2_tokenizer.decode(gpt2_tokenizer.encode(text, allowed_special="all")) == text
     with pytest.raises(UserError, match=re.escape("<|startoftext|>")):
-        gpt2.encode(text, allowed_special={"<|startoftext|>"})
+        gpt2_tokenizer.encode(text, allowed_special={"<|startoftext|>"})
 
 
-def test_decode(gpt2: Tokenizer):
+def test_decode(gpt2_tokenizer: Tokenizer):
     char = "\U0001d54b"  # four bytes of UTF-8, more than one token
-    ids = gpt2.encode(char)
-    assert len(ids) > 1 and gpt2.decode_bytes(ids) == char.encode()
-    assert gpt2.decode(ids[:1]) == "\ufffd"  # a cut-off character
+    ids = gpt2_tokenizer.encode(char)
+    assert len(ids) > 1 and gpt2_tokenizer.decode_bytes(ids) == char.encode()
+    assert gpt2_tokenizer.decode(ids[:1]) == "\ufffd"  # a cut-off character
     for bad in (50257, -1, 2**70):
         with pytest.raises(UserError, match=f"token id {bad} is not in"):
-            gpt2.decode([15496, bad])
-    assert "n_vocab=50257" in repr(gpt2)
+            gpt2_tokenizer.decode([15496, bad])
+    assert "n_vocab=50257" in repr(gpt2_tokenizer)
 
 
 # -- file formats ------------------------------------------------------------------------------------------
 
 
-def test_same_ids_from_every_format(gpt2_ranks_file: Path, openai_dir: Path, reference: tiktoken.Encoding,
-                                    shakespeare: list[str], tmp_path: Path):
+def test_same_ids_from_every_format(gpt2_ranks_file: Path, openai_dir: Path,
+                                    reference_encoding: tiktoken.Encoding, shakespeare: list[str],
+                                    tmp_path: Path):
     from transformers import GPT2Tokenizer
 
     hf_dir = tmp_path / "hf-slow"
@@ -239,17 +242,17 @@ def test_same_ids_from_every_format(gpt2_ranks_file: Path, openai_dir: Path, ref
 
     texts = [t for t in ADVERSARIAL if EOT not in t] + [shakespeare[0][:100_000]]
     for text in texts:  # the test's own files are GPT-2's: transformers agrees with tiktoken on them
-        assert hf.encode(text) == reference.encode_ordinary(text), text
+        assert hf.encode(text) == reference_encoding.encode_ordinary(text), text
     for directory in (openai_dir, hf_dir, fast_dir, string_merges_dir, tiktoken_dir):
         tokenizer = Tokenizer.from_pretrained(directory)
         assert (tokenizer.n_vocab, tokenizer.eot_token) == (50257, 50256)
         for text in [*texts, *ADVERSARIAL]:
-            expected = reference.encode(text, allowed_special="all")
+            expected = reference_encoding.encode(text, allowed_special="all")
             assert tokenizer.encode(text, allowed_special="all") == expected
 
 
-def test_save_pretrained_loads_in_transformers(gpt2: Tokenizer, saved_dir: Path, openai_dir: Path,
-                                               reference: tiktoken.Encoding):
+def test_save_pretrained_loads_in_transformers(gpt2_tokenizer: Tokenizer, saved_dir: Path, openai_dir: Path,
+                                               reference_encoding: tiktoken.Encoding):
     from transformers import AutoTokenizer, GPT2Tokenizer
 
     # The merges derived by save_pretrained are OpenAI's (derived independently above).
@@ -259,22 +262,24 @@ def test_save_pretrained_loads_in_transformers(gpt2: Tokenizer, saved_dir: Path,
     auto = AutoTokenizer.from_pretrained(saved_dir)
     slow_files = GPT2Tokenizer(vocab=str(saved_dir / "vocab.json"), merges=str(saved_dir / "merges.txt"))
     for text in ADVERSARIAL:
-        ids = gpt2.encode(text, allowed_special="all")  # transformers always matches special tokens
+        ids = gpt2_tokenizer.encode(text, allowed_special="all")  # transformers always matches special tokens
         assert auto.encode(text) == ids, text
         assert slow_files.encode(text) == ids, text
-    assert auto.eos_token_id == gpt2.eot_token
+    assert auto.eos_token_id == gpt2_tokenizer.eot_token
     loaded = Tokenizer.from_pretrained(saved_dir)
-    assert [loaded.encode(t) for t in ADVERSARIAL] == [reference.encode_ordinary(t) for t in ADVERSARIAL]
+    assert [loaded.encode(t) for t in ADVERSARIAL] == [
+        reference_encoding.encode_ordinary(t) for t in ADVERSARIAL
+    ]
 
 
-def test_save_pretrained_overwrites_cleanly(gpt2: Tokenizer, saved_dir: Path, tmp_path: Path):
+def test_save_pretrained_overwrites_cleanly(gpt2_tokenizer: Tokenizer, saved_dir: Path, tmp_path: Path):
     shutil.copytree(saved_dir, tmp_path / "again")
     (tmp_path / "again" / "vocab.json").write_text("{}")
-    gpt2.save_pretrained(tmp_path / "again")
+    gpt2_tokenizer.save_pretrained(tmp_path / "again")
     names = {p.name for p in (tmp_path / "again").iterdir()}
     assert names == {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                      "special_tokens_map.json"}  # no temporary files left behind
-    assert Tokenizer.from_pretrained(tmp_path / "again").encode("Hello") == gpt2.encode("Hello")
+    assert Tokenizer.from_pretrained(tmp_path / "again").encode("Hello") == gpt2_tokenizer.encode("Hello")
 
 
 # -- training ----------------------------------------------------------------------------------------------
@@ -458,9 +463,9 @@ def test_bad_vocabulary_files(make, tmp_path: Path):
 
 
 def test_load_dispatches_and_refuses_missing_paths(gpt2_ranks_file: Path, saved_dir: Path, tmp_path: Path,
-                                                   reference: tiktoken.Encoding):
+                                                   reference_encoding: tiktoken.Encoding):
     from_file, from_directory = Tokenizer.load(gpt2_ranks_file), Tokenizer.load(saved_dir)
-    expected = reference.encode_ordinary("Hello there")
+    expected = reference_encoding.encode_ordinary("Hello there")
     assert from_file.encode("Hello there") == from_directory.encode("Hello there") == expected
     with pytest.raises(UserError, match="no such file"):
         Tokenizer.from_file(tmp_path / "gpt2.tiktoken")

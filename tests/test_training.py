@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
 from gpt2 import GPT2, Tokenizer, UserError
 from gpt2.cli import main
-from gpt2.data import find_shards, read_shard
 from gpt2.metrics import read_metrics
-from gpt2.training import load_config, train
+from gpt2.shards import find_shards, read_shard
+from gpt2.train_config import load_config
+from gpt2.training import train
 
 # A model of 0.1M parameters (+ embeddings) on sequences of 64: a step takes milliseconds.
 NANO = [
@@ -76,17 +78,6 @@ def gpt2_command(*args: object) -> list[str]:
     return [sys.executable, "-m", "gpt2", *(str(a) for a in args)]
 
 
-def run_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *words: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert all(w in lines[0] for w in words), lines[0]
-
-
 def losses(run: Path, key: str = "loss") -> list[float]:
     return [r[key] for r in read_metrics(run) if key in r]
 
@@ -126,6 +117,7 @@ def test_loss_falls_well_below_the_unigram_entropy(data: Path, tmp_path: Path) -
     assert model.tokenizer is not None and model.tokenizer.n_vocab == Tokenizer.from_pretrained(data).n_vocab
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path) -> None:
     args = [
         "train",
@@ -186,6 +178,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+@pytest.mark.slow
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
     data: Path, tmp_path: Path
 ) -> None:
@@ -268,6 +261,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data: Pa
     assert np.allclose(losses(one, "val_loss"), losses(two, "val_loss"), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_matches_one_process_and_its_checkpoints_load_and_resume(data: Path, tmp_path: Path) -> None:
     run, one = tmp_path / "fsdp", tmp_path / "one"
     out = two_processes_beside_one(data, run, one, "--fsdp", "--checkpoint-interval", 3,
@@ -347,16 +341,20 @@ def test_bad_training_inputs_are_one_line_errors_and_nothing_is_overwritten(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     fresh = tmp_path / "fresh"
-    code, err = run_cli(capsys, "train", "--data", data, "--out", fresh, "--preset", "huge", "--max-steps", 1)
+    code, _, err = run_cli(
+        capsys, "train", "--data", data, "--out", fresh, "--preset", "huge", "--max-steps", 1
+    )
     assert_one_line_error(code, err, "unknown preset 'huge'")
-    code, err = run_cli(capsys, "train", "--data", data, "--out", fresh, "--resume")
+    code, _, err = run_cli(capsys, "train", "--data", data, "--out", fresh, "--resume")
     assert_one_line_error(code, err, "--resume", "no checkpoint")
     assert not fresh.exists()
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x_train_000000.bin").write_bytes(struct.pack("<256i", 1234, 1, 2, *([0] * 253)) + b"\0" * 4)
-    code, err = run_cli(capsys, "train", "--data", bad, "--out", fresh, "--preset", "nano", "--max-steps", 1)
+    code, _, err = run_cli(
+        capsys, "train", "--data", bad, "--out", fresh, "--preset", "nano", "--max-steps", 1
+    )
     assert_one_line_error(code, err, "x_train_000000.bin", "magic number 1234")
     assert not fresh.exists()
 
@@ -365,7 +363,7 @@ def test_bad_training_inputs_are_one_line_errors_and_nothing_is_overwritten(
     assert main([str(a) for a in args]) == 0
     capsys.readouterr()
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    code, err = run_cli(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, str(run), "--resume", "--overwrite")
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert main([str(a) for a in [*args, "--overwrite", "--max-steps", 3]]) == 0
@@ -373,7 +371,7 @@ def test_bad_training_inputs_are_one_line_errors_and_nothing_is_overwritten(
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    code, err = run_cli(
+    code, _, err = run_cli(
         capsys, "train", "--data", data, "--out", tmp_path / "other", *NANO, "--max-steps", 1, "--overwrite"
     )
     assert_one_line_error(code, err, "holds no training run")

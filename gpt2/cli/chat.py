@@ -6,12 +6,13 @@ import argparse
 import sys
 import warnings
 
-from gpt2.cli.generate import (
+from gpt2.cli.options import (
+    add_length_arguments,
     add_model_arguments,
     add_sampling_arguments,
     load_model_and_tokenizer,
     report_warnings,
-    sampling_settings,
+    sampling_config,
 )
 from gpt2.prompts import CHAT_HEADER, Chat
 
@@ -19,20 +20,20 @@ from gpt2.prompts import CHAT_HEADER, Chat
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "chat",
-        help="chat with a model in the terminal",
         description="An interactive chat: type a message, read the reply; an empty line or end of input "
         "(Ctrl-D) ends it. The model continues a plain transcript ('User: ...' / 'Assistant: ...' lines "
         "after a one-line header); the oldest turns are dropped when the window is full.",
     )
     add_model_arguments(p)
     add_sampling_arguments(p, preset="paper")
+    add_length_arguments(p)
     p.add_argument("--header", default=CHAT_HEADER.strip(),
                    help="the line that opens the transcript and sets the scene")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = sampling_settings(args)
+    config = sampling_config(args)
     model, tokenizer = load_model_and_tokenizer(args)
     chat = Chat(header=args.header.strip() + "\n\n")
     interactive = sys.stdin.isatty()
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print("gpt2> ", end="", flush=True)
         with warnings.catch_warnings(record=True) as caught:
-            for piece in chat.stream_reply(model, tokenizer, line, **settings):
+            for piece in chat.stream_reply(model, tokenizer, line, config):
                 print(piece, end="", flush=True)
         print()
         report_warnings(caught)

@@ -7,22 +7,16 @@ import argparse
 import json
 import sys
 
-import torch
-
-from gpt2.api import GPT2
+from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer
 from gpt2.errors import UserError
 from gpt2.evaluation import benchmarks, perplexity, report
 from gpt2.evaluation.hub import HUB_DATASETS
 from gpt2.evaluation.scoring import Scorer
-from gpt2.tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="zero-shot evaluation: perplexity, LAMBADA, HellaSwag, CBT, and the paper's Table 3",
         description="Evaluate a model zero-shot on the GPT-2 paper's benchmarks.",
     )
     tasks_ = p.add_subparsers(dest="task", metavar="TASK", required=True)
@@ -77,16 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--model", required=True,
-                   help="a Hugging Face-format directory, a training run, or a hub name")
+    add_model_arguments(p, generates=False)
     if data:
         p.add_argument("--file", help="the evaluation data in the task's official format")
         p.add_argument("--dataset", choices=list(HUB_DATASETS),
                        help="load the data by name from the Hugging Face hub instead (needs `datasets`)")
-    p.add_argument("--tokenizer", help="tokenizer directory or .tiktoken file (default: the model's own)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="dtype of the weights and activations (default: float32)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -104,13 +93,7 @@ def _task_parser(
 
 def scorer_for(args: argparse.Namespace) -> Scorer:
     """Load the model and its tokenizer as the options say."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT2.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
-    tokenizer = model.tokenizer
-    if args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
-    if tokenizer is None:
-        raise UserError(f"{args.model} has no tokenizer files; give one with --tokenizer")
+    model, tokenizer = load_model_and_tokenizer(args)
     return Scorer(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
 
 

@@ -14,7 +14,6 @@ from gpt2.errors import UserError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "info",
-        help="print a model's config, parameter count, dtype and size",
         description="Print a model's config, parameter count, dtype, size in memory and tokenizer.",
     )
     p.add_argument("model", nargs="?", help="a Hugging Face-format directory, a training run, or a hub name")

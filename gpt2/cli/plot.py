@@ -10,7 +10,6 @@ from gpt2.metrics import plot_metrics
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "plot",
-        help="draw a training run's loss curve (train and validation) as a PNG",
         description="Draw the training and validation loss of RUN/metrics.jsonl into RUN/loss.png.",
     )
     p.add_argument("run", metavar="RUN", help="a training run directory (gpt2 train --out RUN)")

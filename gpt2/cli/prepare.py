@@ -11,7 +11,6 @@ from gpt2.tokenizer import Tokenizer
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prepare",
-        help="tokenize text into llm.c .bin shards for training",
         description="Tokenize .txt files, directories of them, .jsonl files (a 'text' field per line), "
         "the named corpus 'shakespeare', or a Hugging Face dataset by name into llm.c's .bin shards "
         "(<|endoftext|> before each document), split into training and validation shards, with the "

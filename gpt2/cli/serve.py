@@ -7,14 +7,13 @@ import ipaddress
 import os
 import sys
 
-from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer
+from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer
 from gpt2.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve a model over HTTP (OpenAI-compatible API and a playground page)",
         description="Serve a model with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), "
         "/health, and a playground page at / . Concurrent requests are decoded together (continuous "
         "batching), and prompts are read in chunks between their steps (chunked prefill). Binds to "

@@ -6,13 +6,12 @@ import argparse
 from pathlib import Path
 
 from gpt2 import prompts
-from gpt2.cli.generate import add_model_arguments, load_model_and_tokenizer, read_text_file
+from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer, read_text_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "task",
-        help="summarize, translate or answer questions with the paper's zero-shot prompts",
         description="Run one of the zero-shot tasks of the GPT-2 paper with its prompt and decoding: "
         "summarize (article + 'TL;DR:', top-k 2, 100 tokens, first 3 sentences), translate (example "
         "'english = french' pairs, greedy, first sentence), answer (document, Q/A history, 'A:', greedy).",

@@ -15,7 +15,6 @@ TOKENIZER_HELP = "a .tiktoken file, or a directory of tokenizer files (tokenizer
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tokenizer",
-        help="train a BPE vocabulary; encode and decode text",
         description="Train a GPT-2 style byte-level BPE vocabulary, or encode and decode text with one.",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -1,11 +1,15 @@
-"""``gpt2 train``: train or fine-tune a GPT-2 on prepared shards (see gpt2.training)."""
+"""``gpt2 train``: train or fine-tune a GPT-2 on prepared shards (see gpt2.training).
+
+The flags are ``TrainConfig``'s fields (gpt2.train_config), typed by ``field_types``; the trainer
+(and torch) is imported only when the verb runs, so ``gpt2 --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from gpt2.training import TrainConfig, load_config, train
+from gpt2.train_config import TrainConfig, field_types, load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,23 +25,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m gpt2 train --config run.toml",
     )
     p.add_argument("--config", metavar="FILE", help="read options from a .toml, .yaml or .yml file")
+    types = field_types(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if f.default is not None and not isinstance(f.default, bool):
             help_text += f" (default {f.default!r})"
-        types = str(f.type)
-        if "bool" in types:
+        if bool in types[f.name]:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_text)
         else:
-            kind = int if "int" in types else float if "float" in types else str
+            kind = next(t for t in types[f.name] if t is not type(None))  # int, float or str
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
                            metavar=f.name.split("_")[-1].upper())
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2.training import train  # torch and the trainer: only when training
+
     options = {k: v for k, v in vars(args).items() if k not in ("config", "handler", "verb")}
     train(load_config(args.config, **options))
     return 0

@@ -2,56 +2,43 @@
 LAMBADA, HellaSwag and the Children's Book Test (``benchmarks``), and the paper's Table 3 (``report``), all
 scored by one ``Scorer`` (``scoring``)."""
 
-from gpt2.evaluation.benchmarks import (
-    TaskResult,
-    evaluate_cbt,
-    evaluate_hellaswag,
-    evaluate_lambada,
-    read_cbt,
-    read_jsonl,
-    task_rows,
-)
-from gpt2.evaluation.perplexity import (
-    CORPORA,
-    DETOKENIZERS,
-    evaluate_perplexity,
-    hub_text,
-    read_text,
-    tokenize,
-)
-from gpt2.evaluation.report import (
-    BENCHMARKS,
-    load_suite,
-    markdown,
-    published_results,
-    run_suite,
-    write_report,
-)
-from gpt2.evaluation.scoring import Loglikelihood, PerplexityResult, Request, Scorer, check_vocabulary
+from __future__ import annotations
 
-__all__ = [
-    "BENCHMARKS",
-    "CORPORA",
-    "DETOKENIZERS",
-    "Loglikelihood",
-    "PerplexityResult",
-    "Request",
-    "Scorer",
-    "TaskResult",
-    "check_vocabulary",
-    "evaluate_cbt",
-    "evaluate_hellaswag",
-    "evaluate_lambada",
-    "evaluate_perplexity",
-    "hub_text",
-    "load_suite",
-    "markdown",
-    "published_results",
-    "read_cbt",
-    "read_jsonl",
-    "read_text",
-    "run_suite",
-    "task_rows",
-    "tokenize",
-    "write_report",
-]
+import importlib
+
+# Each name's module, imported when the name is first used (the command line describes the
+# corpora without loading torch).
+_MODULES = {
+    "BENCHMARKS": "report",
+    "CORPORA": "perplexity",
+    "DETOKENIZERS": "perplexity",
+    "Loglikelihood": "scoring",
+    "PerplexityResult": "scoring",
+    "Request": "scoring",
+    "Scorer": "scoring",
+    "TaskResult": "benchmarks",
+    "check_vocabulary": "scoring",
+    "evaluate_cbt": "benchmarks",
+    "evaluate_hellaswag": "benchmarks",
+    "evaluate_lambada": "benchmarks",
+    "evaluate_perplexity": "perplexity",
+    "hub_text": "perplexity",
+    "load_suite": "report",
+    "markdown": "report",
+    "published_results": "report",
+    "read_cbt": "benchmarks",
+    "read_jsonl": "benchmarks",
+    "read_text": "perplexity",
+    "run_suite": "report",
+    "task_rows": "benchmarks",
+    "tokenize": "perplexity",
+    "write_report": "report",
+}
+
+__all__ = list(_MODULES)
+
+
+def __getattr__(name: str) -> object:
+    if name in _MODULES:
+        return getattr(importlib.import_module(f"gpt2.evaluation.{_MODULES[name]}"), name)
+    raise AttributeError(f"module 'gpt2.evaluation' has no attribute {name!r}")

@@ -14,12 +14,14 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from gpt2.errors import UserError
 from gpt2.evaluation.hub import hub_lines
-from gpt2.evaluation.scoring import PerplexityResult, Scorer
 from gpt2.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the corpora are described without loading torch (for the command line)
+    from gpt2.evaluation.scoring import PerplexityResult, Scorer
 
 BLOCK_BYTES = 1 << 20
 

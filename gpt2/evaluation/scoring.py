@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt2.errors import UserError
-from gpt2.model import Transformer, onednn_linears
+from gpt2.model import Transformer
 from gpt2.tokenizer import Tokenizer
 
 # Model vocabularies may be padded beyond the tokenizer's (nanoGPT rounds 50257 up to 50304), but never
@@ -126,7 +126,6 @@ class Scorer:
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         self.model = model.eval()
-        onednn_linears(model)  # fp32 CPU products through oneDNN: faster, same values
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress

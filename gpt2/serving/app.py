@@ -11,6 +11,15 @@ vLLM, ``top_k`` (0 = off), ``min_p`` (0 = off) and ``repetition_penalty`` (CTRL'
 ``max_tokens`` is capped so that prompt + completion fit the context window. Chat turns a base model
 into a chat partner with the plain transcript of ``gpt2.prompts`` (system messages replace its header
 line; each reply is one line).
+
+The module, top to bottom: the request bodies (strict pydantic models); errors in OpenAI's shape
+(``APIError``, the exception handlers) and ``Guard``, the middleware that checks the API key and the
+body size before a body is read; ``create_app``, whose routes are thin: FastAPI parses the body,
+``_Service`` (the model name, context window, prompt limit, tokenizer and engine) checks it, builds its
+``SequenceRequest``s and submits them, and ``_answer`` replies, whole or streamed. Last the replies, one
+class per kind of response: ``_CompletionReply`` and ``_ChatReply`` over ``_Reply``, which holds what
+they share (the id, the usage, the loop over the job's steps); ``_event_stream`` sends the chunks as
+server-sent events.
 """
 
 from __future__ import annotations
@@ -21,9 +30,9 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -203,7 +212,7 @@ class Guard:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The application
+# The application: thin routes over one _Service
 
 
 def create_app(
@@ -219,62 +228,12 @@ def create_app(
     ``api_key``: requests to /v1 need ``Authorization: Bearer <api_key>``. ``max_prompt_tokens``:
     the longest prompt taken (default: the context window less one token for the answer).
     """
-    window = engine.window
-    max_prompt = min(max_prompt_tokens or window - 1, window - 1)
-    tokenizer = engine.tokenizer
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        yield
-        engine.stop()
-
-    app = FastAPI(title="gpt2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    service = _Service(engine, model_name, max_prompt_tokens)
+    app = FastAPI(title="gpt2", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, limit=max_body_bytes)
     _install_error_handlers(app)
     app.state.engine = engine
-
-    def check_model(body: _Sampling) -> None:
-        if body.model is not None and body.model != model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist here; this server serves "
-                           f"{model_name!r}", param="model", code="model_not_found")
-
-    def checked_prompt(ids: list[int], param: str) -> list[int]:
-        if len(ids) > max_prompt:
-            raise APIError(400, f"the prompt is {len(ids)} tokens long, over this server's limit of "
-                           f"{max_prompt} (context window {window}); shorten it", param=param,
-                           code="context_length_exceeded")
-        bad = [t for t in ids if not 0 <= t < tokenizer.n_vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is not in the vocabulary (0..{tokenizer.n_vocab - 1})",
-                           param=param, code="invalid_value")
-        return ids
-
-    def sequences(body: _Sampling, prompts: list[list[int]], max_new: int | None, stops: tuple[str, ...],
-                  logprobs: int | None, prompt_logprobs: bool = False) -> list[SequenceRequest]:
-        bias = _logit_bias(body.logit_bias or {}, tokenizer.n_vocab)
-        out = []
-        for ids in prompts:
-            for i in range(body.n):
-                config = GenerationConfig(
-                    max_new_tokens=min(max_new or window, window - len(ids)),
-                    temperature=1.0 if body.temperature is None else body.temperature,
-                    top_k=body.top_k or None, top_p=body.top_p, min_p=body.min_p,
-                    stop_token_ids=(tokenizer.eot_token,),
-                    stop_strings=stops, seed=None if body.seed is None else body.seed + i,
-                    frequency_penalty=body.frequency_penalty or 0.0,
-                    presence_penalty=body.presence_penalty or 0.0,
-                    repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias,
-                )
-                out.append(SequenceRequest(ids, config, logprobs, prompt_logprobs))
-        return out
-
-    def submit(requests: list[SequenceRequest]) -> Job:
-        try:
-            return engine.submit(requests)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error",
-                           code="queue_full") from None
+    page = _playground(model_name, service.window)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -283,50 +242,138 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "gpt2",
-                "max_model_len": window}
+                "max_model_len": service.window}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        check_model(body)
-        prompt = body.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
-        if not prompt:
-            raise APIError(400, "prompt: give a string, a list of strings or a list of token ids",
-                           param="prompt")
-        prompts = [checked_prompt(p if isinstance(p, list) else encode_prompt(tokenizer, p), "prompt")
-                   for p in prompt]
-        requests = sequences(body, prompts, body.max_tokens, _stops(body.stop), body.logprobs,
-                             prompt_logprobs=body.echo and body.logprobs is not None)
-        job = submit(requests)
-        reply = _Reply(job, tokenizer, model_name, "cmpl", sum(map(len, prompts)), chat=False, echo=body.echo,
-                       include_usage=body.stream_options is not None and body.stream_options.include_usage)
-        if body.stream:
-            return _event_stream(reply.chunks())
-        return await reply.whole(request.is_disconnected)
+        return await _answer(service.complete(body), body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        check_model(body)
-        max_new = body.max_completion_tokens or body.max_tokens
-        text = _chat_prompt(body.messages, tokenizer, min(max_prompt, window - (max_new or 1)))
-        prompt = checked_prompt(encode_prompt(tokenizer, text), "messages")
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        job = submit(sequences(body, [prompt], max_new, (*CHAT_STOPS, *_stops(body.stop)), top))
-        reply = _Reply(job, tokenizer, model_name, "chatcmpl", len(prompt), chat=True,
-                       include_usage=body.stream_options is not None and body.stream_options.include_usage)
-        if body.stream:
-            return _event_stream(reply.chunks())
-        return await reply.whole(request.is_disconnected)
-
-    page = resources.files("gpt2.serving").joinpath("playground.html").read_text(encoding="utf-8")
+        return await _answer(service.chat(body), body, request)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
-        return page.replace("{{MODEL}}", html.escape(model_name)).replace("{{WINDOW}}", str(window))
+        return page
 
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Runs the app's engine while the app runs."""
+    app.state.engine.start()
+    yield
+    app.state.engine.stop()
+
+
+def _playground(model_name: str, window: int) -> str:
+    """The playground page for this model."""
+    page = resources.files("gpt2.serving").joinpath("playground.html").read_text(encoding="utf-8")
+    return page.replace("{{MODEL}}", html.escape(model_name)).replace("{{WINDOW}}", str(window))
+
+
+async def _answer(reply: _Reply, body: _Sampling, request: Request) -> Any:
+    """``reply`` streamed as server-sent events when the body asks for it, else whole."""
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return _event_stream(reply.chunks(include_usage))
+    return await reply.whole(request.is_disconnected)
+
+
+class _Service:
+    """The model behind the routes: checks a request against it, turns the request into the engine's
+    ``SequenceRequest``s, submits them and gives back the job's reply."""
+
+    def __init__(self, engine: Engine, model_name: str, max_prompt_tokens: int | None) -> None:
+        self.engine, self.model_name, self.tokenizer = engine, model_name, engine.tokenizer
+        self.window = engine.window
+        self.max_prompt = min(max_prompt_tokens or self.window - 1, self.window - 1)
+
+    def complete(self, body: CompletionRequest) -> _CompletionReply:
+        """A completion request, checked and submitted: the reply to its job."""
+        self.check_model(body)
+        prompts = [self.checked_prompt(p if isinstance(p, list) else encode_prompt(self.tokenizer, p),
+                                       "prompt") for p in _prompt_list(body.prompt)]
+        requests = self.sequences(body, prompts, body.max_tokens, _stops(body.stop), body.logprobs,
+                                  prompt_logprobs=body.echo and body.logprobs is not None)
+        return _CompletionReply(self.submit(requests), self.tokenizer, self.model_name,
+                                sum(map(len, prompts)), echo=body.echo)
+
+    def chat(self, body: ChatRequest) -> _ChatReply:
+        """A chat completion request, checked and submitted: the reply to its job."""
+        self.check_model(body)
+        max_new = body.max_completion_tokens or body.max_tokens
+        budget = min(self.max_prompt, self.window - (max_new or 1))
+        text = _chat_prompt(body.messages, self.tokenizer, budget)
+        prompt = self.checked_prompt(encode_prompt(self.tokenizer, text), "messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        requests = self.sequences(body, [prompt], max_new, (*CHAT_STOPS, *_stops(body.stop)), top)
+        return _ChatReply(self.submit(requests), self.tokenizer, self.model_name, len(prompt))
+
+    def check_model(self, body: _Sampling) -> None:
+        """404 unless the body names no model or this one."""
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist here; this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
+
+    def checked_prompt(self, ids: list[int], param: str) -> list[int]:
+        """``ids``, once they are known to fit the prompt limit and the vocabulary."""
+        if len(ids) > self.max_prompt:
+            raise APIError(400, f"the prompt is {len(ids)} tokens long, over this server's limit of "
+                           f"{self.max_prompt} (context window {self.window}); shorten it", param=param,
+                           code="context_length_exceeded")
+        n_vocab = self.tokenizer.n_vocab
+        bad = [t for t in ids if not 0 <= t < n_vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is not in the vocabulary (0..{n_vocab - 1})",
+                           param=param, code="invalid_value")
+        return ids
+
+    def sequences(self, body: _Sampling, prompts: list[list[int]], max_new: int | None,
+                  stops: tuple[str, ...], logprobs: int | None,
+                  prompt_logprobs: bool = False) -> list[SequenceRequest]:
+        """``body.n`` sequences per prompt (the i-th seeded ``seed + i``), each ending by the window."""
+        bias = _logit_bias(body.logit_bias or {}, self.tokenizer.n_vocab)
+        out = []
+        for ids in prompts:
+            max_new_tokens = min(max_new or self.window, self.window - len(ids))
+            out += [SequenceRequest(ids, self._config(body, i, max_new_tokens, stops, bias), logprobs,
+                                    prompt_logprobs) for i in range(body.n)]
+        return out
+
+    def _config(self, body: _Sampling, i: int, max_new_tokens: int, stops: tuple[str, ...],
+                bias: dict[int, float]) -> GenerationConfig:
+        """The body's sampling parameters as the i-th sequence's config (OpenAI's defaults filled in)."""
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=body.top_k or None, top_p=body.top_p, min_p=body.min_p,
+            stop_token_ids=(self.tokenizer.eot_token,),
+            stop_strings=stops, seed=None if body.seed is None else body.seed + i,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias,
+        )
+
+    def submit(self, requests: list[SequenceRequest]) -> Job:
+        """The engine's job for ``requests``; 429 when its queue is full."""
+        try:
+            return self.engine.submit(requests)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error",
+                           code="queue_full") from None
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
+    """A completion's ``prompt`` as a list of prompts (strings or token ids); 400 if there is none."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: give a string, a list of strings or a list of token ids",
+                       param="prompt")
+    return prompt
 
 
 def _logit_bias(given: dict[str, float], n_vocab: int) -> dict[int, float]:
@@ -367,6 +414,10 @@ def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int) -> st
     return Chat(header=header, turns=pairs).prompt(turns[-1].text, tokenizer, budget)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Replies in OpenAI's shape: one class per kind of response
+
+
 def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         try:
@@ -382,76 +433,25 @@ def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-class _Reply:
-    """Turns a job's steps into OpenAI's completion or chat completion objects (whole or chunks)."""
 
-    def __init__(self, job: Job, tokenizer: Any, model: str, prefix: str, prompt_tokens: int, *, chat: bool,
-                 echo: bool = False, include_usage: bool = False) -> None:
-        self.job, self.tokenizer, self.chat, self.echo = job, tokenizer, chat, echo
-        self.prompt_tokens, self.include_usage = prompt_tokens, include_usage
-        self.replied = [False] * len(job.requests)  # a chat reply's leading spaces are dropped
-        self.head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-        self.object = "chat.completion" if chat else "text_completion"
-        self.offsets = [0] * len(job.requests)  # text written so far per choice, for text_offset
+class _Reply:
+    """What both kinds of reply share: the id, the usage and the loop over the job's steps, whole
+    (``whole``) or streamed (``chunks``). A kind says how its choices look (``_choice`` whole,
+    ``_chunk_choice`` streamed) and how its logprobs do (``_logprobs``)."""
+
+    prefix: ClassVar[str]  # of the id
+    object: ClassVar[str]  # of the whole response
+    chunk_object: ClassVar[str]  # of each streamed chunk
+
+    def __init__(self, job: Job, tokenizer: Any, model: str, prompt_tokens: int) -> None:
+        self.job, self.tokenizer, self.prompt_tokens = job, tokenizer, prompt_tokens
+        self.head = {"id": f"{self.prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         self.completion_tokens = 0
 
     def usage(self) -> dict[str, int]:
         """Token counts; the n choices of a prompt share it, so it counts once (as OpenAI's do)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    def _text(self, index: int, step: Step) -> str:
-        if not self.chat or self.replied[index]:
-            return step.text
-        text = step.text.lstrip()  # the model writes "Assistant: reply": the reply starts after the space
-        self.replied[index] = bool(text)
-        return text
-
-    def _wants_logprobs(self, index: int) -> bool:
-        return self.job.requests[index].logprobs is not None
-
-    def _start(self, index: int) -> tuple[str, list[Entry]]:
-        """The text and logprob entries that come before the new tokens: the echoed prompt."""
-        if not self.echo:
-            return "", []
-        prompt = self.job.requests[index].prompt
-        logprobs = self.job.prompt_logprobs.get(index, [(None, None)] * len(prompt))
-        entries = [(t, lp, top) for t, (lp, top) in zip(prompt, logprobs, strict=True)]
-        return self.tokenizer.decode(prompt), entries
-
-    def _logprobs(self, index: int, entries: list[Entry]) -> Any:
-        if not self._wants_logprobs(index):
-            return None
-        name = self.tokenizer.decode
-        if self.chat:
-            def item(t: int, lp: float | None) -> dict[str, Any]:
-                return {"token": name([t]), "logprob": lp, "bytes": list(self.tokenizer.decode_bytes([t]))}
-            return {"content": [{**item(t, lp), "top_logprobs": [item(b, v) for b, v in (top or {}).items()]}
-                                for t, lp, top in entries]}
-        tokens = [name([t]) for t, _, _ in entries]
-        offsets = []
-        for token in tokens:
-            offsets.append(self.offsets[index])
-            self.offsets[index] += len(token)
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [None if top is None else {name([b]): v for b, v in top.items()}
-                                 for _, _, top in entries],
-                "text_offset": offsets}
-
-    def _entries(self, index: int, step: Step) -> list[Entry]:
-        if step.finish_reason == "stop" and step.token in self.job.requests[index].config.stop_token_ids:
-            return []  # the end-of-text token is not part of the text
-        return [(step.token, step.logprob, step.top_logprobs)]
-
-    def _choice(
-        self, index: int, text: str, logprobs: Any, finish: str | None, first: bool = False
-    ) -> dict[str, Any]:
-        if not self.chat:
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        delta: dict[str, str] = {"role": "assistant", "content": text} if first else {"content": text}
-        if finish is not None and not text:
-            delta = {}
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     async def whole(self, is_disconnected: Callable[[], Any]) -> dict[str, Any]:
         """The whole response, once every choice is finished."""
@@ -464,38 +464,148 @@ class _Reply:
             texts[index].append(self._text(index, step))
             entries[index] += self._entries(index, step)
             finish[index] = step.finish_reason
-        choices = []
-        for i in range(n):
-            start, start_entries = self._start(i)  # after the steps: the prompt's logprobs are known
-            text, logprobs = start + "".join(texts[i]), self._logprobs(i, start_entries + entries[i])
-            if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": logprobs, "finish_reason": finish[i]})
-            else:
-                choices.append(self._choice(i, text, logprobs, finish[i]))
+        choices = [self._choice(i, "".join(texts[i]), entries[i], finish[i]) for i in range(n)]
         return {**self.head, "object": self.object, "choices": choices, "usage": self.usage()}
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """The streamed response: a chunk per step of each choice (a chat's first one names the
-        role, an echo comes before the first step), then the usage if asked for."""
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-
-        def chunk(index: int, text: str, entries: list[Entry], finish: str | None = None,
-                  first: bool = False) -> dict[str, Any]:
-            choice = self._choice(index, text, self._logprobs(index, entries), finish, first)
-            return {**self.head, "object": obj, "choices": [choice]}
-
-        if self.chat:
-            for i in range(len(self.job.requests)):
-                yield chunk(i, "", [], first=True)
-        echoed = set()
+    async def chunks(self, include_usage: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """The streamed response: the kind's opening chunks, a chunk per step of each choice, then
+        the usage if asked for."""
+        for choice in self._opening():
+            yield self._chunk([choice])
         async for index, step in self.job.steps():
             self.completion_tokens += 1
-            if self.echo and index not in echoed:
-                echoed.add(index)
-                yield chunk(index, *self._start(index))
-            entries, text = self._entries(index, step), self._text(index, step)
-            if text or step.finish_reason or entries:
-                yield chunk(index, text, entries, step.finish_reason)
-        if self.include_usage:
-            yield {**self.head, "object": obj, "choices": [], "usage": self.usage()}
+            for choice in self._step_choices(index, step):
+                yield self._chunk([choice])
+        if include_usage:
+            yield {**self._chunk([]), "usage": self.usage()}
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**self.head, "object": self.chunk_object, "choices": choices}
+
+    def _opening(self) -> list[dict[str, Any]]:
+        """The choices streamed before the first step."""
+        return []
+
+    def _step_choices(self, index: int, step: Step) -> Iterator[dict[str, Any]]:
+        """The choices streamed for a step: one, unless it adds nothing."""
+        entries, text = self._entries(index, step), self._text(index, step)
+        if text or step.finish_reason or entries:
+            yield self._chunk_choice(index, text, entries, step.finish_reason)
+
+    def _text(self, index: int, step: Step) -> str:
+        return step.text
+
+    def _entries(self, index: int, step: Step) -> list[Entry]:
+        if step.finish_reason == "stop" and step.token in self.job.requests[index].config.stop_token_ids:
+            return []  # the end-of-text token is not part of the text
+        return [(step.token, step.logprob, step.top_logprobs)]
+
+    def logprobs(self, index: int, entries: list[Entry]) -> Any:
+        """The logprobs of choice ``index`` in the kind's shape; None where they were not asked for."""
+        if self.job.requests[index].logprobs is None:
+            return None
+        return self._logprobs(index, entries)
+
+    def _logprobs(self, index: int, entries: list[Entry]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _choice(self, index: int, text: str, entries: list[Entry], finish: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _chunk_choice(
+        self, index: int, text: str, entries: list[Entry], finish: str | None
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _CompletionReply(_Reply):
+    """OpenAI's text completion: choices of ``text``, logprobs with text offsets, and the prompt
+    before the text when ``echo``."""
+
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, job: Job, tokenizer: Any, model: str, prompt_tokens: int, *, echo: bool) -> None:
+        super().__init__(job, tokenizer, model, prompt_tokens)
+        self.echo = echo
+        self.offsets = [0] * len(job.requests)  # text written so far per choice, for text_offset
+        self.echoed: set[int] = set()  # the choices whose echo is streamed
+
+    def _echo(self, index: int) -> tuple[str, list[Entry]]:
+        """The text and logprob entries that come before the new tokens: the echoed prompt."""
+        if not self.echo:
+            return "", []
+        prompt = self.job.requests[index].prompt
+        logprobs = self.job.prompt_logprobs.get(index, [(None, None)] * len(prompt))
+        entries = [(t, lp, top) for t, (lp, top) in zip(prompt, logprobs, strict=True)]
+        return self.tokenizer.decode(prompt), entries
+
+    def _choice(self, index: int, text: str, entries: list[Entry], finish: str | None) -> dict[str, Any]:
+        start, start_entries = self._echo(index)  # after the steps: the prompt's logprobs are known
+        return self._chunk_choice(index, start + text, start_entries + entries, finish)
+
+    def _chunk_choice(
+        self, index: int, text: str, entries: list[Entry], finish: str | None
+    ) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": self.logprobs(index, entries),
+                "finish_reason": finish}
+
+    def _step_choices(self, index: int, step: Step) -> Iterator[dict[str, Any]]:
+        """The echo comes before a choice's first step."""
+        if self.echo and index not in self.echoed:
+            self.echoed.add(index)
+            yield self._chunk_choice(index, *self._echo(index), None)
+        yield from super()._step_choices(index, step)
+
+    def _logprobs(self, index: int, entries: list[Entry]) -> dict[str, Any]:
+        name = self.tokenizer.decode
+        tokens = [name([t]) for t, _, _ in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(token)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [None if top is None else {name([b]): v for b, v in top.items()}
+                                 for _, _, top in entries],
+                "text_offset": offsets}
+
+
+class _ChatReply(_Reply):
+    """OpenAI's chat completion: an assistant ``message`` per choice (streamed as ``delta``s, the first
+    naming the role), the reply's leading spaces dropped, logprobs as ``content`` items."""
+
+    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, job: Job, tokenizer: Any, model: str, prompt_tokens: int) -> None:
+        super().__init__(job, tokenizer, model, prompt_tokens)
+        self.replied = [False] * len(job.requests)  # whether a choice's reply has begun
+
+    def _text(self, index: int, step: Step) -> str:
+        if self.replied[index]:
+            return step.text
+        text = step.text.lstrip()  # the model writes "Assistant: reply": the reply starts after the space
+        self.replied[index] = bool(text)
+        return text
+
+    def _choice(self, index: int, text: str, entries: list[Entry], finish: str | None) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": self.logprobs(index, entries), "finish_reason": finish}
+
+    def _chunk_choice(self, index: int, text: str, entries: list[Entry], finish: str | None,
+                      first: bool = False) -> dict[str, Any]:
+        delta: dict[str, str] = {"role": "assistant", "content": text} if first else {"content": text}
+        if finish is not None and not text:
+            delta = {}
+        return {"index": index, "delta": delta, "logprobs": self.logprobs(index, entries),
+                "finish_reason": finish}
+
+    def _opening(self) -> list[dict[str, Any]]:
+        """A chunk per choice naming the role."""
+        return [self._chunk_choice(i, "", [], None, first=True) for i in range(len(self.job.requests))]
+
+    def _logprobs(self, index: int, entries: list[Entry]) -> dict[str, Any]:
+        def item(t: int, lp: float | None) -> dict[str, Any]:
+            return {"token": self.tokenizer.decode([t]), "logprob": lp,
+                    "bytes": list(self.tokenizer.decode_bytes([t]))}
+
+        return {"content": [{**item(t, lp), "top_logprobs": [item(b, v) for b, v in (top or {}).items()]}
+                            for t, lp, top in entries]}

@@ -21,7 +21,6 @@ values.
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -31,8 +30,16 @@ import torch
 from torch import Tensor
 
 from gpt2.errors import UserError
-from gpt2.model import KVCache, Transformer, onednn_linears
-from gpt2.sampling import GenerationConfig, TextStream, TextTokenizer, adjust_logits, left_pad, sample
+from gpt2.model import KVCache, Transformer
+from gpt2.sampling import (
+    GenerationConfig,
+    TextStream,
+    TextTokenizer,
+    adjust_logits,
+    left_pad,
+    sample,
+    text_config,
+)
 
 
 class QueueFull(Exception):
@@ -183,7 +190,6 @@ class Engine:
         if prefill_chunk < 1:
             raise UserError(f"the prefill chunk must be at least 1 token, got {prefill_chunk}")
         self.model = model.eval()
-        onednn_linears(model)  # fp32 CPU products through oneDNN: faster, same values (a no-op otherwise)
         self.tokenizer = tokenizer
         self.window = model.config.n_positions
         self.max_batch_size = max_batch_size
@@ -191,8 +197,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.stats = EngineStats()
         weight = model.transformer.wte.weight  # its dtype is the activations' (also under int8)
-        cache = KVCache(model.config, max_batch_size, device=weight.device, dtype=weight.dtype)
-        cache.padded = True  # rows start at different positions: attention always uses key_mask
+        # Rows start at different positions: attention always uses the cache's key mask.
+        cache = KVCache(model.config, max_batch_size, device=weight.device, dtype=weight.dtype, padded=True)
         self._slots = _Slots(cache)
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: _Prefill | None = None
@@ -227,8 +233,9 @@ class Engine:
         for index, r in enumerate(requests):
             seed = r.config.seed
             generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+            stop_ids = frozenset(text_config(self.tokenizer, r.config).stop_token_ids)
             sequences.append(_Sequence(r, job, index, TextStream(self.tokenizer, r.config.stop_strings),
-                                       generator, frozenset(r.config.stop_token_ids)))
+                                       generator, stop_ids))
         with self._wake:
             if len(self._waiting) + len(sequences) > self.max_queue:
                 self.stats.rejected += 1
@@ -271,7 +278,7 @@ class Engine:
                 for s in {*self._slots.rows, *prefilling, *joining}:
                     s.job.post(s.index, e)
                 self._slots.rows, self._slots.logits, self._prefilling = [], None, None
-                self._slots.cache.length = 0
+                self._slots.cache.reset()
 
     def _step(self, joining: list[_Sequence]) -> None:
         slots = self._slots
@@ -295,8 +302,7 @@ class Engine:
         distinct: dict[tuple[int, ...], int] = {}
         source = [distinct.setdefault(tuple(s.request.prompt), len(distinct)) for s in joining]
         ids, mask = left_pad([list(p) for p in distinct], self.tokenizer.eot_token, device)
-        dtype = cache.keys[0].dtype
-        own = KVCache(self.model.config, len(distinct), ids.shape[1], device=device, dtype=dtype)
+        own = KVCache(self.model.config, len(distinct), ids.shape[1], device=device, dtype=cache.dtype)
         full = any(s.request.prompt_logprobs for s in joining)
         self.stats.prompt_tokens += sum(map(len, distinct))
         padded = None if bool(mask.all()) else mask
@@ -326,20 +332,13 @@ class Engine:
     def _join(self, p: _Prefill) -> Tensor:
         """Copy the read prompts' keys and values into the slots after the live rows, one row per
         sequence; returns their next-token logits."""
-        slots, cache, joining, fresh, source = self._slots, self._slots.cache, p.rows, p.cache, p.source
+        slots, cache, joining, source = self._slots, self._slots.cache, p.rows, p.source
         longest = p.ids.shape[1]
         if p.full:
             self._report_prompt_logprobs(joining, p.ids[source], torch.cat(p.logits, dim=1)[source])
         if cache.length < longest:
-            self._shift(longest - cache.length)
-        start, end = cache.length - longest, cache.length
-        rows = slice(len(slots.rows), len(slots.rows) + len(joining))
-        for layer in range(len(cache.keys)):
-            cache.keys[layer][rows, :, start:end] = fresh.keys[layer][source]
-            cache.values[layer][rows, :, start:end] = fresh.values[layer][source]
-        cache.key_mask[rows, :start] = False
-        cache.key_mask[rows, start:end] = fresh.key_mask[source]
-        cache.next_position[rows] = fresh.next_position[source]
+            cache.shift(longest - cache.length, rows=len(slots.rows))  # make room at the start
+        cache.insert(p.cache, source, first_row=len(slots.rows))
         for s in joining:
             s.length = len(s.request.prompt)
         return p.logits[-1][source, -1]
@@ -399,31 +398,13 @@ class Engine:
         slots, cache = self._slots, self._slots.cache
         padding = cache.length - max(s.length for s in slots.rows)  # at the start of every row
         if cache.length == cache.max_len or padding >= cache.max_len // 4:  # make room, save attention
-            self._shift(-padding)
-        k = len(slots.rows)
-        live = copy.copy(cache)  # a view of the first k rows: writes go to the shared tensors
-        live.keys = [t[:k] for t in cache.keys]
-        live.values = [t[:k] for t in cache.values]
-        live.key_mask, live.next_position = cache.key_mask[:k], cache.next_position[:k]
+            cache.shift(-padding, rows=len(slots.rows))
         ids = torch.tensor(tokens, device=cache.key_mask.device)[:, None]
-        slots.logits = self.model(ids, cache=live, last_only=True)[:, -1]
-        cache.length = live.length
+        slots.logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # the cache's first k rows
         for s in slots.rows:
             s.length += 1
         self.stats.forward_passes += 1
-        self.stats.max_batch = max(self.stats.max_batch, k)
-
-    def _shift(self, by: int) -> None:
-        """Move the live rows ``by`` positions along the time axis (left when negative), keeping
-        them aligned at the end; positions that open up at the start become padding."""
-        cache, k, old = self._slots.cache, len(self._slots.rows), self._slots.cache.length
-        new = old + by
-        keep = min(old, new)
-        for t in (*cache.keys, *cache.values):
-            t[:k, :, new - keep : new] = t[:k, :, old - keep : old].clone()
-        cache.key_mask[:k, new - keep : new] = cache.key_mask[:k, old - keep : old].clone()
-        cache.key_mask[:k, : new - keep] = False
-        cache.length = new
+        self.stats.max_batch = max(self.stats.max_batch, len(slots.rows))
 
     def _remove(self, rows: set[int]) -> None:
         """Free the slots ``rows``: the last live rows move into the holes, so live rows stay first."""
@@ -434,19 +415,17 @@ class Engine:
         holes = [i for i in sorted(rows) if i < k]
         movers = [i for i in range(k, len(slots.rows)) if i not in rows]
         if holes:
-            cache = slots.cache
-            dst, src = torch.tensor(holes), torch.tensor(movers)
-            for t in (*cache.keys, *cache.values, cache.key_mask, cache.next_position):
-                t[dst.to(t.device)] = t[src.to(t.device)]
+            slots.cache.move_rows(holes, movers)
             if slots.logits is not None:
-                slots.logits[dst.to(slots.logits.device)] = slots.logits[src.to(slots.logits.device)]
+                slots.logits[holes] = slots.logits[movers]
             for h, m in zip(holes, movers, strict=True):
                 slots.rows[h] = slots.rows[m]
         slots.rows = slots.rows[:k]
         if slots.logits is not None:
             slots.logits = slots.logits[:k]
         if k == 0:
-            slots.cache.length, slots.logits = 0, None
+            slots.cache.reset()
+            slots.logits = None
 
 
 def _logprob_entry(logprobs: Tensor, token: int, top: int | None) -> tuple[float, dict[int, float] | None]:

@@ -1,0 +1,154 @@
+"""Options that several verbs share, declared once: which model and how to load it (``--model``,
+``--tokenizer``, ``--precision``, ``--device``, ``--compile``), how to sample (``--preset``,
+``--temperature``...), and reading text files. Free of torch at import: ``gpt2 VERB --help`` stays
+fast; the model is loaded (``gpt2.inference``) only when a verb runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gpt2.config import PRECISIONS
+from gpt2.errors import UserError
+from gpt2.generation_config import SAMPLING_PRESETS, ContextWindowReached, GenerationConfig
+
+if TYPE_CHECKING:
+    from gpt2.api import GPT2
+    from gpt2.tokenizer import Tokenizer
+
+TOKENIZER_HELP = "a .tiktoken file, or a directory of tokenizer files (tokenizer.json, vocab.json + ...)"
+MODEL_HELP = ("a Hugging Face-format model directory, a training run directory (its 'latest' checkpoint), "
+              "or a hub name such as gpt2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, generates: bool = True) -> None:
+    """--model, --tokenizer, --precision, --device and (for verbs that generate) --compile."""
+    p.add_argument("--model", required=True, metavar="M", help=MODEL_HELP)
+    p.add_argument("--tokenizer", type=Path, metavar="PATH",
+                   help=f"{TOKENIZER_HELP}; by default the one saved with the model")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="weights and computation: " + "; ".join(f"{k}: {v}" for k, v in PRECISIONS.items())
+                   + " (default fp32)")
+    p.add_argument("--device",
+                   help="where to run: cpu, cuda, cuda:1... (default: cuda when available, else cpu)")
+    if generates:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step first (a minute or two of compiling; faster "
+                       "afterwards)")
+
+
+def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT2, Tokenizer]:
+    """The model, loaded for inference as the options say, and its tokenizer (--tokenizer, else the
+    model's own)."""
+    from gpt2.inference import load_for_inference
+    from gpt2.tokenizer import Tokenizer
+
+    model = load_for_inference(args.model, precision=args.precision, device=args.device,
+                               compile=vars(args).get("compile", False))
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else model.tokenizer
+    if tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer files; give one with --tokenizer PATH")
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise UserError(f"the model's vocabulary ({model.config.vocab_size} ids) is smaller than the "
+                        f"tokenizer's ({tokenizer.n_vocab} ids, {tokenizer.source}); give the tokenizer "
+                        "the model was trained with")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, preset: str,
+                           seed: int | None = None) -> None:
+    """How each token is drawn; anything not given comes from --preset (``seed``: the default seed)."""
+    presets = "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in settings.items())
+        for name, settings in SAMPLING_PRESETS.items()
+    )
+    p.add_argument("--preset", choices=list(SAMPLING_PRESETS), default=preset,
+                   help=f"named sampling settings that the options below override (default {preset}; "
+                   f"{presets})")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="divide the logits by T before sampling: lower is more predictable; 0 is greedy")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="sample only among the K likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, metavar="P",
+                   help="sample only among the likeliest tokens that together have probability P "
+                   "(0 < P <= 1)")
+    p.add_argument("--min-p", type=float, metavar="M",
+                   help="sample only among tokens at least M times as likely as the likeliest one "
+                   "(0 <= M <= 1; 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help="make tokens already in the text less likely: logits divided by R (1 = off; 1.2 is "
+                   "a common choice)")
+    for name, how in (("frequency", "for each time it was already generated"),
+                      ("presence", "once if it was already generated")):
+        p.add_argument(f"--{name}-penalty", type=float, metavar="F",
+                       help=f"subtract F from a token's logit {how} (OpenAI's; -2 to 2, 0 = off)")
+    default = f" (default {seed})" if seed is not None else ""
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed, for reproducible samples{default}")
+
+
+def add_length_arguments(p: argparse.ArgumentParser) -> None:
+    """When generation stops: --max-new-tokens, --stop, --truncate, --at-window."""
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"how many tokens to generate at most (default {GenerationConfig.max_new_tokens})")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the text contains TEXT (not printed); repeatable; escapes such as "
+                   "\\n work")
+    p.add_argument("--truncate", action="store_true",
+                   help="drop the start of a prompt too long for the context window (leaving room for "
+                   "the new tokens) instead of refusing it")
+    p.add_argument("--at-window", choices=["error", "stop", "slide"], default="error",
+                   help="when prompt + new tokens pass the context window: refuse (error, the default), stop "
+                   "there (stop), or keep the last half of the window and go on (slide)")
+
+
+def sampling_config(args: argparse.Namespace, **extra: object) -> GenerationConfig:
+    """The ``GenerationConfig`` that the sampling (and length) options ask for, validated here, once."""
+    given = vars(args)
+    stops = tuple(_unescape(s) for s in given.get("stop") or ())
+    return GenerationConfig.from_preset(
+        args.preset, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, seed=args.seed, max_new_tokens=given.get("max_new_tokens"),
+        stop_strings=stops or None, truncate=given.get("truncate"), at_window=given.get("at_window"),
+        **extra,
+    )
+
+
+def _unescape(text: str) -> str:
+    """Turn backslash escapes typed on a command line (\\n, \\t, \\u00e9) into the characters."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def report_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Print a stop at the context window as one ``note:`` line; other warnings as usual."""
+    for w in caught:
+        if issubclass(w.category, ContextWindowReached):
+            print(f"note: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text files
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` ('-' for standard input), or a one-line error naming ``what``."""
+    if str(path) == "-":
+        return sys.stdin.read()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what} ({e})") from None

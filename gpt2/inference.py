@@ -1,0 +1,82 @@
+"""A model ready for inference, decided once when it is loaded (as gpt-fast's ``_load_model``).
+
+``load_for_inference`` takes the precision, the device and the compile choice and returns a model in
+eval mode that every inference path (generation, chat, the paper's tasks, serving, evaluation,
+detection) uses as it is: nothing in a decode loop converts, quantises or compiles.
+
+- ``fp32``: the published weights as they are. On the CPU the large ``nn.Linear`` products run on
+  oneDNN (``gpt2.model.onednn_linears``: same weights, same values, faster decoding).
+- ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision:
+  half the bytes per token (logits are processed in fp32).
+- ``int8``: dynamic int8 quantisation of every ``nn.Linear`` (weights int8, activations quantised on
+  the fly; CPU only): a quarter of the weight bytes, outputs slightly different from fp32.
+- ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gpt2.api import GPT2
+from gpt2.config import PRECISIONS
+from gpt2.errors import UserError
+from gpt2.model import onednn_linears
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device, refused in one line when it is not one this machine has."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def load_for_inference(
+    model: str | Path | GPT2,
+    *,
+    precision: str = "fp32",
+    device: str | None = None,
+    compile: bool = False,
+) -> GPT2:
+    """A model ready to generate, score or serve: a checkpoint (directory, run directory or hub name)
+    loaded in ``precision`` (see ``PRECISIONS``) on ``device`` (default: cuda when available), in
+    eval mode, its decode step compiled when ``compile``. Given a ``GPT2`` instead of a path, that
+    model is converted in place and returned."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    dev = check_device(device or default_device())
+    if precision == "int8" and dev.type != "cpu":
+        raise UserError("int8 dynamic quantisation runs on the CPU only; choose another precision or "
+                        "--device cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if isinstance(model, GPT2):
+        model.to(device=dev, dtype=dtype)
+    else:
+        model = GPT2.from_pretrained(model, device=dev, dtype=dtype)
+    model.eval()
+    if precision == "int8":
+        _quantize_int8(model)
+    elif precision == "fp32" and dev.type == "cpu":
+        onednn_linears(model)
+    if compile:
+        model.compile_decode_step()
+    return model
+
+
+def _quantize_int8(model: nn.Module) -> None:
+    with warnings.catch_warnings():  # torch announces the move of this API to torchao
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
+        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)

@@ -1,0 +1,63 @@
+"""llm.c's token shards on disk: a header of 256 little-endian int32 (magic 20240520, version 1, token
+count), then the tokens as uint16, so shards made by llm.c's or modded-nanogpt's scripts train here
+unchanged and ours open there. Free of torch (the command line describes them without loading it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gpt2.atomic import write_atomic
+from gpt2.errors import UserError
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_VOCAB = 2**16  # token ids are stored as uint16
+DEFAULT_SHARD_TOKENS = 10**8  # llm.c's shard size
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Write ``tokens`` (ids < 65,536) as an llm.c shard, atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= MAX_VOCAB:
+        raise UserError(f"{path}: token id {int(tokens.max())} does not fit a uint16 shard")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    data = header.tobytes() + tokens.astype("<u2").tobytes()
+    write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The tokens of an llm.c shard as a read-only uint16 memmap; a wrong header is a UserError."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise UserError(f"{path}: {size} bytes is too short for an llm.c shard header; prepare it again")
+    magic, version, count = (int(v) for v in np.fromfile(path, dtype="<i4", count=3))
+    if magic != SHARD_MAGIC:
+        raise UserError(
+            f"{path}: not an llm.c token shard (magic number {magic}, expected {SHARD_MAGIC}); "
+            "make shards with `gpt2 prepare`"
+        )
+    if version != SHARD_VERSION:
+        raise UserError(
+            f"{path}: shard version {version} is not supported (only version {SHARD_VERSION}, uint16 "
+            "GPT-2 tokens); prepare the data with `gpt2 prepare`"
+        )
+    if size != HEADER_BYTES + 2 * count:
+        raise UserError(
+            f"{path}: the header counts {count} tokens but the file holds {(size - HEADER_BYTES) / 2:g}; "
+            "the shard is truncated or corrupt, prepare it again"
+        )
+    if count == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def find_shards(directory: str | Path, split: str) -> list[Path]:
+    """The shards of ``split`` ("train" or "val") in ``directory``, in name order; names as llm.c's
+    (``fineweb_train_000001.bin``, ``tiny_shakespeare_val.bin``) or ours (``train_000000.bin``)."""
+    return sorted(p for p in Path(directory).glob(f"*{split}*.bin") if p.is_file())

@@ -1,0 +1,168 @@
+"""The options of a training run: ``TrainConfig``, its TOML and YAML files, and its fields' types.
+
+Read top to bottom: ``TrainConfig`` (every option, with its help text), ``field_types`` (the types
+each option accepts, read from its annotation: the one source for the config-file check here and
+for the flags of ``gpt2 train``), then the files: ``read_config_file`` and ``load_config``, which
+merges a resumed run's saved ``train.toml``, a config file and the command line.
+
+Imports no torch (only the standard library, ``gpt2.config`` and ``gpt2.errors``): the CLI builds
+``gpt2 train --help`` from this module without loading the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt2.config import read_settings
+from gpt2.errors import UserError
+
+CONFIG_FILE = "train.toml"  # in a run directory: the effective options of the run, enough to repeat it
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every training option. Field names are the config-file keys and, with dashes, the CLI flags."""
+
+    data: str | None = _option(None, "directory of token shards made by `gpt2 prepare` (or llm.c's)")
+    out: str | None = _option(None, "run directory: checkpoints, metrics.jsonl, loss.png, train.toml")
+    preset: str | None = _option(None, "model size for a model trained from scratch (see `gpt2 info`)")
+    init_from: str | None = _option(None, "fine-tune this model: a Hugging Face-format directory, a run "
+                                    "directory or a hub name such as gpt2")
+    tokenizer: str | None = _option(None, "tokenizer for shards that have none beside them (llm.c's): "
+                                    "a directory of tokenizer files or a .tiktoken file")
+    dropout: float | None = _option(None, "dropout rate (default: the preset's or the model's own)")
+    seq_len: int | None = _option(None, "tokens per training sequence (default: the model's context)")
+    micro_batch: int = _option(8, "sequences per forward pass on each process")
+    batch_tokens: int | None = _option(None, "tokens per optimiser step over all processes, reached by "
+                                       "gradient accumulation (default: one micro-batch per process)")
+    max_steps: int | None = _option(None, "optimiser steps to train for")
+    time_limit: float | None = _option(None, "minutes to train for; with --max-steps, whichever ends "
+                                       "first (the learning rate decays over the one that ends first)")
+    lr: float = _option(6e-4, "peak learning rate")
+    min_lr_ratio: float = _option(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = _option(100, "steps of linear learning-rate warm-up")
+    weight_decay: float = _option(0.1, "AdamW weight decay, applied to weight matrices only")
+    beta1: float = _option(0.9, "AdamW beta1")
+    beta2: float = _option(0.95, "AdamW beta2")
+    grad_clip: float = _option(1.0, "clip the gradient norm to this (0: no clipping)")
+    eval_interval: int = _option(250, "steps between validation-loss measurements (0: only at the end)")
+    eval_tokens: int = _option(2**17, "validation tokens per measurement (at most the whole split)")
+    checkpoint_interval: int = _option(1000, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _option(2, "checkpoints kept in the run directory, newest first (0: all)")
+    sample_interval: int = _option(0, "steps between printed samples (0: only at the end)")
+    sample_tokens: int = _option(200, "tokens per printed sample (0: no samples)")
+    sample_prompt: str = _option("", "text the samples start from (default: a new document)")
+    sample_temperature: float = _option(0.8, "sampling temperature of the printed samples")
+    sample_top_k: int = _option(40, "sample from the k most likely tokens only")
+    log_interval: int = _option(10, "steps between progress lines when the output is not a terminal")
+    seed: int = _option(1337, "seed of the initial weights, data order and dropout")
+    device: str = _option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = _option("auto", "compute precision under autocast: float32, bfloat16 or auto (bfloat16 "
+                         "on GPUs and CPUs with AVX512-BF16 or AMX, else float32); weights stay float32")
+    compile: bool = _option(False, "compile the model with torch.compile (faster steps, slow start)")
+    fsdp: bool = _option(False, "under torchrun, shard the weights, gradients and optimiser state over the "
+                         "processes (FSDP) instead of copying them to each (DDP): for models that do not "
+                         "fit one GPU; checkpoints are the same")
+    resume: bool = _option(False, "continue the run in --out from its latest checkpoint")
+    overwrite: bool = _option(False, "replace the run already in --out")
+
+    ACTIONS = ("resume", "overwrite")  # what to do this time, not part of a run's saved config
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch", "eval_tokens"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints",
+                     "sample_interval", "sample_tokens", "log_interval"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("seq_len", "batch_tokens", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise UserError(f"time_limit must be a positive number of minutes, got {self.time_limit}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr} and {self.min_lr_ratio}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
+
+    def to_toml(self) -> str:
+        """The options as TOML (unset ones and the one-time actions left out)."""
+        lines = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and f.name not in self.ACTIONS:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
+    return json.dumps(value)  # strings, ints and floats are spelt the same in JSON and TOML
+
+
+def field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The types each field of dataclass ``cls`` accepts, from its annotation, in field order:
+    ``int | None`` gives ``(int, NoneType)``, ``bool`` gives ``(bool,)``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in dataclasses.fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a TOML (.toml) or YAML (.yaml, .yml) file, checked against ``TrainConfig``."""
+    values = read_settings(path)
+    types = field_types(TrainConfig)
+    for key, value in values.items():
+        if key not in types:
+            raise UserError(f"{path}: unknown option {key!r}; options are: {', '.join(types)}")
+        values[key] = _checked_value(path, key, value, types[key])
+    return values
+
+
+def _checked_value(path: str | Path, key: str, value: Any, types: tuple[type, ...]) -> Any:
+    """``value`` as option ``key`` takes it (an integer where a float is expected becomes a float)."""
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types if t is not type(None))
+        raise UserError(f"{path}: option {key!r} must be {names}, got {value!r}")
+    return value
+
+
+def load_config(config_file: str | Path | None = None, **options: Any) -> TrainConfig:
+    """Options from, in increasing priority: a resumed run's saved ``train.toml``, ``config_file``,
+    and ``options`` (the command line)."""
+    values = read_config_file(config_file) if config_file else {}
+    values.update(options)
+    if values.get("resume"):
+        if not values.get("out"):
+            raise UserError("--resume needs the run directory to continue: --out RUN")
+        saved = Path(values["out"]) / CONFIG_FILE
+        if not saved.is_file():
+            raise UserError(f"--resume: {values['out']} holds no checkpoint (no {saved}); drop --resume")
+        values = {**read_config_file(saved), **values}
+    cfg = TrainConfig(**values)
+    if not cfg.data or not cfg.out:
+        raise UserError("give the data directory (--data DIR) and the run directory (--out RUN)")
+    if (cfg.preset is None) == (cfg.init_from is None):
+        raise UserError("give either --preset NAME (train from scratch) or --init-from MODEL (fine-tune)")
+    if cfg.max_steps is None and cfg.time_limit is None:
+        raise UserError("give --max-steps N or --time-limit MINUTES (or both)")
+    return cfg
