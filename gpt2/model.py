@@ -94,7 +94,7 @@ class KVCache:
         """Write one position's keys and values (B, heads, 1, head_dim) of ``layer`` at ``slot``;
         returns the keys and values of all ``max_len`` positions (fixed shapes)."""
         B = k.shape[0]
-        keys, values = self.keys[layer][:B], self.values[layer][:B]
+        keys, values = _first_rows(self.keys[layer], B), _first_rows(self.values[layer], B)
         # (under autocast k and v may be in a lower precision than the cache)
         keys.index_copy_(2, self.slot, k.to(keys.dtype))
         values.index_copy_(2, self.slot, v.to(values.dtype))
@@ -104,7 +104,13 @@ class KVCache:
         """The attention mask (batch, 1, 1, max_len) of a decode step at ``slot``: the real positions
         written so far and the step's own."""
         written = torch.arange(self.max_len, device=self.slot.device) <= self.slot
-        return (self.key_mask[:batch] & written)[:, None, None, :]
+        return (_first_rows(self.key_mask, batch) & written)[:, None, None, :]
+
+    def step_positions(self, batch: int) -> Tensor:
+        """The position ids (batch, 1) of a decode step's tokens; each row's next position moves on."""
+        positions = _first_rows(self.next_position, batch)
+        positions += 1
+        return positions[:, None] - 1
 
     def advance(self, n: int) -> None:
         """Count ``n`` more positions as written (both forward paths call this after a chunk)."""
@@ -150,6 +156,12 @@ class KVCache:
         self.key_mask[:rows, : new - keep] = False
         self.length = new
         self.slot.fill_(new)
+
+
+def _first_rows(t: Tensor, n: int) -> Tensor:
+    """The first ``n`` rows of ``t``: ``t`` itself when it has no more (so that a compiled decode step
+    writes into the cache's own tensors, not into views of them, which cost a copy per step)."""
+    return t if n == t.shape[0] else t[:n]
 
 
 class CausalSelfAttention(nn.Module):
@@ -299,12 +311,11 @@ class Transformer(nn.Module):
 
     def _decode_step(self, idx: Tensor, cache: KVCache) -> Tensor:
         B = idx.shape[0]
-        positions = cache.next_position[:B, None]
+        positions = cache.step_positions(B)
         mask = cache.step_mask(B)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, layer, step=True)
-        cache.next_position[:B] += 1
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
     def compile_decode_step(self) -> None:

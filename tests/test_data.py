@@ -87,14 +87,8 @@ def test_prepare_writes_eot_separated_documents_in_shards_of_the_given_size(
     tmp_path: Path, gpt2_tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding
 ) -> None:
     docs = write_corpus(tmp_path / "corpus")
-    counts = prepare(
-        Corpus([tmp_path / "corpus"]),
-        tmp_path / "out",
-        tokenizer=gpt2_tokenizer,
-        shard_tokens=10,
-        val_fraction=0.0,
-        progress=False,
-    )
+    counts = prepare(Corpus([tmp_path / "corpus"]), tmp_path / "out", tokenizer=gpt2_tokenizer,
+                     shard_tokens=10, val_fraction=0.0, progress=False)
     expected = [t for d in docs for t in [EOT, *reference_encoding.encode_ordinary(d)]]
     shards = find_shards(tmp_path / "out", "train")
     assert [len(read_shard(s)) for s in shards[:-1]] == [10] * (len(shards) - 1)
@@ -107,13 +101,8 @@ def test_prepare_writes_eot_separated_documents_in_shards_of_the_given_size(
 def test_validation_split_takes_evenly_spread_pieces(tmp_path: Path, gpt2_tokenizer: Tokenizer) -> None:
     text = " ".join(f"word{i}" for i in range(12_000))  # ~24k tokens: 6 pieces
     (tmp_path / "c.txt").write_text(text)
-    prepare(
-        Corpus([tmp_path / "c.txt"]),
-        tmp_path / "out",
-        tokenizer=gpt2_tokenizer,
-        val_fraction=0.25,
-        progress=False,
-    )
+    prepare(Corpus([tmp_path / "c.txt"]), tmp_path / "out", tokenizer=gpt2_tokenizer, val_fraction=0.25,
+            progress=False)
     stream = [EOT, *gpt2_tokenizer.encode(text)]
     pieces = [stream[i : i + VAL_PIECE_TOKENS] for i in range(0, len(stream), VAL_PIECE_TOKENS)]
     assert len(pieces) >= 5
@@ -125,29 +114,15 @@ def test_validation_split_takes_evenly_spread_pieces(tmp_path: Path, gpt2_tokeni
 
 def test_small_corpus_still_gets_a_validation_piece(tmp_path: Path, gpt2_tokenizer: Tokenizer) -> None:
     (tmp_path / "c.txt").write_text("one two three " * 2000)
-    counts = prepare(
-        Corpus([tmp_path / "c.txt"]),
-        tmp_path / "out",
-        tokenizer=gpt2_tokenizer,
-        val_fraction=0.01,
-        progress=False,
-    )
+    counts = prepare(Corpus([tmp_path / "c.txt"]), tmp_path / "out", tokenizer=gpt2_tokenizer,
+                     val_fraction=0.01, progress=False)
     assert counts["val"] > 0 and counts["train"] > 0
 
 
 def test_prepare_cli_trains_a_tokenizer_and_refuses_to_overwrite(tmp_path: Path, capsys) -> None:
     write_corpus(tmp_path / "corpus")
-    code, out, _ = run_cli(
-        capsys,
-        "prepare",
-        tmp_path / "corpus",
-        "--vocab-size",
-        "300",
-        "--out",
-        tmp_path / "out",
-        "--val-fraction",
-        "0",
-    )
+    code, out, _ = run_cli(capsys, "prepare", tmp_path / "corpus", "--vocab-size", "300", "--out",
+                           tmp_path / "out", "--val-fraction", "0")
     assert code == 0 and "training" in out
     tokenizer = Tokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.n_vocab <= 300
@@ -183,16 +158,8 @@ def test_bad_corpus_is_one_error_line_and_the_output_is_kept(
     (tmp_path / "c.txt").write_bytes(content)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.bin").write_bytes(b"precious")
-    code, _, err = run_cli(
-        capsys,
-        "prepare",
-        tmp_path / "c.txt",
-        "--tokenizer",
-        gpt2_ranks_file,
-        "--out",
-        tmp_path / "out",
-        "--overwrite",
-    )
+    code, _, err = run_cli(capsys, "prepare", tmp_path / "c.txt", "--tokenizer", gpt2_ranks_file, "--out",
+                           tmp_path / "out", "--overwrite")
     assert_one_line_error(code, err, *words)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.bin"]
     assert (tmp_path / "out" / "keep.bin").read_bytes() == b"precious"
@@ -205,17 +172,8 @@ def test_invalid_utf8_is_replaced_with_a_warning_giving_the_count(
     # 0xFF and 0xFE never occur in UTF-8, and a lone continuation byte 0x80 is invalid: 3 sequences.
     # A U+FFFD written in the file (EF BF BD) is valid text and not counted.
     (tmp_path / "c.txt").write_bytes(b"caf\xc3\xa9 \xff\xfe ok \x80 \xef\xbf\xbd end")
-    code, _, _ = run_cli(
-        capsys,
-        "prepare",
-        tmp_path / "c.txt",
-        "--tokenizer",
-        gpt2_ranks_file,
-        "--out",
-        tmp_path / "out",
-        "--val-fraction",
-        "0",
-    )
+    code, _, _ = run_cli(capsys, "prepare", tmp_path / "c.txt", "--tokenizer", gpt2_ranks_file, "--out",
+                         tmp_path / "out", "--val-fraction", "0")
     assert code == 0
     warnings = [r.getMessage() for r in caplog.records if "invalid UTF-8" in r.getMessage()]
     assert len(warnings) == 1 and "c.txt: 3 invalid UTF-8 sequences" in warnings[0]

@@ -100,11 +100,8 @@ def test_calibration_separates_top_k_samples_from_people_s_text(model: GPT2) -> 
     assert calibration.false_positive_rate <= 0.1 and calibration.true_positive_rate > 0.9
     assert detector.threshold == calibration.threshold
     # Unseen texts of both kinds, judged at the calibrated threshold.
-    sample = generate(
-        model,
-        torch.tensor([BYTES.encode("the king shall")]),
-        GenerationConfig(max_new_tokens=100, top_k=5, seed=99, logit_bias={BYTES.eot_token: -100.0}),
-    )
+    config = GenerationConfig(max_new_tokens=100, top_k=5, seed=99, logit_bias={BYTES.eot_token: -100.0})
+    sample = generate(model, torch.tensor([BYTES.encode("the king shall")]), config)
     assert detector.detect_ids(sample[0].tolist()).verdict == "generated"
     assert detector.detect(people_text(150, seed=4)).verdict == "human-like"
 
@@ -137,11 +134,8 @@ def test_detect_command_table_json_and_calibration(model, model_dir: Path, tmp_p
     people = tmp_path / "people.txt"
     people.write_text(people_text(150, seed=5), encoding="utf-8")
     ascii_only = {token: -100.0 for token in range(128, BYTES.n_vocab)}  # so that the file is UTF-8
-    sample = generate(
-        model,
-        torch.tensor([BYTES.encode("the king")]),
-        GenerationConfig(max_new_tokens=120, top_k=5, seed=1, logit_bias=ascii_only),
-    )
+    sample = generate(model, torch.tensor([BYTES.encode("the king")]),
+                      GenerationConfig(max_new_tokens=120, top_k=5, seed=1, logit_bias=ascii_only))
     machine = tmp_path / "machine.txt"
     machine.write_bytes(BYTES.decode_bytes(sample[0].tolist()))
     status, out, _ = run_cli(capsys, "detect", "--model", model_dir, "--file", people, "--file", machine)
@@ -156,42 +150,17 @@ def test_detect_command_table_json_and_calibration(model, model_dir: Path, tmp_p
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(people_text(5000, seed=6), encoding="utf-8")
-    status, out, err = run_cli(
-        capsys,
-        "detect",
-        "--model",
-        model_dir,
-        "--calibrate",
-        corpus,
-        "--passage-tokens",
-        100,
-        "--passages",
-        20,
-        "--top-k",
-        5,
-        "--max-false-positive",
-        0.1,
-        "--file",
-        machine,
-    )
+    status, out, err = run_cli(capsys, "detect", "--model", model_dir, "--calibrate", corpus,
+                               "--passage-tokens", 100, "--passages", 20, "--top-k", 5,
+                               "--max-false-positive", 0.1, "--file", machine)
     assert status == 0
     threshold = float(out.split("threshold ")[1].split(":")[0])
     assert "note:" not in err  # 20 passages can measure a 10% false-positive rate
     assert f"the score is above {threshold:.4f}" in out  # the calibrated threshold judges the file
     row = out.splitlines()[-2].split()
     assert row[0] == str(machine) and row[3] == "generated"
-    _, _, err = run_cli(
-        capsys,
-        "detect",
-        "--model",
-        model_dir,
-        "--calibrate",
-        corpus,
-        "--passage-tokens",
-        100,
-        "--passages",
-        20,
-    )
+    _, _, err = run_cli(capsys, "detect", "--model", model_dir, "--calibrate", corpus, "--passage-tokens",
+                        100, "--passages", 20)
     assert err.startswith("note: 20 passages cannot measure a false-positive rate of 1.0%")
 
 

@@ -69,11 +69,9 @@ def transformers_perplexity(hf_model, ids: torch.Tensor, max_length: int, stride
     return math.exp(nll / count), count
 
 
-@pytest.mark.parametrize(
-    ("stride", "n_words", "n_embd"),
-    [(64, 200, 32), (32, 200, 32), (32, 10, 32), (32, 200, 256)],
-    ids=["disjoint", "half", "shorter-than-a-window", "wide-enough-for-onednn"],
-)
+@pytest.mark.parametrize(("stride", "n_words", "n_embd"),
+                         [(64, 200, 32), (32, 200, 32), (32, 10, 32), (32, 200, 256)],
+                         ids=["disjoint", "half", "shorter-than-a-window", "wide-enough-for-onednn"])
 def test_perplexity_equals_transformers(tmp_path, stride, n_words, n_embd):
     transformers = pytest.importorskip("transformers")
     model = random_model(n_embd=n_embd, tokenizer=BYTES)

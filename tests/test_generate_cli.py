@@ -74,20 +74,8 @@ def test_several_samples(model_dir: Path, model: GPT2, capsys) -> None:
 def test_stop_string_and_greedy_preset(model_dir: Path, model: GPT2, capsys) -> None:
     (free,) = generate_text(model, BYTES, "abc", GenerationConfig(max_new_tokens=30, temperature=0))
     stop = free[5:7]
-    _, out, _ = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        model_dir,
-        "--prompt",
-        "abc",
-        "--preset",
-        "greedy",
-        "--max-new-tokens",
-        30,
-        "--stop",
-        stop.encode("unicode_escape").decode(),
-    )
+    _, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--prompt", "abc", "--preset", "greedy",
+                        "--max-new-tokens", 30, "--stop", stop.encode("unicode_escape").decode())
     assert out == free[: free.index(stop)] + "\n"
 
 
@@ -99,24 +87,9 @@ def test_penalty_options(model_dir: Path, model: GPT2, capsys) -> None:
     for dropped in ("repetition_penalty", "frequency_penalty", "presence_penalty"):  # each one counts
         others = {k: v for k, v in settings.items() if k != dropped}
         assert expected != generate_text(model, BYTES, "abcabc", GenerationConfig(**others))[0]
-    _, out, _ = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        model_dir,
-        "--prompt",
-        "abcabc",
-        "--preset",
-        "greedy",
-        "--max-new-tokens",
-        20,
-        "--repetition-penalty",
-        1.2,
-        "--frequency-penalty",
-        0.5,
-        "--presence-penalty",
-        0.5,
-    )
+    _, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--prompt", "abcabc", "--preset", "greedy",
+                        "--max-new-tokens", 20, "--repetition-penalty", 1.2, "--frequency-penalty", 0.5,
+                        "--presence-penalty", 0.5)
     assert out == expected + "\n"
 
 
@@ -142,20 +115,8 @@ def test_min_p_option(model_dir: Path, model: GPT2, capsys) -> None:
 
 
 def test_window_stop_is_a_note(model_dir: Path, capsys) -> None:
-    status, _, err = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        model_dir,
-        "--prompt",
-        "x" * 100,
-        "--max-new-tokens",
-        50,
-        "--at-window",
-        "stop",
-        "--seed",
-        0,
-    )
+    status, _, err = run_cli(capsys, "generate", "--model", model_dir, "--prompt", "x" * 100,
+                             "--max-new-tokens", 50, "--at-window", "stop", "--seed", 0)
     assert status == 0
     assert err.startswith("note: stopped at the context window (128 tokens) after 28 new tokens")
 
@@ -182,19 +143,8 @@ def test_bad_options_are_one_line_errors(model_dir: Path, capsys, options: list[
 
 
 def test_truncation_makes_a_long_prompt_fit(model_dir: Path, model: GPT2, capsys) -> None:
-    status, out, _ = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        model_dir,
-        "--prompt",
-        "y" * 200,
-        "--truncate",
-        "--max-new-tokens",
-        8,
-        "--preset",
-        "greedy",
-    )
+    status, out, _ = run_cli(capsys, "generate", "--model", model_dir, "--prompt", "y" * 200, "--truncate",
+                             "--max-new-tokens", 8, "--preset", "greedy")
     assert status == 0
     assert (
         out
@@ -211,18 +161,8 @@ def test_unknown_model_and_missing_tokenizer(tmp_path: Path, model: GPT2, capsys
     status, _, err = run_cli(capsys, "generate", "--model", tmp_path / "bare", "--max-new-tokens", 4)
     assert status == 2 and "--tokenizer" in err
     BYTES.save_pretrained(tmp_path / "tok")
-    status, out, _ = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        tmp_path / "bare",
-        "--tokenizer",
-        tmp_path / "tok",
-        "--max-new-tokens",
-        6,
-        "--seed",
-        2,
-    )
+    status, out, _ = run_cli(capsys, "generate", "--model", tmp_path / "bare", "--tokenizer",
+                             tmp_path / "tok", "--max-new-tokens", 6, "--seed", 2)
     assert status == 0
     assert (
         out == generate_text(model, BYTES, "", GenerationConfig(max_new_tokens=6, seed=2, top_k=40))[0] + "\n"
@@ -267,17 +207,8 @@ def test_summarize_is_top_k_2_for_100_tokens_cut_to_3_sentences(model_dir: Path,
 
 def test_translate_and_answer_are_greedy(model_dir: Path, model: GPT2, tmp_path: Path, capsys) -> None:
     (tmp_path / "pairs.txt").write_text("Hello. = Bonjour.\n\nYes. = Oui.\n", encoding="utf-8")
-    _, out, _ = run_cli(
-        capsys,
-        "task",
-        "translate",
-        "--model",
-        model_dir,
-        "--text",
-        "Thanks.",
-        "--examples",
-        tmp_path / "pairs.txt",
-    )
+    _, out, _ = run_cli(capsys, "task", "translate", "--model", model_dir, "--text", "Thanks.", "--examples",
+                        tmp_path / "pairs.txt")
     prompt = "Hello. = Bonjour.\nYes. = Oui.\nThanks. ="
     (raw,) = generate_text(
         model, BYTES, prompt, GenerationConfig(temperature=0, max_new_tokens=64, stop_strings=["\n"])
@@ -286,27 +217,12 @@ def test_translate_and_answer_are_greedy(model_dir: Path, model: GPT2, tmp_path:
     _, out, _ = run_cli(
         capsys, "task", "answer", "--model", model_dir, "--text", "Tom is here.", "--question", "Who?"
     )
-    (raw,) = generate_text(
-        model,
-        BYTES,
-        "Tom is here.\n\nQ: Who?\nA:",
-        GenerationConfig(temperature=0, max_new_tokens=48, stop_strings=["\n"]),
-    )
+    (raw,) = generate_text(model, BYTES, "Tom is here.\n\nQ: Who?\nA:",
+                           GenerationConfig(temperature=0, max_new_tokens=48, stop_strings=["\n"]))
     assert out == raw.strip() + "\n"
     (tmp_path / "bad.txt").write_text("no separator here\n", encoding="utf-8")
-    status, _, err = run_cli(
-        capsys,
-        "task",
-        "answer",
-        "--model",
-        model_dir,
-        "--text",
-        "x",
-        "--question",
-        "q",
-        "--history",
-        tmp_path / "bad.txt",
-    )
+    status, _, err = run_cli(capsys, "task", "answer", "--model", model_dir, "--text", "x", "--question", "q",
+                             "--history", tmp_path / "bad.txt")
     assert status == 2 and "bad.txt:1" in err and "question = answer" in err
 
 

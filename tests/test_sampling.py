@@ -270,11 +270,8 @@ def test_incremental_decoder_keeps_characters_whole(text: str, gpt2_ranks_file: 
 def test_empty_prompt_starts_from_endoftext(byte_model: GPT2) -> None:
     assert encode_prompt(BYTES, "") == [BYTES.eot_token]
     (text,) = generate_text(byte_model, BYTES, "", GenerationConfig(max_new_tokens=20, temperature=0))
-    ids = generate(
-        byte_model,
-        torch.tensor([[BYTES.eot_token]]),
-        GenerationConfig(max_new_tokens=20, temperature=0, stop_token_ids=[BYTES.eot_token]),
-    )
+    ids = generate(byte_model, torch.tensor([[BYTES.eot_token]]),
+                   GenerationConfig(max_new_tokens=20, temperature=0, stop_token_ids=[BYTES.eot_token]))
     new = [t for t in ids[0, 1:].tolist() if t != BYTES.eot_token]
     assert text == BYTES.decode(new)
 

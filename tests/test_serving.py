@@ -154,15 +154,9 @@ def test_chat_uses_the_transcript_and_streams_the_same(client, model) -> None:
 
 def test_penalties_and_logit_bias_are_the_library_s(client, model) -> None:
     settings = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
-    result = client.completions.create(
-        model="tiny",
-        prompt="abcabc",
-        max_tokens=16,
-        temperature=0,
-        extra_body={"repetition_penalty": 1.3},
-        frequency_penalty=1.5,
-        presence_penalty=0.5,
-    )
+    result = client.completions.create(model="tiny", prompt="abcabc", max_tokens=16, temperature=0,
+                                       extra_body={"repetition_penalty": 1.3}, frequency_penalty=1.5,
+                                       presence_penalty=0.5)
     (expected,) = generate_text(
         model, BYTES, "abcabc", GenerationConfig(temperature=0, max_new_tokens=16, **settings)
     )
@@ -172,13 +166,8 @@ def test_penalties_and_logit_bias_are_the_library_s(client, model) -> None:
         model="tiny", prompt="hi", max_tokens=6, temperature=1.0, logit_bias={str(ord("z")): 100}
     )
     assert forced.choices[0].text == "zzzzzz"
-    banned = client.completions.create(
-        model="tiny",
-        prompt="hi",
-        max_tokens=6,
-        temperature=0,
-        logit_bias={str(ord(c)): -100 for c in plain[:6]},
-    )
+    banned = client.completions.create(model="tiny", prompt="hi", max_tokens=6, temperature=0,
+                                       logit_bias={str(ord(c)): -100 for c in plain[:6]})
     assert not set(banned.choices[0].text) & set(plain[:6])
 
 
@@ -262,12 +251,8 @@ def test_concurrent_requests_share_forward_passes(server, client, model) -> None
     for i, prompt in enumerate(prompts):
         assert (
             results[i]
-            == generate_text(
-                model,
-                BYTES,
-                prompt,
-                GenerationConfig(temperature=0, max_new_tokens=min(40, WINDOW - len(prompt))),
-            )[0]
+            == generate_text(model, BYTES, prompt,
+                             GenerationConfig(temperature=0, max_new_tokens=min(40, WINDOW - len(prompt))))[0]
         )
     tokens = after["tokens_generated"] - before["tokens_generated"]
     passes = after["forward_passes"] - before["forward_passes"]

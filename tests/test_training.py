@@ -92,20 +92,9 @@ def test_loss_falls_well_below_the_unigram_entropy(data: Path, tmp_path: Path) -
     unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())  # nats per token
     run = tmp_path / "run"
     result = train(
-        load_config(
-            data=str(data),
-            out=str(run),
-            preset="nano",
-            seq_len=64,
-            micro_batch=16,
-            max_steps=250,
-            lr=1e-2,
-            warmup_steps=10,
-            eval_interval=0,
-            eval_tokens=8192,
-            sample_tokens=0,
-            log_interval=0,
-        )
+        load_config(data=str(data), out=str(run), preset="nano", seq_len=64, micro_batch=16, max_steps=250,
+                    lr=1e-2, warmup_steps=10, eval_interval=0, eval_tokens=8192, sample_tokens=0,
+                    log_interval=0)
     )
     assert result.step == 250 and result.val_loss is not None
     assert result.val_loss < unigram_entropy - 0.5, (result.val_loss, unigram_entropy)
@@ -146,12 +135,8 @@ def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path) -> None:
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
     assert not (killed_run / "step_000060").exists()
-    subprocess.run(
-        gpt2_command("train", "--out", killed_run, "--resume"),
-        check=True,
-        stdout=subprocess.DEVNULL,
-        env=ONE_THREAD,
-    )
+    subprocess.run(gpt2_command("train", "--out", killed_run, "--resume"), check=True,
+                   stdout=subprocess.DEVNULL, env=ONE_THREAD)
     assert reference.wait() == 0
     expected, resumed = final_weights(tmp_path / "ref"), final_weights(killed_run)
     assert expected.keys() == resumed.keys()
@@ -299,20 +284,9 @@ def test_fine_tuning_a_transformers_checkpoint_loads_back_in_transformers(data: 
     tokenizer.save_pretrained(tmp_path / "hf")
     run = tmp_path / "run"
     result = train(
-        load_config(
-            data=str(data),
-            out=str(run),
-            init_from=str(tmp_path / "hf"),
-            seq_len=64,
-            micro_batch=8,
-            lr=3e-3,
-            warmup_steps=2,
-            max_steps=30,
-            eval_interval=0,
-            eval_tokens=2048,
-            sample_tokens=0,
-            log_interval=0,
-        )
+        load_config(data=str(data), out=str(run), init_from=str(tmp_path / "hf"), seq_len=64, micro_batch=8,
+                    lr=3e-3, warmup_steps=2, max_steps=30, eval_interval=0, eval_tokens=2048, sample_tokens=0,
+                    log_interval=0)
     )
     assert result.val_loss is not None and result.val_loss < losses(run)[0] - 0.5
     tuned = transformers.GPT2LMHeadModel.from_pretrained(result.checkpoint).eval()
