@@ -1,5 +1,7 @@
 """Encoding throughput on Shakespeare's works: tiktoken vs ours single-threaded, and our batch encoding
 on 2 threads vs our single thread. Targets: ours >= 0.9x tiktoken; 2 threads >= 1.6x one thread.
+Then pathological input: training a vocabulary on one long run of 'a', ours (``train_tokenizer``) vs
+the ``tokenizers`` trainer underneath it; and encoding a million spaces, which tiktoken alone cannot.
 
     python benchmarks/tokenizer.py [RANKS_FILE]   # default $GPT2_SHARED_DATA/gpt2.tiktoken
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +19,10 @@ from pathlib import Path
 import tiktoken
 
 from gpt2 import corpora
-from gpt2.tokenizer import ENDOFTEXT, GPT2_PATTERN, Tokenizer
+from gpt2.tokenizer import ENDOFTEXT, GPT2_PATTERN, Tokenizer, train_tokenizer, trainer_merges
 
 REPEATS = 5
+RUN_LENGTHS = (30_000, 100_000)  # characters of the one-character training corpus
 
 
 def ranks_file() -> Path:
@@ -37,6 +41,26 @@ def best_seconds(encode: Callable[[], object]) -> float:
         encode()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def seconds(work: Callable[[], object]) -> float:
+    """The time one run of ``work`` takes."""
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def pathological(ours: Tokenizer) -> None:
+    """Training on long runs of one character, and encoding a long run of whitespace."""
+    with tempfile.TemporaryDirectory() as directory:
+        for n in RUN_LENGTHS:
+            corpus = Path(directory) / f"a{n}.txt"
+            corpus.write_text("a" * n)
+            underneath = seconds(lambda corpus=corpus: trainer_merges([corpus], 1000))
+            total = seconds(lambda corpus=corpus: train_tokenizer([corpus], 1001))
+            print(f"train on {n:>7,} 'a's      ours {total:6.2f} s   tokenizers trainer {underneath:6.2f} s")
+    spaces = " " * 1_000_000
+    print(f"encode 1,000,000 spaces  ours {seconds(lambda: ours.encode(spaces)):6.2f} s")
 
 
 def main() -> None:
@@ -60,6 +84,7 @@ def main() -> None:
           "(target >= 0.9)")
     print(f"ours, batch, 2 threads {megabytes / ours_2:8.2f} MB/s   {ours_1 / ours_2:.2f}x ours on 1 thread "
           "(target >= 1.6)")
+    pathological(ours)
 
 
 if __name__ == "__main__":

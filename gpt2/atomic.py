@@ -14,9 +14,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # permissions as the umask says
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         write(tmp)
+        # Writers that replace the file (safetensors makes its own 0600 one): the umask's mode, set here.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -24,6 +26,13 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(directory: Path) -> None:

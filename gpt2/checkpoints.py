@@ -64,6 +64,9 @@ FIXED_OPTIONS = {
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
 HF_DROPOUT = 0.1  # Hugging Face's default for the three *_pdrop keys
 LATEST = "latest"  # in a training run directory: names its newest complete checkpoint
+# What writing a checkpoint raises when the disk is full or failing: torch.save reports it as a
+# RuntimeError, safetensors as its own error.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 # --- Loading -------------------------------------------------------------------------------------
@@ -119,7 +122,14 @@ def latest_checkpoint(run: Path) -> Path | None:
     latest = run / LATEST
     if not latest.is_file():
         return None
-    target = run / latest.read_text().strip()
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{latest}: cannot read it ({e}); fix or delete {latest}") from None
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise UserError(f"{latest} must name a checkpoint directory of {run}, found {name!r}; "
+                        f"fix or delete {latest}")
+    target = run / name
     if not (target / CONFIG).is_file():
         raise UserError(f"{latest} names {target}, which holds no {CONFIG}; fix or delete {latest}")
     return target
@@ -262,9 +272,14 @@ def _checkpoint_tensors(directory: Path) -> Iterator[tuple[Path, str, Callable[[
     if weights.name.endswith(".index.json"):
         try:
             weight_map = json.loads(weights.read_text())["weight_map"]
-            files = [directory / f for f in dict.fromkeys(weight_map.values())]
+            names = [Path(f) for f in dict.fromkeys(weight_map.values())]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{weights}: not a valid shard index ({e!r})") from None
+        for name in names:  # an index is data: it must not make us read files elsewhere
+            if name.is_absolute() or ".." in name.parts:
+                raise UserError(f"{weights} names {name}, outside {directory}; a shard index names "
+                                "files of its own directory only")
+        files = [directory / name for name in names]
     for file in files:
         if file.suffix == ".safetensors":
             yield from _safetensors_tensors(file)
@@ -286,24 +301,33 @@ def _safetensors_tensors(file: Path) -> Iterator[tuple[Path, str, Callable[[], T
 
 def _torch_load(file: Path) -> dict[str, Tensor]:
     """A pytorch_model.bin, unpickled with ``weights_only=True`` so that it cannot run code."""
-    try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)  # pre-2020 format
-    except pickle.UnpicklingError as e:  # garbage, or objects that weights_only=True will not build
-        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
-        raise UserError(
-            f"{file}: not a plain state dict of tensors ({detail[0] if detail else 'unpickling failed'}); "
-            "it is corrupt or holds objects that are unsafe to unpickle: convert it to safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{file}: corrupt or truncated PyTorch file ({e})") from None
+    state = torch_load(file, "a plain state dict of tensors", "convert it to safetensors")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{file}: expected a dict of tensors (a state dict)")
     return state
+
+
+def torch_load(file: Path, what: str, fix: str, *, mmap: bool = True) -> object:
+    """``torch.load(file)`` with ``weights_only=True``, so that it cannot run code; a file that is not
+    ``what`` (garbage, truncated, or holding objects unsafe to unpickle) is a one-line error ending
+    in ``fix``. ``mmap``: map the tensors from the file rather than read them (they then keep its
+    disk space allocated while they live, even once it is deleted)."""
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)  # pre-2020 format
+    except pickle.UnpicklingError as e:  # garbage, or objects that weights_only=True will not build
+        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
+        raise UserError(
+            f"{file}: not {what} ({detail[0] if detail else 'unpickling failed'}); "
+            f"it is corrupt or holds objects that are unsafe to unpickle: {fix}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{file}: corrupt or truncated PyTorch file ({reason}); {fix}") from None
 
 
 # --- Saving --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ else:  # pragma: no cover
 
 GPT2_VOCAB_SIZE = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
 GPT2_CONTEXT = 1024
+MAX_PARAMETERS = 10**12  # far beyond gpt2-xl's 1.6e9: a shape past it is a typo, not a model
 
 # The precisions a model can be loaded in for inference (``gpt2.inference.load_for_inference``).
 PRECISIONS = {
@@ -50,6 +51,17 @@ class GPT2Config:
             raise UserError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"config: dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.layer_norm_epsilon < 1:  # also refuses NaN
+            raise UserError(f"config: layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
+        if self.num_parameters() > MAX_PARAMETERS:
+            raise UserError(f"config: {self.num_parameters():.3g} parameters is beyond any GPT-2 this "
+                            f"package can hold (at most {MAX_PARAMETERS:.0e}); check n_layer, n_embd, "
+                            "n_positions and vocab_size")
+
+    def num_parameters(self) -> int:
+        """The network's parameter count (the tied embedding once), from the shape alone."""
+        block = 12 * self.n_embd**2 + 13 * self.n_embd  # attention and MLP weights, biases, LayerNorms
+        return self.n_layer * block + (self.vocab_size + self.n_positions + 2) * self.n_embd
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> GPT2Config:
@@ -85,7 +97,10 @@ def read_settings(path: str | Path, what: str = "config file") -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such {what}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             values = yaml.safe_load(text) or {}

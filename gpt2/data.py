@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 VAL_PIECE_TOKENS = 4096  # the validation split takes whole pieces of this many tokens, spread evenly
 TEXT_SUFFIXES = (".txt", ".jsonl")
+PIECE_BYTES = 1 << 20  # a .txt file is read and tokenised in pieces of about this many bytes
+BATCH_CHARS = 2_000_000  # characters encoded at once: a batch's text and ids are what memory holds
+ASCII_SPACE = b" \t\n\r\x0b\x0c"  # the ASCII characters of the regex class \s
 NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": corpora.shakespeare}
 
 
@@ -41,6 +44,7 @@ class Corpus:
     """The documents of some inputs: .txt files (one document each), .jsonl files (one document per
     line, in its ``text`` field), directories of those, the named corpora of ``gpt2.corpora``
     (``shakespeare``) and, with the ``datasets`` library and a network, Hugging Face datasets by name.
+    Memory stays bounded: a .txt file is read ``piece_bytes`` at a time, a .jsonl file a line at a time.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class Corpus:
         text_field: str = "text",
         dataset_split: str = "train",
         dataset_config: str | None = None,
+        piece_bytes: int = PIECE_BYTES,
     ) -> None:
         if not inputs:
             raise UserError("no input given; name .txt/.jsonl files, directories or a dataset")
@@ -57,33 +62,41 @@ class Corpus:
         self.text_field = text_field
         self.dataset_split = dataset_split
         self.dataset_config = dataset_config
+        self.piece_bytes = piece_bytes
         self._invalid: dict[str, int] = {}  # invalid UTF-8 sequences per file, not yet reported
         self._warned: set[str] = set()  # each file is reported once, not on every pass
+        self._reading: str | None = None  # the file being read, whose count is not complete yet
 
-    def documents(self) -> Iterator[str]:
-        """Every non-blank document, in input order."""
+    def pieces(self) -> Iterator[tuple[str, bool]]:
+        """Every non-blank document in input order, as (text, starts_document) pairs: a .txt file comes
+        in pieces of about ``piece_bytes``, cut where GPT-2's pre-tokeniser ends a token anyway, so the
+        pieces of a document encode to the ids of the whole document; the rest come whole."""
         for spec in self.inputs:
             path = Path(spec)
             if path.is_dir():
                 files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
                 if not files:
                     raise UserError(f"{path}: the directory holds no .txt or .jsonl files")
-                yield from self._file_documents(files)
+                yield from self._file_pieces(files)
             elif path.is_file():
-                yield from self._file_documents([path])
+                yield from self._file_pieces([path])
             elif spec in NAMED_CORPORA:
-                yield from self._file_documents(NAMED_CORPORA[spec]())
+                yield from self._file_pieces(NAMED_CORPORA[spec]())
             else:
-                yield from self._dataset_documents(spec)
+                yield from ((doc, True) for doc in self._dataset_documents(spec))
 
-    def _file_documents(self, files: Iterable[Path]) -> Iterator[str]:
+    def _file_pieces(self, files: Iterable[Path]) -> Iterator[tuple[str, bool]]:
         for path in files:
+            self._reading = str(path)
             if path.suffix == ".jsonl":
-                yield from self._jsonl_documents(path)
+                yield from ((doc, True) for doc in self._jsonl_documents(path))
             else:
-                text = self._decode(path, path.read_bytes())
-                if text.strip():
-                    yield text
+                for i, data in enumerate(_text_file_pieces(path, self.piece_bytes)):
+                    text = self._decode(path, data)
+                    # Every cut follows a non-space character, so only a file's single piece can be blank.
+                    if i or text.strip():
+                        yield text, i == 0
+            self._reading = None
 
     def _jsonl_documents(self, path: Path) -> Iterator[str]:
         with path.open("rb") as f:
@@ -118,12 +131,12 @@ class Corpus:
         return text
 
     def report_invalid_utf8(self) -> None:
-        """Warn once per file about the invalid UTF-8 sequences replaced while reading it."""
-        for name, count in self._invalid.items():
+        """Warn once per file read to its end about the invalid UTF-8 sequences replaced in it."""
+        for name in [name for name in self._invalid if name != self._reading]:
+            count = self._invalid.pop(name)
             if name not in self._warned:
                 self._warned.add(name)
                 log.warning(f"warning: {name}: {count} invalid UTF-8 sequences replaced with U+FFFD")
-        self._invalid.clear()
 
     def _dataset_documents(self, name: str) -> Iterator[str]:
         try:
@@ -145,6 +158,49 @@ class Corpus:
                 yield text
 
 
+def _text_file_pieces(path: Path, piece_bytes: int) -> Iterator[bytes]:
+    """The bytes of ``path`` in pieces of about ``piece_bytes`` (longer where no safe cut is near)."""
+    buffer = bytearray()
+    with path.open("rb") as f:
+        while block := f.read(piece_bytes):
+            buffer += block
+            cut = _safe_cut(buffer)
+            if cut:
+                yield bytes(buffer[:cut])
+                del buffer[:cut]
+    if buffer:
+        yield bytes(buffer)
+
+
+def _safe_cut(data: bytearray) -> int:
+    """The last place before a line break's run of whitespace where GPT-2's pre-tokeniser ends a token
+    whatever follows: a non-space character, then whitespace (no pattern takes whitespace after other
+    characters, and none looks behind). 0 if there is none. The cut is before an ASCII byte, so the
+    pieces decode, invalid sequences included, as the whole does."""
+    newline = data.rfind(b"\n")
+    while newline > 0:
+        cut = newline
+        while cut > 0 and data[cut - 1] in ASCII_SPACE:
+            cut -= 1
+        if cut > 0 and _ends_in_non_space(data, cut):
+            return cut
+        newline = data.rfind(b"\n", 0, cut)
+    return 0
+
+
+def _ends_in_non_space(data: bytearray, end: int) -> bool:
+    """Whether ``data[:end]`` ends in a valid UTF-8 character that is not whitespace (``str.isspace``
+    holds for every character of the regex class \\s, and a few more)."""
+    start = end - 1
+    while start > max(0, end - 4) and 0x80 <= data[start] < 0xC0:  # continuation bytes
+        start -= 1
+    try:
+        char = data[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(char) == 1 and not char.isspace()
+
+
 # ---------------------------------------------------------------------------------------------
 # Preparing shards
 
@@ -154,7 +210,8 @@ class ShardWriter:
 
     The stream is cut in pieces of ``VAL_PIECE_TOKENS``; a fraction ``val_fraction`` of them, evenly
     spread over the corpus, goes to validation. The last piece is held back until the end so that a
-    small corpus still gets a validation piece.
+    small corpus still gets a validation piece. Each split fills one shard-sized buffer, written out
+    and reused when full: memory stays at a shard per split, whatever the corpus's size.
     """
 
     def __init__(self, directory: Path, shard_tokens: int, val_fraction: float) -> None:
@@ -165,11 +222,11 @@ class ShardWriter:
         self.directory = directory
         self.shard_tokens = shard_tokens
         self.val_fraction = val_fraction
-        self.pending: dict[str, list[np.ndarray]] = {"val": [], "train": []}
-        self.pending_tokens = {"val": 0, "train": 0}
+        self.buffers: dict[str, np.ndarray] = {}  # made when first needed; pages count once touched
+        self.filled = {"val": 0, "train": 0}
         self.tokens = {"val": 0, "train": 0}
         self.shards = {"val": 0, "train": 0}
-        self.piece: list[np.ndarray] = []
+        self.piece = np.empty(VAL_PIECE_TOKENS, dtype=np.uint16)
         self.piece_tokens = 0
         self.pieces = 0  # pieces routed so far
         self.held: np.ndarray | None = None
@@ -177,23 +234,23 @@ class ShardWriter:
     def add(self, tokens: np.ndarray) -> None:
         while tokens.size:
             take = min(tokens.size, VAL_PIECE_TOKENS - self.piece_tokens)
-            self.piece.append(tokens[:take])
+            self.piece[self.piece_tokens : self.piece_tokens + take] = tokens[:take]
             self.piece_tokens += take
             tokens = tokens[take:]
             if self.piece_tokens == VAL_PIECE_TOKENS:
                 if self.held is not None:
                     self._route(self.held, last=False)
-                self.held = np.concatenate(self.piece)
-                self.piece, self.piece_tokens = [], 0
+                self.held = self.piece.copy()
+                self.piece_tokens = 0
 
     def close(self) -> dict[str, int]:
         """Route and write what remains; the number of tokens in each split."""
-        last = [p for p in (self.held, np.concatenate(self.piece) if self.piece else None) if p is not None]
+        last = [p for p in (self.held, self.piece[: self.piece_tokens]) if p is not None and p.size]
         for i, piece in enumerate(last):
             self._route(piece, last=i == len(last) - 1)
-        for split in ("val", "train"):
-            if self.pending_tokens[split]:
-                self._write(split, np.concatenate(self.pending[split]))
+        for split, filled in self.filled.items():
+            if filled:
+                self._write(split, self.buffers[split][:filled])
         return dict(self.tokens)
 
     def _route(self, piece: np.ndarray, *, last: bool) -> None:
@@ -202,16 +259,18 @@ class ShardWriter:
         to_val = to_val or (last and f > 0 and not self.tokens["val"])
         self.pieces += 1
         split = "val" if to_val else "train"
-        self.pending[split].append(piece)
-        self.pending_tokens[split] += piece.size
         self.tokens[split] += piece.size
-        if self.pending_tokens[split] >= self.shard_tokens:
-            stream = np.concatenate(self.pending[split])
-            while stream.size >= self.shard_tokens:
-                self._write(split, stream[: self.shard_tokens])
-                stream = stream[self.shard_tokens :]
-            self.pending[split] = [stream]
-            self.pending_tokens[split] = stream.size
+        if split not in self.buffers:
+            self.buffers[split] = np.empty(self.shard_tokens, dtype=np.uint16)
+        buffer = self.buffers[split]
+        while piece.size:
+            take = min(piece.size, self.shard_tokens - self.filled[split])
+            buffer[self.filled[split] : self.filled[split] + take] = piece[:take]
+            self.filled[split] += take
+            piece = piece[take:]
+            if self.filled[split] == self.shard_tokens:
+                self._write(split, buffer)
+                self.filled[split] = 0
 
     def _write(self, split: str, tokens: np.ndarray) -> None:
         write_shard(self.directory / f"{split}_{self.shards[split]:06d}.bin", tokens)
@@ -268,9 +327,11 @@ def _train_on_corpus(corpus: Corpus, vocab_size: int, workdir: Path) -> Tokenize
     """Train a BPE vocabulary on the corpus's documents, gathered in one UTF-8 file."""
     text_file = workdir / "corpus.txt"
     with text_file.open("w", encoding="utf-8") as f:
-        for doc in corpus.documents():
-            f.write(doc)
-            f.write("\n\n")
+        for i, (text, starts_document) in enumerate(corpus.pieces()):
+            if starts_document and i:
+                f.write("\n\n")
+            f.write(text)
+        f.write("\n\n")
     corpus.report_invalid_utf8()
     if text_file.stat().st_size == 0:
         raise UserError(f"{', '.join(corpus.inputs)}: the corpus is empty; give files that hold text")
@@ -282,17 +343,22 @@ def _train_on_corpus(corpus: Corpus, vocab_size: int, workdir: Path) -> Tokenize
 def _tokenize(
     corpus: Corpus, tokenizer: Tokenizer, writer: ShardWriter, num_threads: int, progress: bool
 ) -> dict[str, int]:
-    """Encode documents in batches on ``num_threads`` threads; ``<|endoftext|>`` before each."""
+    """Encode the corpus's pieces in batches on ``num_threads`` threads; ``<|endoftext|>`` before each
+    document."""
     eot = np.array([tokenizer.eot_token], dtype=np.uint16)
     documents = 0
     # delay: a corpus that fails at once shows its one error line, no bar
     with tqdm(desc="tokenizing", unit="tok", unit_scale=True, delay=0.5, disable=not progress) as bar:
-        for batch in _batches(corpus.documents(), max_chars=8_000_000, max_docs=1024):
-            for ids in tokenizer.encode_batch(batch, num_threads=num_threads):
-                writer.add(np.concatenate([eot, np.asarray(ids, dtype=np.uint16)]))
-                bar.update(len(ids) + 1)
-            documents += len(batch)
+        for batch in _batches(corpus.pieces(), max_chars=BATCH_CHARS, max_pieces=1024):
+            encoded = tokenizer.encode_batch([text for text, _ in batch], num_threads=num_threads)
+            for (_, starts_document), ids in zip(batch, encoded, strict=True):
+                if starts_document:
+                    writer.add(eot)
+                    documents += 1
+                writer.add(np.asarray(ids, dtype=np.uint16))
+                bar.update(len(ids) + starts_document)
             corpus.report_invalid_utf8()
+    corpus.report_invalid_utf8()  # the last file's
     if documents == 0:
         raise UserError(f"{', '.join(corpus.inputs)}: the corpus is empty; give files that hold text")
     counts = writer.close()
@@ -304,13 +370,15 @@ def _tokenize(
     return counts
 
 
-def _batches(docs: Iterator[str], *, max_chars: int, max_docs: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batches(
+    pieces: Iterator[tuple[str, bool]], *, max_chars: int, max_pieces: int
+) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
     chars = 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= max_chars or len(batch) >= max_docs:
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[0])
+        if chars >= max_chars or len(batch) >= max_pieces:
             yield batch
             batch, chars = [], 0
     if batch:
@@ -362,6 +430,16 @@ class ShardLoader:
     @property
     def num_samples(self) -> int:
         return sum(self.samples)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse shards holding token ids the model has no embedding for (one pass over each)."""
+        for file, shard in zip(self.files, self.shards, strict=True):
+            top = int(np.max(shard)) if len(shard) else -1
+            if top >= vocab_size:
+                raise UserError(
+                    f"{file} holds token id {top} but the model's vocabulary has {vocab_size} ids; "
+                    "prepare the data with the model's tokenizer"
+                )
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos}

@@ -113,6 +113,8 @@ class Detector:
         stride: int | None = None,
         batch_size: int = 8,
     ) -> None:
+        if not math.isfinite(threshold):
+            raise UserError(f"the threshold must be a finite number, got {threshold}")
         self.scorer = Scorer(model, tokenizer, batch_size=batch_size)
         self.model, self.tokenizer, self.threshold = model, tokenizer, threshold
         self.stride = max(1, self.scorer.context // 2) if stride is None else stride
@@ -204,6 +206,9 @@ def _at(detection: Detection, threshold: float) -> Detection:
 
 def split_passages(ids: Sequence[int], length: int, count: int) -> list[list[int]]:
     """Up to ``count`` non-overlapping passages of ``length`` tokens spread evenly over ``ids``."""
+    if count < 2 or length < 1:
+        raise UserError(f"calibration needs at least 2 passages of at least 1 token, asked for {count} of "
+                        f"{length}")
     available = len(ids) // length
     if available < 2:
         raise UserError(f"the text has {len(ids)} tokens, too few for 2 passages of {length}; give more "

@@ -5,6 +5,7 @@ Free of torch, so that the command line can describe the options without loading
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,8 @@ SAMPLING_PRESETS: dict[str, dict[str, object]] = {
 }
 
 AtWindow = Literal["error", "stop", "slide"]
+
+SEEDS = range(-(2**63), 2**64)  # what torch's generators accept
 
 
 class ContextWindowReached(UserWarning):
@@ -60,12 +63,15 @@ class GenerationConfig:
     at_window: AtWindow = "error"
 
     def __post_init__(self) -> None:
+        self._check_finite()
         self._check_sampling()
         self._check_penalties()
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.at_window not in ("error", "stop", "slide"):
             raise UserError(f"at_window must be 'error', 'stop' or 'slide', got {self.at_window!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed not in SEEDS):
+            raise UserError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if any(not s for s in self.stop_strings):
             raise UserError("stop strings must not be empty")
         # Sequences arrive as lists from users and the CLI; tuples keep the config hashable.
@@ -73,6 +79,17 @@ class GenerationConfig:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         object.__setattr__(self, "logit_bias", tuple(sorted(dict(self.logit_bias).items())))
+
+    def _check_finite(self) -> None:
+        """Refuse infinite and NaN settings (JSON's ``Infinity`` and ``--temperature inf`` parse)."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                     "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number, got {value}")
+        for token, bias in dict(self.logit_bias).items():
+            if isinstance(bias, float) and not math.isfinite(bias):
+                raise UserError(f"logit_bias must be finite numbers, got {bias} for token {token}")
 
     def _check_sampling(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:

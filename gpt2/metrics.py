@@ -35,13 +35,29 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{path} not found; give a training run directory (`gpt2 train --out RUN`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); it is not a metrics log") from None
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not _is_record(record):
+            raise UserError(f"{path}, line {number}: not a metrics record (a JSON object with a numeric "
+                            f"step and losses); fix or delete that line")
+        records.append(record)
     return records
+
+
+def _is_record(record: object) -> bool:
+    """A JSON object whose step and losses, where present, are numbers."""
+    if not isinstance(record, dict):
+        return False
+    numbers = [record.get(key, 0) for key in ("step", "loss", "val_loss")]
+    return all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
 from gpt2.errors import UserError
+from gpt2.memory import check_fits
 
 
 class KVCache:
@@ -51,6 +52,7 @@ class KVCache:
                 f"KV cache of {self.max_len} positions exceeds the context window "
                 f"({config.n_positions}); ask for at most {config.n_positions}"
             )
+        self.check_fits(config, batch_size, self.max_len, dtype)
         shape = (batch_size, config.n_head, self.max_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -64,6 +66,14 @@ class KVCache:
     @property
     def dtype(self) -> torch.dtype:
         return self.keys[0].dtype
+
+    @staticmethod
+    def check_fits(config: GPT2Config, batch_size: int, max_len: int, dtype: torch.dtype) -> None:
+        """Refuse, with the estimate, a cache that would not fit in this machine's memory."""
+        per_position = 2 * config.n_layer * config.n_embd * dtype.itemsize
+        check_fits(batch_size * max_len * per_position,
+                   f"a KV cache for {batch_size:,} sequences of {max_len:,} positions",
+                   "ask for fewer sequences at once (samples, prompts or batch size)")
 
     # -- the network's operations ---------------------------------------------------------------------
 

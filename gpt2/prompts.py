@@ -42,7 +42,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 # The paper's decoding for each task.
 SUMMARY = GenerationConfig.from_preset("summarize", truncate=True)
-TRANSLATION = GenerationConfig.from_preset("greedy", max_new_tokens=64, stop_strings=("\n",))
+TRANSLATION = GenerationConfig.from_preset("greedy", max_new_tokens=64, stop_strings=("\n",), truncate=True)
 ANSWER = GenerationConfig.from_preset("greedy", max_new_tokens=48, stop_strings=("\n",), truncate=True)
 
 
@@ -172,7 +172,8 @@ class Chat:
         config: GenerationConfig | None = None,
     ) -> Iterator[str]:
         """Generate the assistant's reply to ``message`` piece by piece (sampled as ``config`` says,
-        ending at the line's end); the turn joins the transcript once the reply is complete."""
+        ending at the line's end); the turn joins the transcript once the reply is complete. A message
+        that cannot be answered is refused here, before any piece, and leaves the transcript as it was."""
         config = config or GenerationConfig()
         budget = model.config.n_positions - config.max_new_tokens
         if budget < 1:
@@ -180,11 +181,14 @@ class Chat:
                             "context window")
         prompt = self.prompt(message, tokenizer, budget)
         config = config.replace(stop_strings=(*CHAT_STOPS, *config.stop_strings))
-        pieces = []
-        for piece in stream_text(model, tokenizer, prompt, config):
-            pieces.append(piece)
+        return self._record(message, stream_text(model, tokenizer, prompt, config))
+
+    def _record(self, message: str, pieces: Iterator[str]) -> Iterator[str]:
+        reply = []
+        for piece in pieces:
+            reply.append(piece)
             yield piece
-        self.turns.append((message.strip(), "".join(pieces).strip()))
+        self.turns.append((message.strip(), "".join(reply).strip()))
 
     def reply(
         self,

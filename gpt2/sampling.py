@@ -209,7 +209,6 @@ class _Rows:
         return not self.all_live and not self.live.any()
 
 
-@torch.inference_mode()
 def stream_tokens(
     model: Transformer,
     input_ids: Tensor,
@@ -235,29 +234,36 @@ def stream_tokens(
         raise UserError("stop strings need a tokenizer to decode with; pass decode_bytes (or a tokenizer)")
     config.check_vocabulary(model.config.vocab_size)
     input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, model.config.n_positions)
+    rows, dtype = len(input_ids) * config.num_samples, model.transformer.wte.weight.dtype
+    KVCache.check_fits(model.config, rows, _cache_len(model, input_ids, config), dtype)  # before any buffer
     if config.num_samples > 1:
         input_ids = input_ids.repeat_interleave(config.num_samples, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(config.num_samples, dim=0)
     rows = _Rows(input_ids, attention_mask, config, generator, decode_bytes, pad_token_id)
+    return _decode(model, rows, input_ids, attention_mask)  # checked now; generated as it is read
+
+
+@torch.inference_mode()
+def _decode(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: Tensor | None
+            ) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loop: one forward pass over the prompts, then one cached step per new token (in eval mode;
+    the model's mode is restored after)."""
     was_training = model.training
     model.eval()
     try:
-        yield from _decode(model, rows, input_ids, attention_mask)
+        yield from _steps(model, rows, input_ids, attention_mask)
     finally:
         model.train(was_training)
 
 
-def _decode(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: Tensor | None
-            ) -> Iterator[tuple[Tensor, Tensor]]:
-    """The loop: one forward pass over the prompts, then one cached step per new token."""
+def _steps(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: Tensor | None
+           ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Each step's tokens and live rows, until every row stopped, ``max_new_tokens`` or the window."""
     config, window = rows.config, model.config.n_positions
     new = config.max_new_tokens
-    # The last new token is never fed back, so the cache needs one position less than the text.
-    cache_len = window if config.at_window == "slide" else min(window, rows.length + new - 1)
-    # The embedding keeps the activations' dtype, also when int8 quantisation replaced the Linears.
-    cache = KVCache(model.config, len(input_ids), cache_len, device=input_ids.device,
-                    dtype=model.transformer.wte.weight.dtype)
+    cache = KVCache(model.config, len(input_ids), _cache_len(model, input_ids, config),
+                    device=input_ids.device, dtype=model.transformer.wte.weight.dtype)
     logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
     for step in range(new):
         token = rows.choose(logits, step)
@@ -280,6 +286,14 @@ def _decode(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: 
                            last_only=True)[:, -1]
         else:
             logits = model.decode_step(token[:, None], cache)
+
+
+def _cache_len(model: Transformer, input_ids: Tensor, config: GenerationConfig) -> int:
+    """Positions the cache needs: the last new token is never fed back, so one less than the text."""
+    window = model.config.n_positions
+    if config.at_window == "slide":
+        return window
+    return min(window, input_ids.shape[1] + config.max_new_tokens - 1)
 
 
 def generate(

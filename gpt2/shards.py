@@ -26,8 +26,14 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
         raise UserError(f"{path}: token id {int(tokens.max())} does not fit a uint16 shard")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    data = header.tobytes() + tokens.astype("<u2").tobytes()
-    write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+    ids = tokens.astype("<u2", copy=False)  # no copy of a uint16 buffer: a shard is held once
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            f.write(header.tobytes())
+            ids.tofile(f)
+
+    write_atomic(Path(path), write)
 
 
 def read_shard(path: str | Path) -> np.ndarray:

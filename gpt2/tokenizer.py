@@ -14,9 +14,12 @@ import base64
 import binascii
 import contextlib
 import functools
+import heapq
 import json
 import os
+import re
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +36,15 @@ ENDOFTEXT = "<|endoftext|>"
 # What from_pretrained looks for, in order of preference; a *.tiktoken file comes last.
 FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 MERGES_HEADER = "#version: 0.2"
+# What ``\s`` matches in GPT2_PATTERN under tiktoken's regex engine: Unicode's White_Space, which is not
+# Python's ``\s`` (that adds \x1c-\x1f).
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
+    "\u2028\u2029\u202f\u205f\u3000"
+# tiktoken's regex engine overflows its backtracking stack on a run of about a million whitespace
+# characters (a panic, not an exception); runs this long are kept away from it (see _encode_ordinary).
+LONG_WHITESPACE = 1 << 16
+_WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]*")
+_UP_TO_LAST_NON_WHITESPACE = re.compile(f"(?s:.*)[^{WHITESPACE}]")
 
 AllowedSpecial = Collection[str] | Literal["all"]
 
@@ -73,6 +85,22 @@ def _split_at_lines(text: str, size: int) -> list[str]:
         start = cut + 1
     pieces.append(text[start:])
     return pieces
+
+
+def _long_runs(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of LONG_WHITESPACE or more whitespace characters in ``text``, in time
+    linear in its length. Each such run holds a position ``LONG_WHITESPACE * k - 1``, and the run
+    starts less than LONG_WHITESPACE before the first of them in it, so only those are looked at."""
+    end = 0
+    for i in range(LONG_WHITESPACE - 1, len(text), LONG_WHITESPACE):
+        if i < end or text[i] not in WHITESPACE:
+            continue
+        end = _WHITESPACE_RUN.match(text, i).end()
+        lowest = i - LONG_WHITESPACE + 1
+        before = _UP_TO_LAST_NON_WHITESPACE.match(text, lowest, i)
+        start = before.end() if before else lowest
+        if end - start >= LONG_WHITESPACE:
+            yield start, end
 
 
 class Tokenizer:
@@ -185,9 +213,33 @@ class Tokenizer:
         """Token ids of ``text``. Special tokens are plain text unless named in ``allowed_special``
         (or ``"all"``). Lone surrogates are replaced by U+FFFD first, as tiktoken does."""
         if not allowed_special:
-            return self._encoding.encode_ordinary(text)
+            return self._encode_ordinary(text)
         allowed = self._allowed(allowed_special)
-        return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        if next(_long_runs(text), None) is None:
+            return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        # tiktoken encodes the text between special tokens as if each stretch were a text of its own.
+        names = self._specials if allowed == "all" else allowed
+        specials = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True))))
+        ids, start = [], 0
+        for special in specials.finditer(text):
+            ids += self._encode_ordinary(text[start : special.start()])
+            ids.append(self._specials[special.group()])
+            start = special.end()
+        return ids + self._encode_ordinary(text[start:])
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """tiktoken's ``encode_ordinary``, safe on long runs of whitespace. GPT-2's pattern makes a run
+        followed by more text into two pieces (all of it but its last character; that character with
+        what follows), and a run that ends the text into one; pieces never reach across the start of a
+        run. So a long run's first piece is encoded here, by BPE alone, and the text on either side of
+        it by tiktoken, which gives the ids of the whole."""
+        ids, start = [], 0
+        for run_start, run_end in _long_runs(text):
+            end = run_end if run_end == len(text) else run_end - 1
+            ids += self._encoding.encode_ordinary(text[start:run_start])
+            ids += self._encoding._encode_single_piece(text[run_start:end])
+            start = end
+        return ids + self._encoding.encode_ordinary(text[start:])
 
     def encode_batch(
         self,
@@ -203,13 +255,8 @@ class Tokenizer:
         piece_chars = max(1 << 16, sum(map(len, texts)) // (8 * threads))
         pieces_of = [_split_at_lines(text, piece_chars) for text in texts]
         pieces = [piece for text_pieces in pieces_of for piece in text_pieces]
-        if not allowed_special:
-            encoded = self._encoding.encode_ordinary_batch(pieces, num_threads=threads)
-        else:
-            encoded = self._encoding.encode_batch(
-                pieces, num_threads=threads, allowed_special=self._allowed(allowed_special),
-                disallowed_special=(),
-            )
+        with ThreadPoolExecutor(threads) as pool:
+            encoded = list(pool.map(functools.partial(self.encode, allowed_special=allowed_special), pieces))
         results, i = [], 0
         for text_pieces in pieces_of:
             ids = encoded[i]
@@ -361,16 +408,7 @@ def train_tokenizer(
             raise UserError(f"{path}: no such file; give UTF-8 text files to train on")
         if path.stat().st_size == 0:
             raise UserError(f"{path} is empty; give UTF-8 text files to train on")
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(specials),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    hf.train_from_iterator(_text_chunks(paths), trainer)
-    trained = json.loads(hf.to_str())["model"]["merges"]
-
+    trained = trainer_merges(paths, vocab_size - len(specials))
     to_bytes = _unicode_to_bytes()
     ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}  # GPT-2's order of the bytes
     for pair in trained:
@@ -383,23 +421,51 @@ def train_tokenizer(
     return Tokenizer(ranks, {s: len(ranks) + i for i, s in enumerate(specials)}, source="trained vocabulary")
 
 
+def trainer_merges(paths: Sequence[Path], n_tokens: int) -> list:
+    """The merges, in order, that the ``tokenizers`` BPE trainer makes for a byte-level vocabulary of
+    ``n_tokens`` on the UTF-8 text files ``paths`` (spelled by ``bytes_to_unicode``); the raw material
+    of ``train_tokenizer``."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    hf.train_from_iterator(_text_chunks(paths), trainer)
+    return json.loads(hf.to_str())["model"]["merges"]
+
+
 # -- helpers of the loaders and the trainer -----------------------------------------------------------
 
 
 def _bpe(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
     """BPE on ``token``'s bytes with the ranks below ``max_rank``: repeatedly merge the adjacent pair
-    whose concatenation has the lowest rank."""
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        best, best_rank = -1, max_rank
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1], max_rank)
-            if rank < best_rank:
-                best, best_rank = i, rank
-        if best < 0:
-            break
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    return parts
+    whose concatenation has the lowest rank, the leftmost of equals (as tiktoken does). A heap of
+    candidate pairs makes it O(n log n) on n bytes, where rescanning every pair is O(n^2)."""
+    n = len(token)
+    nxt = list(range(1, n + 1))  # nxt[i]: where the part starting at byte i ends
+    alive = [True] * n  # whether a part starts at byte i
+    prev = list(range(-1, n - 1))  # prev[i]: where the part before the one at i starts
+
+    def push(left: int, mid: int, end: int) -> None:
+        rank = ranks.get(token[left:end], max_rank)
+        if rank < max_rank:
+            heapq.heappush(heap, (rank, left, mid, end))
+
+    heap: list[tuple[int, int, int, int]] = []
+    for i in range(n - 1):
+        push(i, i + 1, i + 2)
+    while heap:
+        _, left, mid, end = heapq.heappop(heap)
+        if not (alive[left] and nxt[left] == mid and nxt[mid] == end):
+            continue  # one of the two parts has been merged since
+        alive[mid], nxt[left] = False, end
+        if end < n:
+            prev[end] = left
+            push(left, end, nxt[end])
+        if left > 0:
+            push(prev[left], left, end)
+    starts = [i for i in range(n) if alive[i]]
+    return [token[i : nxt[i]] for i in starts]
 
 
 def _check_ids(ranks: dict[bytes, int], specials: dict[str, int], source: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from gpt2.config import read_settings
 from gpt2.errors import UserError
 
+SEED_LIMIT = 2**63  # seeds torch.manual_seed, and numpy (seed + rank, + steps), all accept
 CONFIG_FILE = "train.toml"  # in a run directory: the effective options of the run, enough to repeat it
 
 
@@ -79,22 +81,43 @@ class TrainConfig:
     ACTIONS = ("resume", "overwrite")  # what to do this time, not part of a run's saved config
 
     def __post_init__(self) -> None:
+        """Every option's range, checked at once: nothing is done with an option that cannot work."""
         for name in ("micro_batch", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "keep_checkpoints",
-                     "sample_interval", "sample_tokens", "log_interval"):
+                     "sample_interval", "sample_tokens", "log_interval", "sample_top_k"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("seq_len", "batch_tokens", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.time_limit is not None and self.time_limit <= 0:
+        if self.time_limit is not None and not 0 < self.time_limit < math.inf:
             raise UserError(f"time_limit must be a positive number of minutes, got {self.time_limit}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise UserError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr} and {self.min_lr_ratio}")
+        if not 0 < self.lr < math.inf or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"need lr > 0 (finite) and 0 <= min_lr_ratio <= 1, got {self.lr} and "
+                            f"{self.min_lr_ratio}")
+        self._check_float_ranges()
+        self._check_choices()
+
+    def _check_choices(self) -> None:
+        """The seed, the precision and the device's spelling (whether it exists: gpt2.training)."""
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise UserError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+
+    def _check_float_ranges(self) -> None:
+        """The optimiser's, dropout's and the samples' numbers (NaN fails every comparison)."""
+        ranges = {"weight_decay": (0.0, math.inf), "grad_clip": (0.0, math.inf), "beta1": (0.0, 1.0),
+                  "beta2": (0.0, 1.0), "sample_temperature": (0.0, math.inf)}  # name: [low, high)
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) < high:
+                raise UserError(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_toml(self) -> str:
         """The options as TOML (unset ones and the one-time actions left out)."""
@@ -152,12 +175,7 @@ def load_config(config_file: str | Path | None = None, **options: Any) -> TrainC
     values = read_config_file(config_file) if config_file else {}
     values.update(options)
     if values.get("resume"):
-        if not values.get("out"):
-            raise UserError("--resume needs the run directory to continue: --out RUN")
-        saved = Path(values["out"]) / CONFIG_FILE
-        if not saved.is_file():
-            raise UserError(f"--resume: {values['out']} holds no checkpoint (no {saved}); drop --resume")
-        values = {**read_config_file(saved), **values}
+        values = _resumed_values(values)
     cfg = TrainConfig(**values)
     if not cfg.data or not cfg.out:
         raise UserError("give the data directory (--data DIR) and the run directory (--out RUN)")
@@ -166,3 +184,20 @@ def load_config(config_file: str | Path | None = None, **options: Any) -> TrainC
     if cfg.max_steps is None and cfg.time_limit is None:
         raise UserError("give --max-steps N or --time-limit MINUTES (or both)")
     return cfg
+
+
+def _resumed_values(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over the resumed run's saved options; a different model (which a resumed run, built
+    from its checkpoint, would ignore) is refused."""
+    if not values.get("out"):
+        raise UserError("--resume needs the run directory to continue: --out RUN")
+    saved_file = Path(values["out"]) / CONFIG_FILE
+    if not saved_file.is_file():
+        raise UserError(f"--resume: {values['out']} holds no checkpoint (no {saved_file}); drop --resume")
+    saved = read_config_file(saved_file)
+    for name in ("preset", "init_from"):
+        if values.get(name) is not None and values[name] != saved.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {values[name]} with --resume: a resumed run continues its own model "
+                            f"({saved_file}); drop {flag}, or start a new run without --resume")
+    return {**saved, **values}

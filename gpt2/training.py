@@ -62,6 +62,7 @@ from gpt2.tokenizer import Tokenizer, find_tokenizer_files
 from gpt2.train_config import CONFIG_FILE, TrainConfig
 
 STATE_FILE = "trainer_state.pt"  # in a checkpoint: TrainState's progress (see state_dict)
+STATE_KEYS = ("step", "tokens", "elapsed", "data", "rng", "optimizer")
 CHECKPOINT_PREFIX = "step_"
 TOKENIZER_PROBE = "Hello, world! <|endoftext|> 12345 \n\n  tokenizers must agree"
 # Whole tensors (gathered from FSDP shards), on rank 0's CPU: what checkpoints hold.
@@ -96,10 +97,17 @@ def init_distributed(device: str) -> Distributed:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: training runs on cpu or cuda only")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
+            raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
         dev = torch.device("cuda", local_rank if world_size > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
@@ -182,6 +190,12 @@ def _open_run_dir(cfg: TrainConfig) -> Path | None:
             )
         if not any((run / name).exists() for name in (CONFIG_FILE, LATEST, METRICS_FILE)):
             raise UserError(f"{run} is not empty and holds no training run; --overwrite refuses to clear it")
+        source = Path(cfg.init_from).resolve() if cfg.init_from else None
+        if source is not None and source.exists() and source.is_relative_to(run.resolve()):
+            raise UserError(
+                f"--init-from {cfg.init_from} is inside --out {run}, which --overwrite would delete before "
+                "anything new is saved; choose another --out"
+            )
     return None
 
 
@@ -299,15 +313,36 @@ def save_checkpoint(run: Path, step: int, model: GPT2, state: dict[str, Any], ke
     name = _checkpoint_name(step)
     final = run / name
     tmp = run / f".{name}.tmp-{secrets.token_hex(4)}"
-    checkpoints.save_model(model, tmp, tokenizer=model.tokenizer)
-    write_atomic(tmp / STATE_FILE, lambda path: torch.save(state, path))
-    # A `final` already there was written by a run killed before `latest` named it: replaced.
-    replace_dir(tmp, final)
-    checkpoints.write_latest(run, name)
+    # Room first: a disk that holds ``keep`` checkpoints can then write the next one.
     if keep:
-        for old in sorted(run.glob(f"{CHECKPOINT_PREFIX}[0-9]*"))[:-keep]:
-            shutil.rmtree(old)
+        _prune_checkpoints(run, keep - 1)
+    try:
+        checkpoints.save_model(model, tmp, tokenizer=model.tokenizer)
+        write_atomic(tmp / STATE_FILE, lambda path: torch.save(state, path))
+        # A `final` already there was written by a run killed before `latest` named it: replaced.
+        replace_dir(tmp, final)
+        checkpoints.write_latest(run, name)
+    except checkpoints.WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        free = shutil.disk_usage(run).free / 1e6
+        raise UserError(
+            f"cannot write checkpoint {final} ({reason}; {free:,.1f} MB free there); free space in {run} "
+            "(or lower --keep-checkpoints) and continue the run with --resume"
+        ) from None
+    if keep:
+        _prune_checkpoints(run, keep)
     return final
+
+
+def _prune_checkpoints(run: Path, keep: int) -> None:
+    """Remove the oldest checkpoints until the newest ``keep`` are left, never the one that ``latest``
+    names."""
+    latest = checkpoints.latest_checkpoint(run)
+    found = sorted(run.glob(f"{CHECKPOINT_PREFIX}[0-9]*"))
+    for old in found[: max(0, len(found) - keep)]:
+        if old != latest:
+            shutil.rmtree(old)
 
 
 def full_model(model: GPT2, sharded: bool, env: Distributed) -> GPT2 | None:
@@ -441,12 +476,17 @@ def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
     train_files, val_files = _shards(cfg)
     tokenizer = _tokenizer_for(cfg)
     resume_from = _on_main(env, partial(_open_run_dir, cfg))
+    saved = read_trainer_state(resume_from) if resume_from is not None else None
     model = build_model(cfg, tokenizer, resume_from)
     seq_len, batch_tokens, accum = _batch_shape(cfg, env, model.config)
+    check_memory(cfg.micro_batch, seq_len, model.config, env.device)
     train_loader = ShardLoader(train_files, cfg.micro_batch, seq_len, rank=env.rank,
                                world_size=env.world_size, seed=cfg.seed)
     val_loader = (ShardLoader(val_files, cfg.micro_batch, seq_len, rank=env.rank,
                               world_size=env.world_size, shuffle=False) if val_files else None)
+    for loader in (train_loader, val_loader):
+        if loader is not None:
+            loader.check_vocab(model.config.vocab_size)
     _on_main(env, partial(_start_run_dir, cfg, resume_from))
     sharded = cfg.fsdp and env.world_size > 1
     parallel = place_model(model, sharded, env)
@@ -458,8 +498,8 @@ def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
         batch_tokens=batch_tokens, accum=accum, eval_batches=_eval_batches(cfg, env, val_loader, seq_len),
         flops_per_token=flops_per_token(model.config, seq_len),
     )
-    if resume_from is not None:
-        resume(state, resume_from)
+    if resume_from is not None and saved is not None:
+        resume(state, resume_from, saved)
     else:
         torch.manual_seed(cfg.seed + env.rank)
     if cfg.compile:
@@ -492,6 +532,23 @@ def _batch_shape(cfg: TrainConfig, env: Distributed, config: GPT2Config) -> tupl
             f"{cfg.micro_batch} x {seq_len} x {env.world_size} = {micro_tokens}"
         )
     return seq_len, batch_tokens, batch_tokens // micro_tokens
+
+
+def check_memory(micro_batch: int, seq_len: int, config: GPT2Config, device: torch.device) -> None:
+    """Refuse a micro-batch whose activations alone (a rough estimate: per token and layer about 34
+    widths plus 5 attention rows per head, in float32, and the logits twice) exceed the device's memory."""
+    c = config
+    per_sequence = seq_len * (c.n_layer * (34 * c.n_embd + 5 * c.n_head * seq_len) + 2 * c.vocab_size) * 4
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if micro_batch * per_sequence > available:
+        raise UserError(
+            f"--micro-batch {micro_batch} needs about {micro_batch * per_sequence / 2**30:,.1f} GiB of "
+            f"activation memory but {device.type} has {available / 2**30:,.1f} GiB; use --micro-batch "
+            f"{max(1, available // per_sequence // 2)} or less, and --batch-tokens for the step size"
+        )
 
 
 def _eval_batches(cfg: TrainConfig, env: Distributed, val_loader: ShardLoader | None, seq_len: int) -> int:
@@ -686,17 +743,36 @@ def write_checkpoint(state: TrainState) -> None:
     must call this."""
     whole = full_model(state.model, state.sharded, state.env)
     saved = state_dict(state)
-    if whole is not None:
-        path = save_checkpoint(state.run_dir, state.step, whole, saved, state.cfg.keep_checkpoints)
-        state.console.message(f"checkpoint {path}")
-    state.env.barrier()
+    path = _on_main(state.env, lambda: save_checkpoint(state.run_dir, state.step, whole, saved,
+                                                        state.cfg.keep_checkpoints))
+    state.console.message(f"checkpoint {path}")
     state.saved_step = state.step
 
 
-def resume(state: TrainState, checkpoint: Path) -> None:
-    """Continue from ``checkpoint`` (whose weights the model was built from): its state, and the
-    metrics log cut back to its step (the steps after it are logged again)."""
-    load_state_dict(state, torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True))
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """``checkpoint``'s saved ``state_dict``, unpickled without running code, its keys checked."""
+    path = checkpoint / STATE_FILE
+    fix = f"resume from another checkpoint (name it in {checkpoint.parent / LATEST}) or start a new run"
+    # Read, not mapped: the optimiser would keep the mapping, and so the disk space of a checkpoint
+    # that is pruned later.
+    saved = checkpoints.torch_load(path, "a trainer state", fix, mmap=False)
+    missing = [key for key in STATE_KEYS if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise UserError(f"{path}: not a trainer state (it lacks {', '.join(missing)}); {fix}")
+    assert isinstance(saved, dict)
+    return saved
+
+
+def resume(state: TrainState, checkpoint: Path, saved: dict[str, Any]) -> None:
+    """Continue from ``checkpoint`` (whose weights the model was built from): its ``saved`` state
+    (from ``read_trainer_state``), and the metrics log cut back to its step (the steps after it are
+    logged again)."""
+    try:
+        load_state_dict(state, saved)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{checkpoint / STATE_FILE} does not fit this run ({type(e).__name__} {reason}); "
+                        "resume from another checkpoint") from None
     state.resumed_from = checkpoint
     state.saved_step = state.step
     if state.env.is_main:
@@ -725,8 +801,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     env = init_distributed(cfg.device)
     try:
         state = setup(cfg, env)
-        fit(state)
-        return finish(state)
+        try:
+            fit(state)
+            return finish(state)
+        finally:
+            if state.metrics:
+                state.metrics.close()  # also when a step fails: the run directory is left unused
     finally:
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

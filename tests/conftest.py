@@ -122,6 +122,15 @@ def random_words(words: list[str], n: int, seed: int) -> str:
     return " ".join(rng.choice(words) for _ in range(n))
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test (tiny training runs are faster and repeatable so)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The gpt2 command
 

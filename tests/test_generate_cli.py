@@ -244,7 +244,7 @@ def test_chat_history_is_trimmed_to_the_window() -> None:
 
 
 def test_chat_loop_replies_and_remembers(model_dir: Path, model: GPT2, capsys, monkeypatch) -> None:
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand you?\n\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\nand you?\n\n")))
     status, out, _ = run_cli(capsys, "chat", "--model", model_dir, "--seed", 0, "--max-new-tokens", 12)
     assert status == 0
     replies = [line.removeprefix("gpt2> ") for line in out.splitlines()]

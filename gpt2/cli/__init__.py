@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = argv[0] if argv and argv[0] in VERBS else None
     args = build_parser(verb).parse_args(argv)
     try:
+        check_utf8(argv)
         return args.handler(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -58,6 +59,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def check_utf8(argv: Sequence[str]) -> None:
+    """Text is UTF-8 everywhere, as in files: an argument that is not (Python keeps its bytes as
+    lone surrogates) is refused rather than silently replaced."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = arg.encode("utf-8", "surrogateescape")
+            raise UserError(f"the argument {raw!r} is not valid UTF-8; give text in UTF-8") from None
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ from gpt2.cli.options import (
     add_length_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    decode_utf8,
     load_model_and_tokenizer,
     report_warnings,
     sampling_config,
 )
+from gpt2.errors import UserError
 from gpt2.prompts import CHAT_HEADER, Chat
 
 
@@ -40,12 +42,17 @@ def run(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line.strip():
+        raw = sys.stdin.buffer.readline()
+        if not raw.strip():
             return 0
+        try:
+            reply = chat.stream_reply(model, tokenizer, decode_utf8(raw, "the message"), config)
+        except UserError as e:  # this message only: the conversation goes on
+            print(f"error: {e}", file=sys.stderr)
+            continue
         print("gpt2> ", end="", flush=True)
         with warnings.catch_warnings(record=True) as caught:
-            for piece in chat.stream_reply(model, tokenizer, line, config):
+            for piece in reply:
                 print(piece, end="", flush=True)
         print()
         report_warnings(caught)

@@ -146,9 +146,19 @@ def report_warnings(caught: list[warnings.WarningMessage]) -> None:
 
 def read_text_file(path: Path, what: str) -> str:
     """The UTF-8 text of ``path`` ('-' for standard input), or a one-line error naming ``what``."""
-    if str(path) == "-":
-        return sys.stdin.read()
     try:
+        if str(path) == "-":
+            return decode_utf8(sys.stdin.buffer.read(), "standard input")
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read {what} ({e})") from None
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """``data`` as UTF-8 text; invalid bytes are refused in one line naming ``source`` (the same rule
+    for files, standard input and arguments: nothing is silently replaced)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source} is not valid UTF-8 ({e.reason} at byte {e.start}); give text in "
+                        "UTF-8") from None

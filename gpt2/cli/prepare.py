@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "and dataset rows (default 'text')")
     p.add_argument("--dataset-config", help="configuration name of a Hugging Face dataset")
     p.add_argument("--dataset-split", default="train", help="split of a Hugging Face dataset (default train)")
-    p.add_argument("--threads", type=int, help="tokenizer threads (default: one per CPU core)")
+    p.add_argument("--threads", type=int, help="tokenizer threads (default: one per CPU core; the "
+                   "shards are the same for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it already holds files")
     p.set_defaults(handler=run)
 

@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("GPT2_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: $GPT2_API_KEY; "
-                   "none: no key needed)")
+                   "none: no key needed). /health stays public but shows its counters only with the "
+                   "key; / (the playground page) holds nothing secret")
+    p.add_argument("--allowed-hosts", metavar="HOSTS",
+                   help="comma-separated Host headers to answer, others get 400 (guards against DNS "
+                   "rebinding; default: localhost, 127.0.0.1, [::1] and --host; '*': any)")
     p.add_argument("--model-name", metavar="NAME",
                    help="the model id clients ask for (default: the last part of --model)")
     p.add_argument("--max-batch-size", type=int, default=16, metavar="N",
@@ -50,24 +54,38 @@ def run(args: argparse.Namespace) -> int:
 
     from gpt2.serving import Engine, create_app
 
-    sizes = ("port", "max_batch_size", "max_queue", "prefill_chunk", "max_prompt_tokens", "max_body_bytes")
-    for name in sizes:
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    for name in ("max_batch_size", "max_queue", "prefill_chunk", "max_prompt_tokens", "max_body_bytes"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "port" else 1):
+        if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    hosts = _allowed_hosts(args.host, args.allowed_hosts)
     model, tokenizer = load_model_and_tokenizer(args)
     batch = 1 if args.no_batching else args.max_batch_size
     engine = Engine(model, tokenizer, max_batch_size=batch, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk)
     name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").split("/")[-1]
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     max_prompt_tokens=args.max_prompt_tokens)
+                     max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=hosts)
     if args.api_key is None and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     print(f"serving {name!r} on http://{args.host}:{args.port}/ (batch {batch})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _allowed_hosts(host: str, given: str | None) -> list[str]:
+    """The Host headers to answer: ``given`` (comma-separated), else the loopback names and ``host``."""
+    from gpt2.serving.app import LOCAL_HOSTS
+
+    if given is not None:
+        hosts = [h.strip() for h in given.split(",") if h.strip()]
+        if not hosts:
+            raise UserError("--allowed-hosts names no host; give e.g. 'example.com,127.0.0.1' or '*'")
+        return hosts
+    return [*LOCAL_HOSTS, f"[{host}]" if ":" in host else host]
 
 
 def _is_loopback(host: str) -> bool:

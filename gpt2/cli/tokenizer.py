@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from gpt2.tokenizer import Tokenizer, train_tokenizer
-
-TOKENIZER_HELP = "a .tiktoken file, or a directory of tokenizer files (tokenizer.json, vocab.json + ...)"
+from gpt2.cli.options import TOKENIZER_HELP, read_text_file
+from gpt2.errors import UserError
+from gpt2.tokenizer import Tokenizer, find_tokenizer_files, train_tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="number of tokens: 256 bytes + merges + <|endoftext|> (GPT-2 has 50257)")
     train.add_argument("--out", type=Path, required=True, metavar="DIR",
                        help="directory to write vocab.json, merges.txt, tokenizer.json, ... into")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the tokenizer files (or a model's) already in DIR")
     train.set_defaults(handler=run_train)
 
     encode = actions.add_parser("encode", help="print the token ids of a text",
@@ -49,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    if not args.overwrite and out.is_dir() and (find_tokenizer_files(out) or (out / "config.json").is_file()):
+        raise UserError(f"{out} already holds a tokenizer or a model, whose files this would replace; "
+                        "choose another --out or add --overwrite")
     start = time.perf_counter()
     tokenizer = train_tokenizer(args.files, args.vocab_size)
     seconds = time.perf_counter() - start
@@ -63,7 +70,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = read_text_file(Path("-"), "the text") if args.text == "-" else args.text
     allowed = "all" if args.allow_special else frozenset()
     ids = Tokenizer.load(args.tokenizer).encode(text, allowed_special=allowed)
     print(" ".join(map(str, ids)))

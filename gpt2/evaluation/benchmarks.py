@@ -299,6 +299,8 @@ def task_rows(task: str, *, file: str | Path | None = None, dataset: str | None 
 
 
 def _limited(rows: Rows, limit: int | None) -> Iterator[tuple[str, dict]]:
+    if limit is not None and limit < 1:
+        raise UserError(f"the limit must be at least 1 example, got {limit}")
     return itertools.islice(rows, limit)
 
 

@@ -194,8 +194,9 @@ class Scorer:
         """
         result = PerplexityResult(tokens=0, nll=0.0, bytes=0, chars=0)
         start = time.perf_counter()
+        windows = self.window_logits(chunks, context=context, stride=stride)
         with tqdm(desc=desc, unit="tok", disable=not self.progress, leave=False) as bar:
-            for logits, targets in self.window_logits(chunks, context=context, stride=stride):
+            for logits, targets in windows:
                 logprobs = _logprobs(logits, torch.tensor(targets))
                 result.nll -= logprobs.double().sum().item()
                 result.tokens += len(targets)
@@ -215,11 +216,13 @@ class Scorer:
         for each, the logits (n, vocab) that predict the ``n`` tokens it scores, and those tokens."""
         context = self.context if context is None else context
         stride = context if stride is None else stride
-        if not 1 <= context <= self.context:
-            raise UserError(f"context must be between 1 and the model's window {self.context}, got {context}")
+        if not 2 <= context <= self.context:  # a window scores every token after its first
+            raise UserError(f"context must be between 2 and the model's window {self.context}, got {context}")
         if not 1 <= stride <= context:
             raise UserError(f"stride must be between 1 and the context ({context}), got {stride}")
-        windows = sliding_windows(chunks, context, stride)
+        return self._windows(sliding_windows(chunks, context, stride))  # checked now, run as read
+
+    def _windows(self, windows: Iterator[tuple[list[int], int]]) -> Iterator[tuple[torch.Tensor, list[int]]]:
         while batch := list(itertools.islice(windows, self.batch_size)):
             logits = self.logits([tokens for tokens, _ in batch])
             for row, (tokens, n) in enumerate(batch):

@@ -3,7 +3,19 @@
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events ending
 with ``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, ``GET /health`` (with the
 engine's counters) and the playground page at ``/``. Errors are OpenAI's JSON,
-``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for anything the client can fix.
+``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for anything the client can fix;
+a 500 says only that the server failed, with an id that finds its traceback in the log, and keeps the
+connection open.
+
+What is public when an API key is set: ``/health`` answers ``{"status": "ok"}`` to anyone (for load
+balancers) and its model name and counters only with the key; ``/`` is the playground page, which
+holds nothing secret (the model's name and window; the key is typed into it by its user). Everything
+under /v1 needs the key. Requests whose ``Host`` header names a host not in ``allowed_hosts`` are
+refused (400), so a web page cannot reach a server on 127.0.0.1 by DNS rebinding.
+
+The work a request asks for is bounded before any is done: its sequences (prompts x ``n``) against
+the queue, each prompt's length in characters against what ``max_prompt_tokens`` can hold; prompts are
+encoded and sequences built in a worker thread, never on the event loop.
 
 OpenAI's sampling parameters are honoured (``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
 ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``...), and beyond them, as in
@@ -24,13 +36,16 @@ server-sent events.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import html
 import json
+import logging
+import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any, ClassVar, Literal
 
@@ -48,6 +63,9 @@ from gpt2.serving.engine import Engine, Job, QueueFull, SequenceRequest, Step
 
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 4
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the Host headers served by default ("*": any)
+_TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key (str.isdigit also takes "²")
+log = logging.getLogger("gpt2.serving")
 
 Entry = tuple[int, float | None, dict[int, float] | None]  # a token, its logprob, the top logprobs
 
@@ -57,12 +75,12 @@ Entry = tuple[int, float | None, dict[int, float] | None]  # a token, its logpro
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
@@ -125,9 +143,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
+    def payload(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+        return JSONResponse(self.payload(), status_code=self.status)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -162,11 +182,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"{message}: {request.method} {request.url.path}"
         return APIError(exc.status_code, message, code=_HTTP_CODES.get(exc.status_code)).response()
 
-    async def internal(_: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, f"the server failed: {exc!r}", type="server_error").response()
-
     app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(Exception, internal)
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(HTTPException, http)
@@ -175,29 +191,72 @@ def _install_error_handlers(app: FastAPI) -> None:
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
-class Guard:
-    """ASGI middleware, checked before a body is read: the API key on /v1 (401 without it) and the
-    body size limit (413 over it)."""
+def _failure(exc: BaseException) -> APIError:
+    """The 500 for ``exc``: its traceback goes to the log under an id, the client gets only the id."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("request failed (error id %s)", error_id, exc_info=exc)
+    return APIError(500, f"the server failed (error id {error_id}; the server's log has the details)",
+                    type="server_error", code="internal_error")
 
-    def __init__(self, app: ASGIApp, api_key: str | None, limit: int) -> None:
+
+def _has_key(api_key: str | None, headers: dict[bytes, bytes]) -> bool:
+    """Whether the request may use /v1: no key is set, or it sends ``Authorization: Bearer <key>``."""
+    given = headers.get(b"authorization", b"")
+    return api_key is None or secrets.compare_digest(given, f"Bearer {api_key}".encode())
+
+
+def _host_name(header: bytes) -> str:
+    """The host of a Host header, without its port ("[::1]:8000" -> "[::1]")."""
+    host = header.decode("latin-1").strip().lower()
+    return host.partition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+
+
+class Guard:
+    """ASGI middleware, checked before a body is read: the Host header (400 unless allowed), the API
+    key on /v1 (401 without it) and the body size limit (413 over it); and, around everything, an
+    unexpected exception answered as a 500 that keeps the connection usable."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, limit: int, hosts: Sequence[str]) -> None:
         self.app, self.api_key, self.limit = app, api_key, limit
+        self.hosts = None if "*" in hosts else {h.lower() for h in hosts}
+
+    def _refusal(self, scope: Scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        host = _host_name(headers.get(b"host", b""))
+        if self.hosts is not None and host not in self.hosts:
+            return APIError(400, f"the Host header {host!r} is not a host this server answers to; start "
+                            f"it with --allowed-hosts {host or '*'} to serve it", code="invalid_host")
+        if scope["path"].startswith("/v1/") and not _has_key(self.api_key, headers):
+            return APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer "
+                            "<key>'", code="invalid_api_key")
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return APIError(413, f"the request body is over the limit of {self.limit} bytes "
+                            "(--max-body-bytes)", code="request_too_large")
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        error = None
-        if self.api_key is not None and scope["path"].startswith("/v1/"):
-            given = headers.get(b"authorization", b"")
-            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                error = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer "
-                                 "<key>'", code="invalid_api_key")
-        declared = headers.get(b"content-length", b"0")
-        if error is None and (not declared.isdigit() or int(declared) > self.limit):
-            error = APIError(413, f"the request body is over the limit of {self.limit} bytes "
-                             "(--max-body-bytes)", code="request_too_large")
+        error = self._refusal(scope)
         if error is not None:
             return await error.response()(scope, receive, send)
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, sending)
+        except Exception as e:
+            if started:  # too late for a status line: the server closes the connection
+                raise
+            await _failure(e).response()(scope, receive, send)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, with the body cut off at the limit."""
         received = 0
 
         async def limited() -> Message:
@@ -222,21 +281,27 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
     max_prompt_tokens: int | None = None,
+    allowed_hosts: Sequence[str] = LOCAL_HOSTS,
 ) -> FastAPI:
     """The API serving ``engine``'s model as ``model_name``; the engine runs while the app does.
 
-    ``api_key``: requests to /v1 need ``Authorization: Bearer <api_key>``. ``max_prompt_tokens``:
-    the longest prompt taken (default: the context window less one token for the answer).
+    ``api_key``: requests to /v1 need ``Authorization: Bearer <api_key>`` (see the module's docstring
+    for what stays public). ``max_prompt_tokens``: the longest prompt taken (default: the context
+    window less one token for the answer). ``allowed_hosts``: the Host headers answered ("*": any).
     """
+    if max_body_bytes < 1:
+        raise UserError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     service = _Service(engine, model_name, max_prompt_tokens)
     app = FastAPI(title="gpt2", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key, limit=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, limit=max_body_bytes, hosts=allowed_hosts)
     _install_error_handlers(app)
     app.state.engine = engine
     page = _playground(model_name, service.window)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if not _has_key(api_key, dict(request.scope["headers"])):
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, **engine.load()}
 
     @app.get("/v1/models")
@@ -247,11 +312,13 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await _answer(service.complete(body), body, request)
+        reply = await asyncio.to_thread(service.complete, body, asyncio.get_running_loop())
+        return await _answer(reply, body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        return await _answer(service.chat(body), body, request)
+        reply = await asyncio.to_thread(service.chat, body, asyncio.get_running_loop())
+        return await _answer(reply, body, request)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
@@ -284,33 +351,63 @@ async def _answer(reply: _Reply, body: _Sampling, request: Request) -> Any:
 
 class _Service:
     """The model behind the routes: checks a request against it, turns the request into the engine's
-    ``SequenceRequest``s, submits them and gives back the job's reply."""
+    ``SequenceRequest``s, submits them and gives back the job's reply. Its ``complete`` and ``chat``
+    run in a worker thread, their jobs reporting to the event loop ``loop``."""
 
     def __init__(self, engine: Engine, model_name: str, max_prompt_tokens: int | None) -> None:
         self.engine, self.model_name, self.tokenizer = engine, model_name, engine.tokenizer
         self.window = engine.window
-        self.max_prompt = min(max_prompt_tokens or self.window - 1, self.window - 1)
+        if max_prompt_tokens is not None and not 1 <= max_prompt_tokens < self.window:
+            raise UserError(f"max_prompt_tokens must be in 1..{self.window - 1} (the context window "
+                            f"less one), got {max_prompt_tokens}")
+        self.max_prompt = max_prompt_tokens or self.window - 1
+        # A token holds at most this many characters: a longer string is refused before encoding.
+        longest = max(len(self.tokenizer.decode_bytes([t])) for t in range(self.tokenizer.n_vocab))
+        self.max_prompt_chars = self.max_prompt * longest
 
-    def complete(self, body: CompletionRequest) -> _CompletionReply:
+    def complete(self, body: CompletionRequest, loop: asyncio.AbstractEventLoop) -> _CompletionReply:
         """A completion request, checked and submitted: the reply to its job."""
         self.check_model(body)
-        prompts = [self.checked_prompt(p if isinstance(p, list) else encode_prompt(self.tokenizer, p),
-                                       "prompt") for p in _prompt_list(body.prompt)]
+        given = _prompt_list(body.prompt)
+        self.check_count(len(given) * body.n)
+        prompts = [self.checked_prompt(p if isinstance(p, list) else self.encoded(p, "prompt"), "prompt")
+                   for p in given]
         requests = self.sequences(body, prompts, body.max_tokens, _stops(body.stop), body.logprobs,
                                   prompt_logprobs=body.echo and body.logprobs is not None)
-        return _CompletionReply(self.submit(requests), self.tokenizer, self.model_name,
+        return _CompletionReply(self.submit(requests, loop), self.tokenizer, self.model_name,
                                 sum(map(len, prompts)), echo=body.echo)
 
-    def chat(self, body: ChatRequest) -> _ChatReply:
+    def chat(self, body: ChatRequest, loop: asyncio.AbstractEventLoop) -> _ChatReply:
         """A chat completion request, checked and submitted: the reply to its job."""
         self.check_model(body)
+        self.check_count(body.n)
         max_new = body.max_completion_tokens or body.max_tokens
         budget = min(self.max_prompt, self.window - (max_new or 1))
-        text = _chat_prompt(body.messages, self.tokenizer, budget)
+        self.check_chars(body.messages[-1].text, "messages")
+        text = _chat_prompt(body.messages, self.tokenizer, budget, self.max_prompt_chars)
         prompt = self.checked_prompt(encode_prompt(self.tokenizer, text), "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         requests = self.sequences(body, [prompt], max_new, (*CHAT_STOPS, *_stops(body.stop)), top)
-        return _ChatReply(self.submit(requests), self.tokenizer, self.model_name, len(prompt))
+        return _ChatReply(self.submit(requests, loop), self.tokenizer, self.model_name, len(prompt))
+
+    def check_count(self, sequences: int) -> None:
+        """400 for more sequences (prompts x n) than the queue can ever take."""
+        if sequences > self.engine.max_queue:
+            raise APIError(400, f"the request asks for {sequences} sequences (prompts x n), more than "
+                           f"this server ever queues ({self.engine.max_queue}); send fewer prompts or "
+                           "a smaller n", param="n", code="too_many_sequences")
+
+    def check_chars(self, text: str, param: str) -> None:
+        """400 when ``text`` has too many characters to fit the prompt limit, whatever its tokens."""
+        if len(text) > self.max_prompt_chars:
+            raise APIError(400, f"the prompt is {len(text)} characters long, over this server's limit "
+                           f"of {self.max_prompt} tokens (context window {self.window}); shorten it",
+                           param=param, code="context_length_exceeded")
+
+    def encoded(self, text: str, param: str) -> list[int]:
+        """``text``'s ids, once its length in characters can fit the limit."""
+        self.check_chars(text, param)
+        return encode_prompt(self.tokenizer, text)
 
     def check_model(self, body: _Sampling) -> None:
         """404 unless the body names no model or this one."""
@@ -357,10 +454,10 @@ class _Service:
             repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias,
         )
 
-    def submit(self, requests: list[SequenceRequest]) -> Job:
+    def submit(self, requests: list[SequenceRequest], loop: asyncio.AbstractEventLoop) -> Job:
         """The engine's job for ``requests``; 429 when its queue is full."""
         try:
-            return self.engine.submit(requests)
+            return self.engine.submit(requests, loop)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error",
                            code="queue_full") from None
@@ -380,7 +477,7 @@ def _logit_bias(given: dict[str, float], n_vocab: int) -> dict[int, float]:
     """OpenAI's ``logit_bias`` ({"token id": bias in [-100, 100]}) with integer keys, checked."""
     bias = {}
     for key, value in given.items():
-        if not key.isdigit() or int(key) >= n_vocab:
+        if not _TOKEN_ID.fullmatch(key) or int(key) >= n_vocab:
             raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})",
                            param="logit_bias", code="invalid_value")
         if not -100 <= value <= 100:
@@ -396,9 +493,10 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int) -> str:
+def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int, max_chars: int) -> str:
     """The transcript of ``gpt2.prompts.Chat`` for ``messages`` (system messages first, then user and
-    assistant turns in turn, ending with the user's)."""
+    assistant turns in turn, ending with the user's). Of the earlier turns, only the latest that hold
+    at most ``max_chars`` characters can fit; the others are dropped before any is encoded."""
     system = [m.text.strip() for m in messages if m.role == "system"]
     turns = [m for m in messages if m.role != "system"]
     if not turns or turns[-1].role != "user" or any(
@@ -408,6 +506,12 @@ def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int) -> st
                        "alternate, starting and ending with a user message", param="messages")
     header = "\n".join(system) + "\n\n" if system else CHAT_HEADER
     pairs = [(turns[i].text.strip(), turns[i + 1].text.strip()) for i in range(0, len(turns) - 1, 2)]
+    chars = 0
+    for first in range(len(pairs) - 1, -1, -1):
+        chars += len(pairs[first][0]) + len(pairs[first][1])
+        if chars > max_chars:
+            pairs = pairs[first + 1 :]
+            break
     if budget < 1:
         raise APIError(400, f"max_tokens leaves no room for the messages in the context window ({budget})",
                        param="max_tokens")
@@ -424,9 +528,7 @@ def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
         except Exception as e:  # the status line is sent already: report it in the stream
-            error = {"message": f"generation failed: {e}", "type": "server_error", "param": None,
-                     "code": None}
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield f"data: {json.dumps(_failure(e).payload())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

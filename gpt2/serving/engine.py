@@ -180,15 +180,18 @@ class Engine:
 
     ``max_batch_size``: slots in the KV cache (1 serves one sequence at a time); ``max_queue``:
     sequences that may wait for a slot before ``submit`` raises ``QueueFull``; ``prefill_chunk``:
-    prompt positions read per step while other sequences are decoding.
+    prompt positions read per step while other sequences are decoding. The KV cache is allocated
+    here, once, after checking that it fits in memory.
     """
 
     def __init__(
         self, model: Transformer, tokenizer: TextTokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
         prefill_chunk: int = 256,
     ) -> None:
-        if prefill_chunk < 1:
-            raise UserError(f"the prefill chunk must be at least 1 token, got {prefill_chunk}")
+        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
+                            ("prefill_chunk", prefill_chunk)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.window = model.config.n_positions
@@ -220,14 +223,21 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def submit(self, requests: Sequence[SequenceRequest]) -> Job:
-        """Queue the sequences of one request; raises ``QueueFull`` at once when they do not fit."""
+    def submit(
+        self, requests: Sequence[SequenceRequest], loop: asyncio.AbstractEventLoop | None = None
+    ) -> Job:
+        """Queue the sequences of one request, their steps to go to ``loop`` (default: the running
+        one; give it to submit from a worker thread); raises ``QueueFull`` at once when they do not fit
+        now, ``UserError`` when they never could."""
+        if len(requests) > self.max_queue:
+            raise UserError(f"{len(requests)} sequences in one request are more than the queue takes "
+                            f"(--max-queue {self.max_queue}); send fewer prompts or a smaller n")
         for r in requests:
             r.config.check_vocabulary(self.model.config.vocab_size)
             if not r.prompt or len(r.prompt) + r.config.max_new_tokens > self.window:
                 raise UserError(f"a prompt of {len(r.prompt)} tokens and {r.config.max_new_tokens} new "
                                 f"tokens do not fit the context window ({self.window}); ask for fewer")
-        job = Job(requests, asyncio.get_running_loop())
+        job = Job(requests, loop or asyncio.get_running_loop())
         device = self.model.transformer.wte.weight.device
         sequences = []
         for index, r in enumerate(requests):
