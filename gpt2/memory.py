@@ -18,10 +18,12 @@ def physical_memory() -> int | None:
         return None
 
 
-def check_fits(nbytes: int, what: str, fix: str) -> None:
-    """Refuse ``what`` (needing about ``nbytes``) when it exceeds the machine's memory; ``fix`` says
-    what to ask for instead."""
-    total = physical_memory()
+def check_fits(
+    nbytes: int, what: str, fix: str, *, total: int | None = None, where: str = "this machine"
+) -> None:
+    """Refuse ``what`` (needing about ``nbytes``) when it exceeds ``total`` bytes (default: the
+    machine's memory) of ``where``; ``fix`` says what to ask for instead."""
+    total = physical_memory() if total is None else total
     if total is not None and nbytes > total:
-        raise UserError(f"{what} needs about {nbytes / GIB:,.1f} GiB, more than this machine's "
+        raise UserError(f"{what} needs about {nbytes / GIB:,.1f} GiB, more than {where}'s "
                         f"{total / GIB:,.1f} GiB of memory; {fix}")

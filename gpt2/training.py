@@ -55,6 +55,7 @@ from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
 from gpt2.data import ShardLoader
 from gpt2.errors import UserError
 from gpt2.generation_config import GenerationConfig
+from gpt2.memory import check_fits, physical_memory
 from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
 from gpt2.sampling import generate_text
 from gpt2.shards import find_shards
@@ -539,16 +540,12 @@ def check_memory(micro_batch: int, seq_len: int, config: GPT2Config, device: tor
     widths plus 5 attention rows per head, in float32, and the logits twice) exceed the device's memory."""
     c = config
     per_sequence = seq_len * (c.n_layer * (34 * c.n_embd + 5 * c.n_head * seq_len) + 2 * c.vocab_size) * 4
-    if device.type == "cuda":
-        available = torch.cuda.get_device_properties(device).total_memory
-    else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if micro_batch * per_sequence > available:
-        raise UserError(
-            f"--micro-batch {micro_batch} needs about {micro_batch * per_sequence / 2**30:,.1f} GiB of "
-            f"activation memory but {device.type} has {available / 2**30:,.1f} GiB; use --micro-batch "
-            f"{max(1, available // per_sequence // 2)} or less, and --batch-tokens for the step size"
-        )
+    gpu = device.type == "cuda"
+    total = torch.cuda.get_device_properties(device).total_memory if gpu else physical_memory()
+    fits = max(1, (total or 0) // per_sequence // 2)
+    check_fits(micro_batch * per_sequence, f"the activations of --micro-batch {micro_batch}",
+               f"use --micro-batch {fits} or less, and --batch-tokens for the step size",
+               total=total, where=str(device) if gpu else "this machine")
 
 
 def _eval_batches(cfg: TrainConfig, env: Distributed, val_loader: ShardLoader | None, seq_len: int) -> int:
