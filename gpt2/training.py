@@ -742,6 +742,9 @@ def write_checkpoint(state: TrainState) -> None:
     saved = state_dict(state)
     path = _on_main(state.env, lambda: save_checkpoint(state.run_dir, state.step, whole, saved,
                                                         state.cfg.keep_checkpoints))
+    # Every rank has the result, but a broadcast's sender may leave before the others have read it:
+    # meet here, so that no rank runs ahead to the end of the run and tears down the process group.
+    state.env.barrier()
     state.console.message(f"checkpoint {path}")
     state.saved_step = state.step
 

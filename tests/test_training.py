@@ -219,7 +219,7 @@ TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--np
 def torchrun(*args: object) -> str:
     """``gpt2 ARGS`` in 2 processes under real torchrun; its standard output."""
     return subprocess.run([*TORCHRUN, "-m", "gpt2", *(str(a) for a in args)], check=True,
-                          capture_output=True, text=True, env=ONE_THREAD).stdout
+                          capture_output=True, text=True, env=ONE_THREAD, timeout=300).stdout
 
 
 def two_processes_beside_one(data: Path, two: Path, one: Path, *options: object) -> str:
