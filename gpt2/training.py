@@ -55,6 +55,7 @@ from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
 from gpt2.data import ShardLoader
 from gpt2.errors import UserError
 from gpt2.generation_config import GenerationConfig
+from gpt2.inference import check_device, default_device
 from gpt2.memory import check_fits, physical_memory
 from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
 from gpt2.sampling import generate_text
@@ -96,19 +97,10 @@ def init_distributed(device: str) -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device; use cpu, cuda, cuda:N or auto") from None
+    dev = check_device(default_device() if device == "auto" else device)
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: training runs on cpu or cuda only")
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-        if (dev.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
         dev = torch.device("cuda", local_rank if world_size > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
