@@ -154,7 +154,7 @@ def flops_per_token(config: GPT2Config, seq_len: int) -> float:
     """Training FLOPs per token (PaLM appendix B, as nanoGPT): 6 per weight (wte counted once, as
     it is also the LM head; wpe is a lookup) plus attention's 12 * layers * width * sequence."""
     c = config
-    weights = 12 * c.n_layer * c.n_embd**2 + 13 * c.n_layer * c.n_embd + c.vocab_size * c.n_embd
+    weights = c.num_parameters() - (c.n_positions + 2) * c.n_embd  # less wpe and the final LayerNorm
     return 6 * weights + 12 * c.n_layer * c.n_embd * seq_len
 
 
