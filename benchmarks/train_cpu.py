@@ -61,7 +61,7 @@ def theirs(data: Path, steps: int, warmup: int, dtype: torch.dtype) -> float:
     for step in range(steps):
         if step == warmup:
             start = time.perf_counter()
-        x, _ = loader.next_batch()
+        x = loader.next_batch().inputs
         with autocast:
             loss = model(input_ids=x, labels=x).loss  # transformers shifts the labels itself
         loss.backward()

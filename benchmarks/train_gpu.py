@@ -58,7 +58,7 @@ def theirs(data: Path, args: argparse.Namespace) -> float:
         if step == args.warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        x, _ = loader.next_batch()
+        x = loader.next_batch().inputs
         x = x.cuda(non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=x).loss

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from gpt2.errors import UserError
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -60,3 +63,24 @@ def replace_dir(new: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+@contextmanager
+def building_dir(target: str | Path, *, overwrite: bool, option: str = "--out") -> Iterator[Path]:
+    """A fresh temporary directory beside ``target`` to fill; when the block ends without an error it
+    becomes ``target`` (``replace_dir``), otherwise it is removed and ``target`` is left as it was.
+    A ``target`` that already holds files is refused unless ``overwrite``; ``option`` names the flag
+    that chose it, for that message."""
+    target = Path(target)
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not overwrite):
+        raise UserError(f"{target} already exists and is not empty; choose another {option} or add "
+                        "--overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

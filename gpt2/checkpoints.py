@@ -64,6 +64,7 @@ FIXED_OPTIONS = {
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
 HF_DROPOUT = 0.1  # Hugging Face's default for the three *_pdrop keys
 LATEST = "latest"  # in a training run directory: names its newest complete checkpoint
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA run's checkpoint holds an adapter instead (gpt2.lora)
 # What writing a checkpoint raises when the disk is full or failing: torch.save reports it as a
 # RuntimeError, safetensors as its own error.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -111,6 +112,9 @@ def resolve(name_or_path: str | Path) -> Path:
     if (path / CONFIG).is_file():
         return path
     latest = latest_checkpoint(path)
+    if (path / ADAPTER_CONFIG).is_file() or (latest is not None and not (latest / CONFIG).is_file()):
+        raise UserError(f"{path} holds a LoRA adapter, not a whole model; load it on its base with --adapter "
+                        "(gpt2.inference.load_for_inference(adapter=...)), or merge them with `gpt2 merge`")
     if latest is not None:
         return latest
     return _download(str(name_or_path), local=path.is_dir())
@@ -118,7 +122,8 @@ def resolve(name_or_path: str | Path) -> Path:
 
 def latest_checkpoint(run: Path) -> Path | None:
     """The checkpoint directory that run directory ``run``'s ``latest`` file names (None when it has
-    no such file); a name of a directory without config.json is an error."""
+    no such file); a name of a directory without config.json (or, for a LoRA run, adapter_config.json)
+    is an error."""
     latest = run / LATEST
     if not latest.is_file():
         return None
@@ -130,7 +135,7 @@ def latest_checkpoint(run: Path) -> Path | None:
         raise UserError(f"{latest} must name a checkpoint directory of {run}, found {name!r}; "
                         f"fix or delete {latest}")
     target = run / name
-    if not (target / CONFIG).is_file():
+    if not (target / CONFIG).is_file() and not (target / ADAPTER_CONFIG).is_file():
         raise UserError(f"{latest} names {target}, which holds no {CONFIG}; fix or delete {latest}")
     return target
 

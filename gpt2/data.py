@@ -11,19 +11,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from gpt2 import corpora
-from gpt2.atomic import replace_dir
+from gpt2.atomic import building_dir
 from gpt2.errors import UserError
-from gpt2.shards import DEFAULT_SHARD_TOKENS, MAX_VOCAB, read_shard, write_shard
+from gpt2.shards import (
+    DEFAULT_SHARD_TOKENS,
+    LOSS,
+    START,
+    check_vocab_size,
+    read_mask,
+    read_shard,
+    write_shard,
+)
 from gpt2.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,23 +106,15 @@ class Corpus:
             self._reading = None
 
     def _jsonl_documents(self, path: Path) -> Iterator[str]:
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = self._decode(path, raw)
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove it") from e
-                text = record.get(self.text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise UserError(
-                        f"{path}:{lineno}: no string field {self.text_field!r}; give each line "
-                        f'{{"{self.text_field}": "..."}} or choose the field with --text-field'
-                    )
-                if text.strip():
-                    yield text
+        for where, record in json_lines(path, lambda raw: self._decode(path, raw)):
+            text = record.get(self.text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(
+                    f"{where}: no string field {self.text_field!r}; give each line "
+                    f'{{"{self.text_field}": "..."}} or choose the field with --text-field'
+                )
+            if text.strip():
+                yield text
 
     def _decode(self, path: Path, data: bytes) -> str:
         """UTF-8 text; NUL bytes mean a binary file (an error), invalid sequences are replaced."""
@@ -156,6 +155,22 @@ class Corpus:
                 raise UserError(f"{name}: rows have no string field {self.text_field!r}; use --text-field")
             if text.strip():
                 yield text
+
+
+def json_lines(path: Path, decode: Callable[[bytes], str]) -> Iterator[tuple[str, object]]:
+    """The values of a JSON-lines file's non-blank lines (each line's bytes through ``decode``), with
+    where each is (``file:line``); a line that is not JSON is a one-line error naming it."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = decode(raw)
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                where = f"{path}:{lineno}"
+                raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
+            yield f"{path}:{lineno}", value
 
 
 def _text_file_pieces(path: Path, piece_bytes: int) -> Iterator[bytes]:
@@ -297,29 +312,15 @@ def prepare(
     """
     if (tokenizer is None) == (vocab_size is None):
         raise UserError("give either a tokenizer (--tokenizer) or a vocabulary size to train (--vocab-size)")
-    out_dir = Path(out_dir)
-    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite):
-        raise UserError(f"{out_dir} already exists and is not empty; choose another --out or add --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     num_threads = num_threads or os.cpu_count() or 1
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
+    with building_dir(out_dir, overwrite=overwrite) as tmp:
         if tokenizer is None:
             assert vocab_size is not None
             tokenizer = _train_on_corpus(corpus, vocab_size, tmp)
-        if tokenizer.n_vocab > MAX_VOCAB:
-            raise UserError(
-                f"the tokenizer has {tokenizer.n_vocab:,} tokens but llm.c shards store ids as uint16 "
-                f"(at most {MAX_VOCAB:,}); use a smaller vocabulary"
-            )
+        check_vocab_size(tokenizer.n_vocab)
         writer = ShardWriter(tmp, shard_tokens, val_fraction)
         counts = _tokenize(corpus, tokenizer, writer, num_threads, progress)
         tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
 
 
@@ -389,6 +390,18 @@ def _batches(
 # Loading batches for training
 
 
+IGNORE = -100  # the target of a position not trained on (PyTorch's and Hugging Face's ignore_index)
+
+
+class Batch(NamedTuple):
+    """Inputs and next-token targets (B, T); for chat shards, the targets not trained on are
+    ``IGNORE`` and ``segments`` (B, T) numbers the examples packed into each row (else None)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor | None = None
+
+
 class ShardLoader:
     """Batches of ``batch_size`` sequences of ``seq_len`` tokens (inputs and next-token targets).
 
@@ -397,7 +410,8 @@ class ShardLoader:
     the epoch, so the stream is the same on every rank and after a restart. The stream is cut into
     micro-batches of ``batch_size`` samples and rank ``r`` of ``world_size`` takes micro-batches
     ``r, r + world_size, ...``: N ranks together read exactly what one process reads in N steps.
-    ``state_dict``/``load_state_dict`` save and restore the position.
+    ``state_dict``/``load_state_dict`` save and restore the position. Shards with loss masks beside
+    them (chat data, ``gpt2.shards.read_mask``) give masked targets and segments.
     """
 
     def __init__(
@@ -413,6 +427,11 @@ class ShardLoader:
     ) -> None:
         self.files = list(files)
         self.shards = [read_shard(f) for f in self.files]
+        masks = [read_mask(f, len(s)) for f, s in zip(self.files, self.shards, strict=True)]
+        if any(m is None for m in masks) and not all(m is None for m in masks):
+            raise UserError(f"only some shards of {self.files[0].parent} have loss masks; prepare the data "
+                            "again")
+        self.masks: list[np.ndarray] | None = None if masks and masks[0] is None else masks
         self.samples = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self.num_tokens = sum(len(s) for s in self.shards)
         if sum(self.samples) == 0:
@@ -450,15 +469,24 @@ class ShardLoader:
     def reset(self) -> None:
         self.load_state_dict({"epoch": 0, "shard_pos": 0, "sample_pos": 0})
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next (inputs, targets), both int64 (batch_size, seq_len)."""
+    def next_batch(self) -> Batch:
+        """This rank's next batch, int64 (batch_size, seq_len) tensors."""
         B, T = self.batch_size, self.seq_len
         self._take(self.rank * B)
         picks = self._take(B)
         self._take((self.world_size - 1 - self.rank) * B)
-        rows = np.stack([self.shards[s][i * T : i * T + T + 1] for s, i in picks]).astype(np.int64)
-        rows_t = torch.from_numpy(rows)
-        return rows_t[:, :-1], rows_t[:, 1:]
+        rows = torch.from_numpy(np.stack([self.shards[s][i * T : i * T + T + 1] for s, i in picks])
+                                .astype(np.int64))
+        if self.masks is None:
+            return Batch(rows[:, :-1], rows[:, 1:])
+        flags = torch.from_numpy(np.stack([self.masks[s][i * T : i * T + T + 1] for s, i in picks])
+                                 .astype(np.int64))
+        # A target is learnt where its token is marked LOSS and starts no example (the first token of
+        # an example is never predicted from the one before it, which belongs to another).
+        learnt = (flags[:, 1:] & LOSS).bool() & ~(flags[:, 1:] & START).bool()
+        targets = torch.where(learnt, rows[:, 1:], IGNORE)
+        segments = (flags[:, :-1] & START).bool().cumsum(dim=1)
+        return Batch(rows[:, :-1], targets, segments)
 
     def _order(self, *key: int) -> np.ndarray:
         """A permutation of ``range(n)`` for key (epoch,) over shards or (epoch, shard) over samples."""

@@ -11,6 +11,8 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
 - ``int8``: dynamic int8 quantisation of every ``nn.Linear`` (weights int8, activations quantised on
   the fly; CPU only): a quarter of the weight bytes, outputs slightly different from fp32.
 - ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``).
+- ``adapter``: a LoRA adapter (``gpt2.lora``) is folded into its base's weights in float32 first
+  (``load_merged``), so that every precision and path above runs the merged model at the base's speed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gpt2 import checkpoints
 from gpt2.api import GPT2
 from gpt2.config import PRECISIONS
 from gpt2.errors import UserError
+from gpt2.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
 from gpt2.model import onednn_linears
+from gpt2.tokenizer import Tokenizer, find_tokenizer_files
 
 
 def default_device() -> str:
@@ -46,8 +51,9 @@ def check_device(device: str) -> torch.device:
 
 
 def load_for_inference(
-    model: str | Path | GPT2,
+    model: str | Path | GPT2 | None,
     *,
+    adapter: str | Path | None = None,
     precision: str = "fp32",
     device: str | None = None,
     compile: bool = False,
@@ -55,7 +61,11 @@ def load_for_inference(
     """A model ready to generate, score or serve: a checkpoint (directory, run directory or hub name)
     loaded in ``precision`` (see ``PRECISIONS``) on ``device`` (default: cuda when available), in
     eval mode, its decode step compiled when ``compile``. Given a ``GPT2`` instead of a path, that
-    model is converted in place and returned."""
+    model is converted in place and returned.
+
+    ``adapter``: a LoRA adapter directory (or LoRA run) merged into ``model`` first (see
+    ``load_merged``; ``model`` None: the base its adapter_config.json names). A LoRA run or adapter
+    given as ``model`` is its base with that adapter."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     dev = check_device(device or default_device())
@@ -63,6 +73,8 @@ def load_for_inference(
         raise UserError("int8 dynamic quantisation runs on the CPU only; choose another precision or "
                         "--device cpu")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if adapter is not None or model is None or (not isinstance(model, GPT2) and find_adapter(model)):
+        model = load_merged(model, adapter, device=dev)
     if isinstance(model, GPT2):
         model.to(device=dev, dtype=dtype)
     else:
@@ -75,6 +87,49 @@ def load_for_inference(
     if compile:
         model.compile_decode_step()
     return model
+
+
+def load_merged(
+    model: str | Path | GPT2 | None, adapter: str | Path | None = None, *, device: str | torch.device = "cpu"
+) -> GPT2:
+    """The float32 base ``model`` with LoRA ``adapter`` folded into its weights (``model`` None: the
+    base named in the adapter's adapter_config.json; ``adapter`` None: ``model`` is a LoRA run or
+    adapter directory). Its tokenizer is the one saved beside the adapter, else the base's."""
+    if adapter is None and model is not None and not isinstance(model, GPT2):
+        model, adapter = None, model
+    if adapter is None:
+        raise UserError("give the model to load (--model M), or a LoRA adapter (--adapter DIR)")
+    directory = find_adapter(adapter) or Path(adapter)
+    if model is None:
+        model = read_adapter_config(directory).base_model
+        if model is None:
+            raise UserError(f"{directory / ADAPTER_CONFIG} names no base model; give it with --model BASE")
+    if not isinstance(model, GPT2) and find_adapter(model) is not None:
+        raise UserError(f"--model {model} is itself a LoRA adapter; give its base as --model, or merge it "
+                        "first with `gpt2 merge`")
+    if isinstance(model, GPT2):
+        base = model.to(device=device, dtype=torch.float32)
+    else:
+        base = GPT2.from_pretrained(model, device=device, dtype=torch.float32)
+    load_adapter(base, directory)
+    merge_lora(base)
+    if find_tokenizer_files(directory):
+        base.tokenizer = Tokenizer.from_pretrained(directory)
+    return base
+
+
+def find_adapter(path: str | Path) -> Path | None:
+    """The LoRA adapter directory that ``path`` names: itself, or the checkpoint that a LoRA run's
+    ``latest`` file names; None when it names something else (a model, a hub name)."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or (path / checkpoints.CONFIG).is_file():
+        return None
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    latest = checkpoints.latest_checkpoint(path)
+    if latest is None or (latest / checkpoints.CONFIG).is_file():
+        return None
+    return latest if (latest / ADAPTER_CONFIG).is_file() else None
 
 
 def _quantize_int8(model: nn.Module) -> None:

@@ -10,6 +10,7 @@ but every projection is a plain ``nn.Linear`` (the published Conv1D weights are 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -261,6 +262,15 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def set_dropout(self, rate: float) -> None:
+        """Use dropout ``rate`` from now on (its config says so too); the weights are untouched."""
+        self.config = dataclasses.replace(self.config, dropout=rate)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = rate
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = rate
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, the tied embedding counted once."""
         n = sum(p.numel() for p in self.parameters())
@@ -274,15 +284,21 @@ class Transformer(nn.Module):
         *,
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
+        segments: Tensor | None = None,
         last_only: bool = False,
     ) -> Tensor:
         """Logits (B, T, vocab) for the token ids ``idx`` (B, T).
 
         ``cache``: keys and values of earlier positions are read from it and this chunk's are
         appended. ``attention_mask`` (B, T): 1 for real tokens, 0 for padding (left padding for
-        batches of prompts of different lengths). ``last_only``: return logits for the last
-        position only, (B, 1, vocab), which is all that sampling needs.
+        batches of prompts of different lengths). ``segments`` (B, T): non-decreasing numbers of the
+        examples packed into each row (training on chat data): a token attends only within its own
+        example and positions restart at each, so every example is computed as if it were alone.
+        ``last_only``: return logits for the last position only, (B, 1, vocab), which is all that
+        sampling needs.
         """
+        if segments is not None:
+            return self._forward_packed(idx, segments)
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
@@ -303,6 +319,22 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:, :]
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def _forward_packed(self, idx: Tensor, segments: Tensor) -> Tensor:
+        if idx.shape[1] > self.config.n_positions:
+            raise UserError(f"sequence of {idx.shape[1]} tokens exceeds the context window "
+                            f"({self.config.n_positions}); shorten the input")
+        B, T = idx.shape
+        index = torch.arange(T, device=idx.device).expand(B, T)
+        first = torch.ones_like(segments, dtype=torch.bool)
+        first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        positions = index - torch.where(first, index, 0).cummax(dim=1).values
+        same = segments[:, :, None] == segments[:, None, :]
+        mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask, None, layer)
         return self.lm_head(self.transformer.ln_f(x))
 
     def decode_step(self, idx: Tensor, cache: KVCache) -> Tensor:

@@ -9,7 +9,11 @@ and a rule for cutting the answer out of what comes back:
 - answer: the document, the dialogue so far as ``Q:``/``A:`` lines, the question, then ``A:``;
   greedy; the answer ends at the line's end.
 
-Chat uses this plain-text format (GPT-2 was never tuned for chat, so it is a transcript to continue)::
+Chat has two formats. A model whose tokenizer has a chat template (``gpt2.chat_template``; a model
+fine-tuned for chat) gets its conversation rendered by it, as transformers would: the system message,
+the turns, then the template's generation prompt; a reply ends at the end-of-turn token
+(``<|endoftext|>``) and may span lines. A base model (GPT-2 was never tuned for chat) gets a plain
+transcript to continue::
 
     A conversation between a curious user and a helpful assistant.
 
@@ -18,8 +22,8 @@ Chat uses this plain-text format (GPT-2 was never tuned for chat, so it is a tra
     User: <message>
     Assistant:
 
-The reply ends at the end of its line; the oldest turns are dropped (the header is
-kept) until the prompt and the reply fit in the context window.
+where the reply ends at the end of its line. In both, the oldest turns are dropped (the header or
+system message is kept) until the prompt and the reply fit in the context window.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from gpt2.chat_template import ChatTemplate, Message
 from gpt2.errors import UserError
 from gpt2.model import Transformer
 from gpt2.sampling import (
@@ -37,6 +42,7 @@ from gpt2.sampling import (
     generate_text,
     stream_text,
 )
+from gpt2.tokenizer import Tokenizer
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -141,28 +147,113 @@ CHAT_HEADER = "A conversation between a curious user and a helpful assistant.\n\
 CHAT_STOPS = ("\n",)  # a reply is one line; this also stops the model writing the next "User:"
 
 
-@dataclass
-class Chat:
-    """A chat transcript: ``turns`` of (user message, assistant reply), oldest first."""
+class Transcript:
+    """The plain transcript for a base model: ``header``, then ``User: ...`` / ``Assistant: ...``
+    lines; a reply is one line."""
 
-    header: str = CHAT_HEADER
-    turns: list[tuple[str, str]] = field(default_factory=list)
+    stops = CHAT_STOPS  # a reply is one line; this also stops the model writing the next "User:"
 
-    def prompt(self, message: str, tokenizer: TextTokenizer, budget: int) -> str:
-        """The transcript ending in ``message`` and ``Assistant:``, oldest turns dropped until it is
-        at most ``budget`` tokens long; refuses a message that does not fit on its own."""
-        last = f"User: {message.strip()}\nAssistant:"
-        kept = list(self.turns)
+    def __init__(self, header: str = CHAT_HEADER) -> None:
+        self.header = header
+
+    def prompt(self, turns: Sequence[tuple[str, str]], message: str, tokenizer: TextTokenizer,
+               budget: int) -> str:
+        """The transcript of ``turns`` ending in ``message`` and ``Assistant:``, oldest turns dropped
+        until it is at most ``budget`` tokens long."""
+        last = f"User: {message}\nAssistant:"
+        kept = list(turns)
         while True:
             text = self.header + "".join(f"User: {u}\nAssistant: {a}\n" for u, a in kept) + last
             if len(encode_prompt(tokenizer, text)) <= budget:
                 return text
             if not kept:
-                raise UserError(
-                    f"the message is too long for the context window ({budget} tokens left for it); "
-                    "shorten it or ask for fewer new tokens (--max-new-tokens, max_tokens)"
-                )
+                raise _too_long(budget)
             kept.pop(0)
+
+    def pieces(self, pieces: Iterator[str]) -> Iterator[str]:
+        """The reply's pieces as they are shown (as generated)."""
+        return pieces
+
+    def reply(self, text: str) -> str:
+        """The reply as it joins the transcript: without its spaces around."""
+        return text.strip()
+
+
+class Templated:
+    """A chat template's format (``gpt2.chat_template``): ``system`` (if not None) as the system
+    message, the turns as user and assistant messages, then the generation prompt; a reply ends at the
+    end-of-turn token and may span lines. The one space the template puts after ``Assistant:`` is not
+    part of the reply."""
+
+    stops: tuple[str, ...] = ()
+
+    def __init__(self, template: ChatTemplate, system: str | None = None) -> None:
+        self.template, self.system = template, system
+
+    def prompt(self, turns: Sequence[tuple[str, str]], message: str, tokenizer: Tokenizer,
+               budget: int) -> list[int]:
+        """The ids of the conversation asking for the reply to ``message``, oldest turns dropped
+        until it is at most ``budget`` tokens long."""
+        messages = [{"role": "system", "content": self.system}] if self.system is not None else []
+        for user, assistant in turns:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": message})
+        return self.template.prompt_ids(fit_messages(self.template, messages, tokenizer, budget), tokenizer)
+
+    def pieces(self, pieces: Iterator[str]) -> Iterator[str]:
+        """The reply's pieces without the one leading space."""
+        for piece in pieces:
+            if piece:
+                yield piece.removeprefix(" ")
+                break
+        yield from pieces
+
+    def reply(self, text: str) -> str:
+        return text
+
+
+def chat_format(template: ChatTemplate | None, system: str | None = None) -> Transcript | Templated:
+    """The format for a model with ``template`` (None: a base model's transcript, ``system`` its
+    header line; else the template's, ``system`` its system message)."""
+    if template is not None:
+        return Templated(template, system)
+    return Transcript(CHAT_HEADER if system is None else system.strip() + "\n\n")
+
+
+def fit_messages(template: ChatTemplate, messages: Sequence[Message], tokenizer: Tokenizer,
+                 budget: int) -> list[Message]:
+    """``messages`` with the oldest turns dropped (system messages and the last message kept, and a
+    conversation that then starts with an assistant message loses that too) until the template's
+    prompt for the next reply is at most ``budget`` tokens long."""
+    kept = list(messages)
+    while len(template.prompt_ids(kept, tokenizer)) > budget:
+        first = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
+        if first is None:
+            raise _too_long(budget)
+        del kept[first]
+        while first < len(kept) - 1 and kept[first]["role"] == "assistant":
+            del kept[first]  # a turn goes whole: its reply with its message
+    return kept
+
+
+def _too_long(budget: int) -> UserError:
+    return UserError(f"the message is too long for the context window ({budget} tokens left for it); "
+                     "shorten it or ask for fewer new tokens (--max-new-tokens, max_tokens)")
+
+
+@dataclass
+class Chat:
+    """A chat: ``turns`` of (user message, assistant reply), oldest first, shown to the model in
+    ``format`` (``chat_format``: the model's chat template, else the plain transcript)."""
+
+    format: Transcript | Templated = field(default_factory=Transcript)
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def prompt(self, message: str, tokenizer: TextTokenizer, budget: int) -> str | list[int]:
+        """The prompt (transcript text, or a template's ids) for the reply to ``message`` after the
+        turns, oldest turns dropped until it is at most ``budget`` tokens long; refuses a message that
+        does not fit on its own."""
+        return self.format.prompt(self.turns, message.strip(), tokenizer, budget)
 
     def stream_reply(
         self,
@@ -172,23 +263,24 @@ class Chat:
         config: GenerationConfig | None = None,
     ) -> Iterator[str]:
         """Generate the assistant's reply to ``message`` piece by piece (sampled as ``config`` says,
-        ending at the line's end); the turn joins the transcript once the reply is complete. A message
-        that cannot be answered is refused here, before any piece, and leaves the transcript as it was."""
+        ending where the format ends a reply); the turn joins the chat once the reply is complete. A
+        message that cannot be answered is refused here, before any piece, and leaves the chat as it
+        was."""
         config = config or GenerationConfig()
         budget = model.config.n_positions - config.max_new_tokens
         if budget < 1:
             raise UserError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the chat in the "
                             "context window")
         prompt = self.prompt(message, tokenizer, budget)
-        config = config.replace(stop_strings=(*CHAT_STOPS, *config.stop_strings))
-        return self._record(message, stream_text(model, tokenizer, prompt, config))
+        config = config.replace(stop_strings=(*self.format.stops, *config.stop_strings))
+        return self._record(message, self.format.pieces(stream_text(model, tokenizer, prompt, config)))
 
     def _record(self, message: str, pieces: Iterator[str]) -> Iterator[str]:
         reply = []
         for piece in pieces:
             reply.append(piece)
             yield piece
-        self.turns.append((message.strip(), "".join(reply).strip()))
+        self.turns.append((message.strip(), self.format.reply("".join(reply))))
 
     def reply(
         self,
@@ -197,5 +289,5 @@ class Chat:
         message: str,
         config: GenerationConfig | None = None,
     ) -> str:
-        """The assistant's whole reply to ``message`` (added to the transcript)."""
-        return "".join(self.stream_reply(model, tokenizer, message, config)).strip()
+        """The assistant's whole reply to ``message`` (added to the chat)."""
+        return self.format.reply("".join(self.stream_reply(model, tokenizer, message, config)))

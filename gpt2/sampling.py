@@ -407,15 +407,20 @@ def generate_text(
 
 
 def stream_text(
-    model: Transformer, tokenizer: TextTokenizer, prompt: str, config: GenerationConfig | None = None
+    model: Transformer,
+    tokenizer: TextTokenizer,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
 ) -> Iterator[str]:
-    """Yield the completion of ``prompt`` piece by piece as it is generated; the pieces join to
-    exactly what ``generate_text`` returns for the same settings and seed. Never splits a character,
-    and holds back text that might be the start of a stop string until it is known not to be."""
+    """Yield the completion of ``prompt`` (text, or token ids used as they are, such as a chat
+    template's) piece by piece as it is generated; the pieces join to exactly what ``generate_text``
+    returns for the same settings and seed. Never splits a character, and holds back text that might
+    be the start of a stop string until it is known not to be."""
     config = text_config(tokenizer, config)
     if config.num_samples != 1:
         raise UserError("streaming makes one sample at a time; set num_samples to 1")
-    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=_device(model))
+    given = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    ids = torch.tensor([given or [tokenizer.eot_token]], device=_device(model))
     text = TextStream(tokenizer, config.stop_strings)
     stopped = set(config.stop_token_ids)
     for token, _ in stream_tokens(model, ids, config, decode_bytes=tokenizer.decode_bytes):

@@ -36,6 +36,7 @@ ENDOFTEXT = "<|endoftext|>"
 # What from_pretrained looks for, in order of preference; a *.tiktoken file comes last.
 FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 MERGES_HEADER = "#version: 0.2"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template (read first)
 # What ``\s`` matches in GPT2_PATTERN under tiktoken's regex engine: Unicode's White_Space, which is not
 # Python's ``\s`` (that adds \x1c-\x1f).
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
@@ -109,8 +110,11 @@ class Tokenizer:
     ``ranks`` maps every mergeable token's bytes to its id (lower = merged earlier) and must hold all
     256 single bytes; ``special_tokens`` maps text such as ``<|endoftext|>`` to ids outside the ranks.
     ``<|endoftext|>`` is added after the highest id when not given. ``source`` names the vocabulary in
-    error messages.
+    error messages. ``chat_template``: the Jinja chat template saved with it (Hugging Face's
+    ``chat_template`` in tokenizer_config.json; see ``gpt2.chat_template``), None for a base model's.
     """
+
+    chat_template: str | None = None
 
     def __init__(
         self,
@@ -179,13 +183,13 @@ class Tokenizer:
         if files[0].suffix == ".tiktoken":
             return cls.from_file(files[0])
         if files[0].name == "tokenizer.json":
-            return cls._from_tokenizer_json(files[0])
+            return cls._from_tokenizer_json(files[0])._with_template_of(directory)
         vocab_file, merges_file = files
         declared = _declared_specials(directory) if vocab_file.name == "vocab.json" else {ENDOFTEXT: None}
         vocab = _checked_vocab(_read_json(vocab_file), vocab_file)
         merges = _read_merges(merges_file)
         ranks, specials = _ranks_from_merges(vocab, merges, declared, f"{vocab_file} + {merges_file.name}")
-        return cls(ranks, specials, source=str(vocab_file.parent))
+        return cls(ranks, specials, source=str(vocab_file.parent))._with_template_of(directory)
 
     @classmethod
     def _from_tokenizer_json(cls, path: Path) -> Tokenizer:
@@ -206,6 +210,22 @@ class Tokenizer:
             vocab = _checked_vocab(model["vocab"], path)
         ranks, specials = _ranks_from_merges(vocab, merges, {ENDOFTEXT: None, **added}, str(path))
         return cls(ranks, specials, source=str(path.parent))
+
+    def _with_template_of(self, directory: Path) -> Tokenizer:
+        """Set the chat template that ``directory`` holds: chat_template.jinja (transformers 5) or
+        tokenizer_config.json's ``chat_template`` (a string, or named templates of which "default")."""
+        jinja, config = directory / CHAT_TEMPLATE_FILE, directory / "tokenizer_config.json"
+        if jinja.is_file():
+            self.chat_template = _read_text(jinja)
+        elif config.is_file():
+            template = _read_json(config).get("chat_template")
+            if isinstance(template, list):
+                template = next((t.get("template") for t in template
+                                 if isinstance(t, dict) and t.get("name") == "default"), None)
+            if template is not None and not isinstance(template, str):
+                raise UserError(f"{config}: 'chat_template' must be a string of Jinja; fix or remove it")
+            self.chat_template = template
+        return self
 
     # -- encoding ----------------------------------------------------------------------------------
 
@@ -359,6 +379,8 @@ class Tokenizer:
                 for text, i in specials
             },
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         files = {
             "vocab.json": json.dumps(vocab, ensure_ascii=False),
             "merges.txt": "\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in merges)]) + "\n",
@@ -368,6 +390,7 @@ class Tokenizer:
         }
         for name, text in files.items():
             write_atomic(directory / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+        (directory / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)  # an older template would be read first
 
 
 def find_tokenizer_files(directory: str | Path) -> list[Path]:

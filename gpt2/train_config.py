@@ -75,6 +75,16 @@ class TrainConfig:
     fsdp: bool = _option(False, "under torchrun, shard the weights, gradients and optimiser state over the "
                          "processes (FSDP) instead of copying them to each (DDP): for models that do not "
                          "fit one GPU; checkpoints are the same")
+    lora_rank: int | None = _option(None, "fine-tune a low-rank adapter (LoRA) of this rank instead of every "
+                                    "weight: the --init-from model stays frozen, the optimiser holds the "
+                                    "adapter alone, and checkpoints hold the adapter in peft's format "
+                                    "(run it with --adapter, fold it in with `gpt2 merge`)")
+    lora_alpha: float | None = _option(None, "LoRA's scale: the adapter's output is multiplied by alpha / "
+                                       "rank (default 8, as peft)")
+    lora_dropout: float = _option(0.0, "dropout rate on the LoRA adapters' input")
+    lora_targets: str = _option("c_attn", "comma-separated layers that get LoRA adapters: c_attn "
+                                "(attention's query, key and value), c_proj (attention's and the MLP's "
+                                "outputs), c_fc (the MLP's input)")
     resume: bool = _option(False, "continue the run in --out from its latest checkpoint")
     overwrite: bool = _option(False, "replace the run already in --out")
 
@@ -99,6 +109,7 @@ class TrainConfig:
                             f"{self.min_lr_ratio}")
         self._check_float_ranges()
         self._check_choices()
+        self._check_lora()
 
     def _check_choices(self) -> None:
         """The seed, the precision and the device's spelling (whether it exists: gpt2.training)."""
@@ -118,6 +129,25 @@ class TrainConfig:
                 raise UserError(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def _check_lora(self) -> None:
+        """LoRA's numbers, and that there is a model to adapt (the layer names: gpt2.lora)."""
+        if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:
+            raise UserError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_rank is None:
+            given = [name for name, on in (("lora_alpha", self.lora_alpha is not None),
+                                           ("lora_dropout", self.lora_dropout != 0.0),
+                                           ("lora_targets", self.lora_targets != "c_attn")) if on]
+            if given:
+                raise UserError(f"{given[0]} is an option of LoRA fine-tuning; give --lora-rank R too")
+            return
+        if self.lora_rank <= 0:
+            raise UserError(f"lora_rank must be positive, got {self.lora_rank}")
+        if self.preset is not None:
+            raise UserError("lora_rank fine-tunes an existing model: give it with --init-from MODEL, not "
+                            "--preset")
 
     def to_toml(self) -> str:
         """The options as TOML (unset ones and the one-time actions left out)."""
@@ -195,7 +225,7 @@ def _resumed_values(values: dict[str, Any]) -> dict[str, Any]:
     if not saved_file.is_file():
         raise UserError(f"--resume: {values['out']} holds no checkpoint (no {saved_file}); drop --resume")
     saved = read_config_file(saved_file)
-    for name in ("preset", "init_from"):
+    for name in ("preset", "init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
         if values.get(name) is not None and values[name] != saved.get(name):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} {values[name]} with --resume: a resumed run continues its own model "

@@ -20,7 +20,6 @@ for ``--resume``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import secrets
@@ -47,15 +46,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from gpt2 import checkpoints
+from gpt2 import checkpoints, lora
 from gpt2.api import GPT2
 from gpt2.atomic import replace_dir, write_atomic
+from gpt2.chat_data import read_chat_info
 from gpt2.checkpoints import LATEST
 from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
-from gpt2.data import ShardLoader
+from gpt2.data import IGNORE, Batch, ShardLoader
 from gpt2.errors import UserError
 from gpt2.generation_config import GenerationConfig
-from gpt2.inference import check_device, default_device
+from gpt2.inference import check_device, default_device, find_adapter
 from gpt2.memory import check_fits, physical_memory
 from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
 from gpt2.sampling import generate_text
@@ -223,9 +223,16 @@ def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path | None) -> GPT2:
-    """A float32 model from a checkpoint being resumed, a model to fine-tune, or a preset."""
+    """A float32 model from a checkpoint being resumed, a model to fine-tune, or a preset; with
+    ``lora_rank``, the model to fine-tune frozen under a LoRA adapter (a LoRA checkpoint being resumed
+    holds the adapter alone: its base is ``init_from`` again)."""
+    adapter = resume_from if resume_from is not None and find_adapter(resume_from) else None
+    if cfg.init_from and find_adapter(cfg.init_from):
+        raise UserError(f"--init-from {cfg.init_from} is a LoRA adapter, not a model; fold it into its base "
+                        f"first (gpt2 merge --adapter {cfg.init_from} --out DIR) and fine-tune DIR")
     if resume_from is not None or cfg.init_from:
-        model = GPT2.from_pretrained(resume_from or cfg.init_from, dtype=torch.float32)
+        source = cfg.init_from if adapter is not None else resume_from or cfg.init_from
+        model = GPT2.from_pretrained(source, dtype=torch.float32)
         theirs = model.tokenizer
         if tokenizer is not None and theirs is not None and not _same_tokenizer(tokenizer, theirs):
             raise UserError(
@@ -233,10 +240,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path
                 f"prepare it with `gpt2 prepare ... --tokenizer {cfg.init_from}`"
             )
         if cfg.dropout is not None and cfg.dropout != model.config.dropout:
-            loaded = model
-            model = GPT2(dataclasses.replace(loaded.config, dropout=cfg.dropout))
-            model.load_state_dict(loaded.state_dict())
-            model.tokenizer = loaded.tokenizer
+            model.set_dropout(cfg.dropout)
     else:
         vocab = tokenizer.n_vocab if tokenizer is not None else GPT2_VOCAB_SIZE
         overrides: dict[str, Any] = {"vocab_size": vocab}
@@ -251,6 +255,18 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path
             f"{model.config.vocab_size}; prepare the data with the model's tokenizer"
         )
     model.tokenizer = model.tokenizer or tokenizer
+    if adapter is not None:
+        lora.load_adapter(model, adapter)
+    elif cfg.lora_rank is not None:
+        assert cfg.init_from is not None  # (TrainConfig and load_config see to it)
+        local = Path(cfg.init_from).expanduser()
+        is_local = (local / checkpoints.CONFIG).is_file() or (local / LATEST).is_file()
+        base = str(checkpoints.resolve(local).resolve()) if is_local else cfg.init_from  # for peft too
+        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+        config = lora.LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha or lora.DEFAULT_ALPHA,
+                                 dropout=cfg.lora_dropout, targets=targets, base_model=base)
+        torch.manual_seed(cfg.seed)  # the same adapter on every rank
+        lora.add_lora(model, config)
     return model.train()
 
 
@@ -299,10 +315,11 @@ def _progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
 
 
 def save_checkpoint(run: Path, step: int, model: GPT2, state: dict[str, Any], keep: int) -> Path:
-    """Write ``RUN/step_NNNNNN`` (the model in Hugging Face format, its tokenizer, and ``state``)
-    so that a kill at any moment leaves the previous checkpoint loadable: everything goes into a
-    temporary directory, is flushed to disk, renamed into place, and only then does ``RUN/latest``
-    (itself replaced atomically) name it. Keeps the newest ``keep`` checkpoints (0: all)."""
+    """Write ``RUN/step_NNNNNN`` (the model in Hugging Face format, or a LoRA run's adapter in peft's,
+    its tokenizer, and ``state``) so that a kill at any moment leaves the previous checkpoint
+    loadable: everything goes into a temporary directory, is flushed to disk, renamed into place, and
+    only then does ``RUN/latest`` (itself replaced atomically) name it. Keeps the newest ``keep``
+    checkpoints (0: all)."""
     name = _checkpoint_name(step)
     final = run / name
     tmp = run / f".{name}.tmp-{secrets.token_hex(4)}"
@@ -310,7 +327,12 @@ def save_checkpoint(run: Path, step: int, model: GPT2, state: dict[str, Any], ke
     if keep:
         _prune_checkpoints(run, keep - 1)
     try:
-        checkpoints.save_model(model, tmp, tokenizer=model.tokenizer)
+        if lora.lora_config_of(model) is not None:  # the base is --init-from, unchanged
+            lora.save_adapter(model, tmp)
+            if model.tokenizer is not None:
+                model.tokenizer.save_pretrained(tmp)
+        else:
+            checkpoints.save_model(model, tmp, tokenizer=model.tokenizer)
         write_atomic(tmp / STATE_FILE, lambda path: torch.save(state, path))
         # A `final` already there was written by a run killed before `latest` named it: replaced.
         replace_dir(tmp, final)
@@ -348,6 +370,9 @@ def full_model(model: GPT2, sharded: bool, env: Distributed) -> GPT2 | None:
         return None
     with torch.device("meta"):
         whole = GPT2(model.config)
+    adapter = lora.lora_config_of(model)
+    if adapter is not None:
+        lora.add_lora(whole, adapter)  # on the meta device too: the gathered tensors fill both
     whole.load_state_dict(weights, assign=True)
     whole.lm_head.weight = whole.transformer.wte.weight  # gathered as two copies: tie them again
     whole.tokenizer = model.tokenizer
@@ -468,10 +493,13 @@ def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
     ``--resume``."""
     train_files, val_files = _shards(cfg)
     tokenizer = _tokenizer_for(cfg)
+    chat = read_chat_info(cfg.data)
     resume_from = _on_main(env, partial(_open_run_dir, cfg))
     saved = read_trainer_state(resume_from) if resume_from is not None else None
     model = build_model(cfg, tokenizer, resume_from)
-    seq_len, batch_tokens, accum = _batch_shape(cfg, env, model.config)
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        model.tokenizer = tokenizer  # the same ids (checked), and the template the data was made with
+    seq_len, batch_tokens, accum = _batch_shape(cfg, env, model.config, chat and chat["seq_len"])
     check_memory(cfg.micro_batch, seq_len, model.config, env.device)
     train_loader = ShardLoader(train_files, cfg.micro_batch, seq_len, rank=env.rank,
                                world_size=env.world_size, seed=cfg.seed)
@@ -512,9 +540,15 @@ def _shards(cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
     return train_files, find_shards(cfg.data, "val")
 
 
-def _batch_shape(cfg: TrainConfig, env: Distributed, config: GPT2Config) -> tuple[int, int, int]:
-    """Tokens per sequence, tokens per optimiser step, and micro-batches per step and process."""
-    seq_len = cfg.seq_len or config.n_positions
+def _batch_shape(
+    cfg: TrainConfig, env: Distributed, config: GPT2Config, packed: int | None
+) -> tuple[int, int, int]:
+    """Tokens per sequence, tokens per optimiser step, and micro-batches per step and process.
+    ``packed``: the window length of chat data, which the sequences must have."""
+    if packed and cfg.seq_len not in (None, packed):
+        raise UserError(f"{cfg.data} holds chat examples packed in windows of {packed} tokens; train with "
+                        f"--seq-len {packed} or prepare the data again with --seq-len {cfg.seq_len}")
+    seq_len = cfg.seq_len or packed or config.n_positions
     if seq_len > config.n_positions:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context of {config.n_positions}")
     micro_tokens = cfg.micro_batch * seq_len * env.world_size
@@ -608,18 +642,34 @@ def train_step(state: TrainState) -> None:
 
 def _accumulate_gradients(state: TrainState) -> torch.Tensor:
     """Forward and backward passes over ``accum`` micro-batches, the gradients averaged over the
-    processes on the last one only; this process's loss of the step."""
-    device = state.env.device
+    processes on the last one only; this process's share of the step's loss. The loss is the mean
+    over the step's trained targets, all micro-batches and processes together (chat data trains
+    only some: each micro-batch weighs by the targets it has)."""
+    device, world_size = state.env.device, state.env.world_size
+    batches = [_on_device(state.train_loader.next_batch(), device) for _ in range(state.accum)]
+    targets = torch.stack([(b.targets != IGNORE).sum() for b in batches]).sum()
+    if world_size > 1:
+        dist.all_reduce(targets)
+    scale = world_size / targets.clamp(min=1)  # DDP and FSDP average the processes' gradients
     loss_sum = torch.zeros((), device=device)
-    for micro in range(state.accum):
-        x, y = (t.to(device, non_blocking=True) for t in state.train_loader.next_batch())
+    for micro, batch in enumerate(batches):
         with _gradient_sync(state.parallel, micro == state.accum - 1):
-            with autocast(state):
-                logits = state.compiled(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / state.accum
+            loss = _loss(state, batch, reduction="sum") * scale
             loss.backward()
         loss_sum += loss.detach()
     return loss_sum
+
+
+def _on_device(batch: Batch, device: torch.device) -> Batch:
+    return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in batch))
+
+
+def _loss(state: TrainState, batch: Batch, *, reduction: str) -> torch.Tensor:
+    """The cross-entropy of ``batch``'s trained targets under the model the steps run."""
+    with autocast(state):
+        logits = state.compiled(batch.inputs, segments=batch.segments)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
+                           reduction=reduction)
 
 
 def _gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
@@ -657,21 +707,20 @@ def _elapsed(state: TrainState, *, shared: bool = False) -> float:
 
 @torch.no_grad()
 def evaluate(state: TrainState) -> float:
-    """Mean loss over the first ``eval_batches`` validation batches of every rank."""
+    """Mean loss per trained target over the first ``eval_batches`` validation batches of every rank."""
     model, loader, env = state.compiled, state.val_loader, state.env
     assert loader is not None
     model.eval()
     loader.reset()
-    total = torch.zeros((), device=env.device, dtype=torch.float64)
+    total = torch.zeros(2, device=env.device, dtype=torch.float64)  # loss summed, targets counted
     for _ in range(state.eval_batches):
-        x, y = (t.to(env.device) for t in loader.next_batch())
-        with autocast(state):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        batch = _on_device(loader.next_batch(), env.device)
+        total[0] += _loss(state, batch, reduction="sum")
+        total[1] += (batch.targets != IGNORE).sum()
     model.train()
     if env.world_size > 1:
         dist.all_reduce(total)
-    return (total / (state.eval_batches * env.world_size)).item()
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def validate(state: TrainState, *, announce: bool = True) -> None:
@@ -839,7 +888,7 @@ def finish(state: TrainState) -> TrainResult:
         show_sample(state, "sample")
     if state.env.is_main:
         plot = plot_metrics(state.run_dir)
-        state.console.message(_summary(result, plot))
+        state.console.message(_summary(result, plot, lora.lora_config_of(state.model) is not None))
     return result
 
 
@@ -858,8 +907,13 @@ def _start_message(state: TrainState) -> str:
     cfg, env = state.cfg, state.env
     fsdp = ", sharded by FSDP" if state.sharded else ""
     resuming = f", resuming at step {state.step}" if state.resumed_from is not None else ""
+    total, adapter = state.model.num_parameters(), lora.lora_config_of(state.model)
+    what = f"{total:,} parameters"
+    if adapter is not None:
+        what = (f"{lora.trainable_parameters(state.model):,} of {total:,} parameters (a LoRA adapter of rank "
+                f"{adapter.rank} on {', '.join(adapter.targets)}; the base is frozen)")
     return (
-        f"training {state.model.num_parameters():,} parameters on {env.world_size} x {env.device} "
+        f"training {what} on {env.world_size} x {env.device} "
         f"({str(state.dtype).removeprefix('torch.')}{fsdp}): "
         f"{state.batch_tokens:,} tokens per step = {cfg.micro_batch} x {state.seq_len} x {env.world_size} "
         f"process(es) x {state.accum} accumulation; "
@@ -902,13 +956,15 @@ def _remaining(cfg: TrainConfig, step: int, elapsed: float, step_time: float) ->
     return min(left)
 
 
-def _summary(result: TrainResult, plot: Path) -> str:
+def _summary(result: TrainResult, plot: Path, adapter: bool) -> str:
     rate = result.tokens / result.elapsed if result.elapsed else 0.0
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "not measured (no validation shards)"
+    use = (f"a LoRA adapter: run it with --adapter {result.run_dir}, or fold it in with gpt2 merge" if adapter
+           else f"load it with GPT2.from_pretrained({str(result.run_dir)!r})")
     return "\n".join([
         f"done: {result.step:,} steps, {result.tokens:,} tokens in {_duration(result.elapsed)} "
         f"({rate / 1000:,.1f}k tokens/s)",
         f"final train loss {result.train_loss:.4f}, validation loss {val}",
-        f"checkpoint {result.checkpoint} (load it with GPT2.from_pretrained({str(result.run_dir)!r}))",
+        f"checkpoint {result.checkpoint} ({use})",
         f"loss curve {plot}",
     ])

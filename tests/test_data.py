@@ -217,7 +217,7 @@ def batches(loader: ShardLoader, n: int) -> list[torch.Tensor]:
 
 def test_batches_are_next_token_pairs_and_an_epoch_visits_every_sample_once(shards: list[Path]) -> None:
     loader = ShardLoader(shards, batch_size=3, seq_len=16, seed=5)
-    x, y = loader.next_batch()
+    x, y = loader.next_batch()[:2]
     assert x.dtype == torch.int64 and x.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])
     loader.reset()
     per_epoch = loader.num_samples  # 62 + 40 + 81 samples of 16 (+1) tokens

@@ -4,39 +4,12 @@ tokens' probabilities."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
-
 import pytest
 from conftest import BYTES, endless_model, serving, wait_for
 
 from gpt2.sampling import GenerationConfig, generate_text
 
 webdriver = pytest.importorskip("selenium.webdriver")
-
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        message = ("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
-                   "`make test` does it when run as root)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in FLAGS:
-        options.add_argument(flag)
-    chrome = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-    try:
-        yield chrome
-    finally:
-        chrome.quit()
 
 
 def test_playground_streams_the_completion(browser) -> None:

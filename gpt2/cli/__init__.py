@@ -27,6 +27,7 @@ VERBS = {
     "train": ("train", "train or fine-tune a model on shards made by `gpt2 prepare`"),
     "plot": ("plot", "draw a training run's loss curve (train and validation) as a PNG"),
     "serve": ("serve", "serve a model over HTTP (OpenAI-compatible API and a playground page)"),
+    "merge": ("merge", "fold a LoRA adapter into its base model and write a plain model"),
 }
 
 

@@ -1,11 +1,13 @@
-"""``gpt2 chat``: talk with a model in the terminal (the prompt format is in ``gpt2.prompts``)."""
+"""``gpt2 chat``: talk with a model in the terminal (the prompt formats are in ``gpt2.prompts``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
+from gpt2.chat_template import ChatTemplate
 from gpt2.cli.options import (
     add_length_arguments,
     add_model_arguments,
@@ -16,28 +18,54 @@ from gpt2.cli.options import (
     sampling_config,
 )
 from gpt2.errors import UserError
-from gpt2.prompts import CHAT_HEADER, Chat
+from gpt2.prompts import CHAT_HEADER, Chat, chat_format
+from gpt2.tokenizer import Tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "chat",
         description="An interactive chat: type a message, read the reply; an empty line or end of input "
-        "(Ctrl-D) ends it. The model continues a plain transcript ('User: ...' / 'Assistant: ...' lines "
-        "after a one-line header); the oldest turns are dropped when the window is full.",
+        "(Ctrl-D) ends it. A model whose tokenizer has a chat template (tokenizer_config.json's "
+        "'chat_template', as a chat fine-tune saves it), or one given with --chat-template, gets the "
+        "conversation in that template, and a reply ends at the end-of-turn token. A base model "
+        "continues a plain transcript ('User: ...' / 'Assistant: ...' lines after a one-line header) "
+        "and a reply is one line. The oldest turns are dropped when the window is full.",
     )
     add_model_arguments(p)
     add_sampling_arguments(p, preset="paper")
     add_length_arguments(p)
-    p.add_argument("--header", default=CHAT_HEADER.strip(),
-                   help="the line that opens the transcript and sets the scene")
+    p.add_argument("--system", metavar="TEXT",
+                   help="with a chat template, the system message (default: none); without one, the line "
+                   f"that opens the transcript and sets the scene (default: {CHAT_HEADER.strip()!r})")
+    add_chat_template_argument(p)
     p.set_defaults(handler=run)
+
+
+def add_chat_template_argument(p: argparse.ArgumentParser) -> None:
+    """--chat-template FILE (``gpt2 chat`` and ``gpt2 serve``)."""
+    p.add_argument("--chat-template", type=Path, metavar="FILE",
+                   help="a Jinja chat template (as transformers reads one, e.g. chat_template.jinja) to use "
+                   "instead of the tokenizer's own (default: the tokenizer's, if it has one, else the "
+                   "plain transcript)")
+
+
+def chat_template(args: argparse.Namespace, tokenizer: Tokenizer) -> ChatTemplate | None:
+    """The template chats use: --chat-template's, else the tokenizer's own, else None (the transcript);
+    refused in one line if it cannot render a conversation of one user message."""
+    template = ChatTemplate.read(args.chat_template) if args.chat_template else ChatTemplate.of(tokenizer)
+    if template is not None:
+        system = getattr(args, "system", None)
+        probe = [{"role": "system", "content": system}] if system is not None else []
+        template.render([*probe, {"role": "user", "content": "Hello!"}], tokenizer,
+                        add_generation_prompt=True)
+    return template
 
 
 def run(args: argparse.Namespace) -> int:
     config = sampling_config(args)
     model, tokenizer = load_model_and_tokenizer(args)
-    chat = Chat(header=args.header.strip() + "\n\n")
+    chat = Chat(chat_format(chat_template(args, tokenizer), args.system))
     interactive = sys.stdin.isatty()
     while True:
         if interactive:

@@ -1,5 +1,5 @@
 """Options that several verbs share, declared once: which model and how to load it (``--model``,
-``--tokenizer``, ``--precision``, ``--device``, ``--compile``), how to sample (``--preset``,
+``--adapter``, ``--tokenizer``, ``--precision``, ``--device``, ``--compile``), how to sample (``--preset``,
 ``--temperature``...), and reading text files. Free of torch at import: ``gpt2 VERB --help`` stays
 fast; the model is loaded (``gpt2.inference``) only when a verb runs.
 """
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 TOKENIZER_HELP = "a .tiktoken file, or a directory of tokenizer files (tokenizer.json, vocab.json + ...)"
 MODEL_HELP = ("a Hugging Face-format model directory, a training run directory (its 'latest' checkpoint), "
               "or a hub name such as gpt2")
+ADAPTER_HELP = ("a LoRA adapter to run on the model: a directory of adapter_config.json + "
+                "adapter_model.safetensors (peft's format, as `gpt2 train --lora-rank` and peft write them) "
+                "or a LoRA training run; it is folded into the weights once, at load time. Without --model, "
+                "the base model its adapter_config.json names is used")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -30,8 +34,9 @@ MODEL_HELP = ("a Hugging Face-format model directory, a training run directory (
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, generates: bool = True) -> None:
-    """--model, --tokenizer, --precision, --device and (for verbs that generate) --compile."""
-    p.add_argument("--model", required=True, metavar="M", help=MODEL_HELP)
+    """--model, --adapter, --tokenizer, --precision, --device and (for verbs that generate) --compile."""
+    p.add_argument("--model", metavar="M", help=MODEL_HELP + " (a LoRA run or adapter: its base with it)")
+    p.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
                    help=f"{TOKENIZER_HELP}; by default the one saved with the model")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
@@ -47,12 +52,16 @@ def add_model_arguments(p: argparse.ArgumentParser, *, generates: bool = True) -
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT2, Tokenizer]:
     """The model, loaded for inference as the options say, and its tokenizer (--tokenizer, else the
-    model's own)."""
+    model's own, or the adapter's). Without --model, ``args.model`` becomes the adapter's name."""
     from gpt2.inference import load_for_inference
     from gpt2.tokenizer import Tokenizer
 
-    model = load_for_inference(args.model, precision=args.precision, device=args.device,
-                               compile=vars(args).get("compile", False))
+    if args.model is None and args.adapter is None:
+        raise UserError("give --model M: a model directory, a training run or a hub name such as gpt2 "
+                        "(or --adapter DIR, a LoRA adapter whose adapter_config.json names its base)")
+    model = load_for_inference(args.model, adapter=args.adapter, precision=args.precision,
+                               device=args.device, compile=vars(args).get("compile", False))
+    args.model = args.model or args.adapter  # the name that verbs show (serve, eval)
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer files; give one with --tokenizer PATH")

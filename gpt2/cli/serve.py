@@ -7,6 +7,7 @@ import ipaddress
 import os
 import sys
 
+from gpt2.cli.chat import add_chat_template_argument, chat_template
 from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer
 from gpt2.errors import UserError
 
@@ -16,10 +17,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         description="Serve a model with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), "
         "/health, and a playground page at / . Concurrent requests are decoded together (continuous "
-        "batching), and prompts are read in chunks between their steps (chunked prefill). Binds to "
-        "127.0.0.1 unless --host says otherwise.",
+        "batching), and prompts are read in chunks between their steps (chunked prefill). Chat requests "
+        "are rendered with the model's chat template (its tokenizer's, or --chat-template's) and a "
+        "reply ends at the end-of-turn token; a base model without one continues a plain transcript, "
+        "a reply one line. Binds to 127.0.0.1 unless --host says otherwise.",
     )
     add_model_arguments(p)
+    add_chat_template_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -62,16 +66,20 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     hosts = _allowed_hosts(args.host, args.allowed_hosts)
     model, tokenizer = load_model_and_tokenizer(args)
+    template = chat_template(args, tokenizer)
     batch = 1 if args.no_batching else args.max_batch_size
     engine = Engine(model, tokenizer, max_batch_size=batch, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk)
     name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").split("/")[-1]
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=hosts)
+                     max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=hosts,
+                     chat_template=template)
     if args.api_key is None and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/ (batch {batch})", file=sys.stderr)
+    chat = "its chat template" if template is not None else "the plain transcript (no chat template)"
+    print(f"serving {name!r} on http://{args.host}:{args.port}/ (batch {batch}), chat in {chat}",
+          file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

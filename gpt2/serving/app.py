@@ -20,9 +20,13 @@ encoded and sequences built in a worker thread, never on the event loop.
 OpenAI's sampling parameters are honoured (``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
 ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``...), and beyond them, as in
 vLLM, ``top_k`` (0 = off), ``min_p`` (0 = off) and ``repetition_penalty`` (CTRL's, 1 = off).
-``max_tokens`` is capped so that prompt + completion fit the context window. Chat turns a base model
-into a chat partner with the plain transcript of ``gpt2.prompts`` (system messages replace its header
-line; each reply is one line).
+``max_tokens`` is capped so that prompt + completion fit the context window. Chat renders the messages
+with the model's chat template when there is one (``gpt2.chat_template``, as transformers and vLLM
+do: any order of roles the template takes, then its generation prompt; a reply ends at the end-of-turn
+token or a ``stop`` string, and loses the one space the template leaves after its prompt). A base model
+without one becomes a chat partner through the plain transcript of ``gpt2.prompts`` (system messages
+replace its header line; each reply is one line). In both, the oldest turns are dropped when the
+messages do not fit.
 
 The module, top to bottom: the request bodies (strict pydantic models); errors in OpenAI's shape
 (``APIError``, the exception handlers) and ``Guard``, the middleware that checks the API key and the
@@ -52,12 +56,21 @@ from typing import Any, ClassVar, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gpt2.chat_template import ChatTemplate
 from gpt2.errors import UserError
-from gpt2.prompts import CHAT_HEADER, CHAT_STOPS, Chat
+from gpt2.prompts import CHAT_HEADER, CHAT_STOPS, Chat, Transcript, fit_messages
 from gpt2.sampling import GenerationConfig, encode_prompt
 from gpt2.serving.engine import Engine, Job, QueueFull, SequenceRequest, Step
 
@@ -105,10 +118,24 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str | list[dict[str, Any]]  # a string, or OpenAI's content parts (text ones only here)
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One clear error for content of another type (not one per type of the union)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            got = _JSON_TYPES.get(type(value), "a list of something other than objects")
+            raise PydanticCustomError("content_type", "must be a string or a list of {'type': 'text', "
+                                      "'text': ...} parts, got {got}", {"got": got}) from None
 
     @property
     def text(self) -> str:
@@ -282,21 +309,26 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     max_prompt_tokens: int | None = None,
     allowed_hosts: Sequence[str] = LOCAL_HOSTS,
+    chat_template: ChatTemplate | None = None,
 ) -> FastAPI:
     """The API serving ``engine``'s model as ``model_name``; the engine runs while the app does.
 
     ``api_key``: requests to /v1 need ``Authorization: Bearer <api_key>`` (see the module's docstring
     for what stays public). ``max_prompt_tokens``: the longest prompt taken (default: the context
     window less one token for the answer). ``allowed_hosts``: the Host headers answered ("*": any).
+    ``chat_template``: the template chat requests are rendered with (default: the tokenizer's own;
+    the plain transcript when it has none).
     """
     if max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
-    service = _Service(engine, model_name, max_prompt_tokens)
+    if chat_template is None and getattr(engine.tokenizer, "chat_template", None) is not None:
+        chat_template = ChatTemplate.of(engine.tokenizer)
+    service = _Service(engine, model_name, max_prompt_tokens, chat_template)
     app = FastAPI(title="gpt2", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, limit=max_body_bytes, hosts=allowed_hosts)
     _install_error_handlers(app)
     app.state.engine = engine
-    page = _playground(model_name, service.window)
+    page = _playground(model_name, service.window, chat_template is not None)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -307,7 +339,7 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "gpt2",
-                "max_model_len": service.window}
+                "max_model_len": service.window, "chat_template": chat_template is not None}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
@@ -335,10 +367,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine.stop()
 
 
-def _playground(model_name: str, window: int) -> str:
+def _playground(model_name: str, window: int, templated: bool) -> str:
     """The playground page for this model."""
     page = resources.files("gpt2.serving").joinpath("playground.html").read_text(encoding="utf-8")
-    return page.replace("{{MODEL}}", html.escape(model_name)).replace("{{WINDOW}}", str(window))
+    chat = ("the model's chat template" if templated else
+            "a plain transcript (this model has no chat template), a reply one line")
+    return (page.replace("{{MODEL}}", html.escape(model_name)).replace("{{WINDOW}}", str(window))
+            .replace("{{CHAT_FORMAT}}", chat))
 
 
 async def _answer(reply: _Reply, body: _Sampling, request: Request) -> Any:
@@ -354,8 +389,10 @@ class _Service:
     ``SequenceRequest``s, submits them and gives back the job's reply. Its ``complete`` and ``chat``
     run in a worker thread, their jobs reporting to the event loop ``loop``."""
 
-    def __init__(self, engine: Engine, model_name: str, max_prompt_tokens: int | None) -> None:
+    def __init__(self, engine: Engine, model_name: str, max_prompt_tokens: int | None,
+                 template: ChatTemplate | None = None) -> None:
         self.engine, self.model_name, self.tokenizer = engine, model_name, engine.tokenizer
+        self.template = template
         self.window = engine.window
         if max_prompt_tokens is not None and not 1 <= max_prompt_tokens < self.window:
             raise UserError(f"max_prompt_tokens must be in 1..{self.window - 1} (the context window "
@@ -384,11 +421,21 @@ class _Service:
         max_new = body.max_completion_tokens or body.max_tokens
         budget = min(self.max_prompt, self.window - (max_new or 1))
         self.check_chars(body.messages[-1].text, "messages")
-        text = _chat_prompt(body.messages, self.tokenizer, budget, self.max_prompt_chars)
-        prompt = self.checked_prompt(encode_prompt(self.tokenizer, text), "messages")
+        if budget < 1:
+            raise APIError(400, f"max_tokens leaves no room for the messages in the context window "
+                           f"({budget})", param="max_tokens")
+        if self.template is None:
+            text = _chat_prompt(body.messages, self.tokenizer, budget, self.max_prompt_chars)
+            ids, stops = encode_prompt(self.tokenizer, text), (*CHAT_STOPS, *_stops(body.stop))
+        else:
+            ids = _templated_prompt(self.template, body.messages, self.tokenizer, budget,
+                                    self.max_prompt_chars)
+            stops = _stops(body.stop)
+        prompt = self.checked_prompt(ids, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        requests = self.sequences(body, [prompt], max_new, (*CHAT_STOPS, *_stops(body.stop)), top)
-        return _ChatReply(self.submit(requests, loop), self.tokenizer, self.model_name, len(prompt))
+        requests = self.sequences(body, [prompt], max_new, stops, top)
+        return _ChatReply(self.submit(requests, loop), self.tokenizer, self.model_name, len(prompt),
+                          one_space=self.template is not None)
 
     def check_count(self, sequences: int) -> None:
         """400 for more sequences (prompts x n) than the queue can ever take."""
@@ -512,10 +559,26 @@ def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int, max_c
         if chars > max_chars:
             pairs = pairs[first + 1 :]
             break
-    if budget < 1:
-        raise APIError(400, f"max_tokens leaves no room for the messages in the context window ({budget})",
-                       param="max_tokens")
-    return Chat(header=header, turns=pairs).prompt(turns[-1].text, tokenizer, budget)
+    return Chat(Transcript(header), turns=pairs).prompt(turns[-1].text, tokenizer, budget)
+
+
+def _templated_prompt(template: ChatTemplate, messages: list[ChatMessage], tokenizer: Any, budget: int,
+                      max_chars: int) -> list[int]:
+    """The ids of ``messages`` rendered by ``template`` with its generation prompt, the oldest turns
+    dropped until they fit ``budget`` (``gpt2.prompts.fit_messages``); only the latest messages that
+    hold at most ``max_chars`` characters (system messages aside) can fit, the others are dropped
+    before any is rendered. A template that fails to render them is the request's 400."""
+    given = [{"role": m.role, "content": m.text} for m in messages]
+    chars, keep = 0, [True] * len(given)
+    for i in range(len(given) - 2, -1, -1):
+        if given[i]["role"] != "system":
+            chars += len(given[i]["content"])
+            keep[i] = chars <= max_chars
+    try:
+        kept = fit_messages(template, [m for m, k in zip(given, keep, strict=True) if k], tokenizer, budget)
+        return template.prompt_ids(kept, tokenizer)
+    except UserError as e:
+        raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -673,19 +736,23 @@ class _CompletionReply(_Reply):
 
 class _ChatReply(_Reply):
     """OpenAI's chat completion: an assistant ``message`` per choice (streamed as ``delta``s, the first
-    naming the role), the reply's leading spaces dropped, logprobs as ``content`` items."""
+    naming the role), the reply's leading spaces dropped (only the first with ``one_space``: a chat
+    template's reply may start with more), logprobs as ``content`` items."""
 
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, job: Job, tokenizer: Any, model: str, prompt_tokens: int) -> None:
+    def __init__(self, job: Job, tokenizer: Any, model: str, prompt_tokens: int, *,
+                 one_space: bool = False) -> None:
         super().__init__(job, tokenizer, model, prompt_tokens)
         self.replied = [False] * len(job.requests)  # whether a choice's reply has begun
+        self.one_space = one_space
 
     def _text(self, index: int, step: Step) -> str:
         if self.replied[index]:
             return step.text
-        text = step.text.lstrip()  # the model writes "Assistant: reply": the reply starts after the space
-        self.replied[index] = bool(text)
+        # The model writes "Assistant: reply": the reply starts after the space.
+        text = step.text.removeprefix(" ") if self.one_space else step.text.lstrip()
+        self.replied[index] = bool(step.text if self.one_space else text)
         return text
 
     def _choice(self, index: int, text: str, entries: list[Entry], finish: str | None) -> dict[str, Any]:
