@@ -116,9 +116,8 @@ def _new_item(kind: str, make: Callable[[random.Random], Item], rng: random.Rand
 
 
 def drills(n: int, held_out: list[dict], seed: int = 1) -> list[dict]:
-    """``n`` prompt-completion drills of the same skills, never a held-out item, the prompt the
-    instruction and its input on one line: what a base model learns the skills from, to be shown in
-    another format than the chat template's (``DRILL_TEMPLATE``)."""
+    """``n`` prompt-completion drills of the same skills, never a held-out item: what a base model
+    learns the skills from, shown in another format than the chat template's (``DRILL_TEMPLATE``)."""
     rng = random.Random(seed)
     held = {(e["instruction"], e["input"]) for e in held_out}
     makers = list(KINDS.values())
@@ -126,11 +125,11 @@ def drills(n: int, held_out: list[dict], seed: int = 1) -> list[dict]:
     while len(records) < n:
         instruction, given, answer = rng.choice(makers)(rng)
         if (instruction, given) not in held:
-            records.append({"prompt": instruction + (f" {given}" if given else ""), "completion": answer})
+            records.append({"prompt": instruction + (f"\n\n{given}" if given else ""), "completion": answer})
     return records
 
 
-# Drills as plain questions and answers: "Q: What is 3 plus 4?\nA: 7<|endoftext|>".
+# Drills as plain questions and answers: "Q: Say this word twice.\n\nriver\nA: river river<|endoftext|>".
 DRILL_TEMPLATE = (
     "{{ eos_token }}{% for m in messages %}{% if m.role == 'user' %}Q: {{ m.content }}\nA:"
     "{% else %}{% generation %} {{ m.content }}{{ eos_token }}{% endgeneration %}\n{% endif %}{% endfor %}"
