@@ -158,12 +158,18 @@ class ChatTemplate:
         rendered chat) and, for each, whether it lies in an assistant's part: a token overlapping a
         generation block is trained on, as transformers' ``assistant_masks``."""
         text, spans = self.render(messages, tokenizer, add_generation_prompt=add_generation_prompt)
-        ids = tokenizer.encode(text, allowed_special=frozenset(tokenizer.special_tokens))
+        ids = _encode(text, tokenizer)
         return ids, _overlapping(ids, text, spans, tokenizer)
 
     def prompt_ids(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
-        """The ids that ask the model for the next assistant turn after ``messages``."""
-        return self.encode(messages, tokenizer, add_generation_prompt=True)[0]
+        """The ids that ask the model for the next assistant turn after ``messages`` (no mask: this
+        is what chat and serving call, once per turn dropped)."""
+        return _encode(self.render(messages, tokenizer, add_generation_prompt=True)[0], tokenizer)
+
+
+def _encode(text: str, tokenizer: Tokenizer) -> list[int]:
+    """A rendered chat's ids: special tokens in it are special, as transformers encodes one."""
+    return tokenizer.encode(text, allowed_special=frozenset(tokenizer.special_tokens))
 
 
 @contextmanager

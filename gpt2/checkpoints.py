@@ -70,6 +70,11 @@ ADAPTER_CONFIG = "adapter_config.json"  # a LoRA run's checkpoint holds an adapt
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
+def write_failure(error: BaseException) -> str:
+    """Why one of ``WRITE_ERRORS`` happened, in a few words: the OS's reason, else its first line."""
+    return getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+
+
 # --- Loading -------------------------------------------------------------------------------------
 
 
@@ -111,13 +116,25 @@ def resolve(name_or_path: str | Path) -> Path:
         raise UserError(f"{path} is a file; give the directory that holds it and {CONFIG}")
     if (path / CONFIG).is_file():
         return path
-    latest = latest_checkpoint(path)
-    if (path / ADAPTER_CONFIG).is_file() or (latest is not None and not (latest / CONFIG).is_file()):
+    if find_adapter(path) is not None:
         raise UserError(f"{path} holds a LoRA adapter, not a whole model; load it on its base with --adapter "
                         "(gpt2.inference.load_for_inference(adapter=...)), or merge them with `gpt2 merge`")
+    latest = latest_checkpoint(path)
     if latest is not None:
         return latest
     return _download(str(name_or_path), local=path.is_dir())
+
+
+def find_adapter(path: str | Path) -> Path | None:
+    """The LoRA adapter directory that ``path`` names: itself, or the checkpoint that a LoRA run's
+    ``latest`` file names; None when it names something else (a model, a hub name)."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or (path / CONFIG).is_file():
+        return None
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    return latest if latest is not None and not (latest / CONFIG).is_file() else None
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -289,7 +306,7 @@ def _checkpoint_tensors(directory: Path) -> Iterator[tuple[Path, str, Callable[[
         if file.suffix == ".safetensors":
             yield from _safetensors_tensors(file)
         else:
-            state = _torch_load(file)
+            state = read_state_dict(file)
             for key, tensor in state.items():
                 yield file, key, lambda t=tensor: t
 
@@ -304,9 +321,10 @@ def _safetensors_tensors(file: Path) -> Iterator[tuple[Path, str, Callable[[], T
         raise UserError(message) from None
 
 
-def _torch_load(file: Path) -> dict[str, Tensor]:
-    """A pytorch_model.bin, unpickled with ``weights_only=True`` so that it cannot run code."""
-    state = torch_load(file, "a plain state dict of tensors", "convert it to safetensors")
+def read_state_dict(file: Path, fix: str = "convert it to safetensors") -> dict[str, Tensor]:
+    """A state dict saved with ``torch.save`` (pytorch_model.bin, peft's adapter_model.bin), unpickled
+    with ``weights_only=True`` so that it cannot run code; a bad file is one line ending in ``fix``."""
+    state = torch_load(file, "a plain state dict of tensors", fix)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{file}: expected a dict of tensors (a state dict)")
     return state

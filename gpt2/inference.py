@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt2 import checkpoints
 from gpt2.api import GPT2
+from gpt2.checkpoints import ADAPTER_CONFIG, find_adapter
 from gpt2.config import PRECISIONS
 from gpt2.errors import UserError
-from gpt2.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
+from gpt2.lora import load_adapter, merge_lora, read_adapter_config
 from gpt2.model import onednn_linears
 from gpt2.tokenizer import Tokenizer, find_tokenizer_files
 
@@ -116,20 +116,6 @@ def load_merged(
     if find_tokenizer_files(directory):
         base.tokenizer = Tokenizer.from_pretrained(directory)
     return base
-
-
-def find_adapter(path: str | Path) -> Path | None:
-    """The LoRA adapter directory that ``path`` names: itself, or the checkpoint that a LoRA run's
-    ``latest`` file names; None when it names something else (a model, a hub name)."""
-    path = Path(path).expanduser()
-    if not path.is_dir() or (path / checkpoints.CONFIG).is_file():
-        return None
-    if (path / ADAPTER_CONFIG).is_file():
-        return path
-    latest = checkpoints.latest_checkpoint(path)
-    if latest is None or (latest / checkpoints.CONFIG).is_file():
-        return None
-    return latest if (latest / ADAPTER_CONFIG).is_file() else None
 
 
 def _quantize_int8(model: nn.Module) -> None:

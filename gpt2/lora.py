@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from gpt2.atomic import write_atomic
+from gpt2.checkpoints import ADAPTER_CONFIG, read_state_dict
 from gpt2.config import GPT2Config
 from gpt2.errors import UserError
 from gpt2.model import Transformer
 
-ADAPTER_CONFIG = "adapter_config.json"  # (gpt2.checkpoints names it too: a run's checkpoint may be one)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # what peft wrote before safetensors
 TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's projections; c_proj is both attn.c_proj and mlp.c_proj
@@ -266,7 +265,7 @@ def _read_adapter_tensors(directory: Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file}: corrupt or truncated safetensors file ({e}); save it again") from None
     elif (directory / ADAPTER_WEIGHTS_BIN).is_file():
-        raw = _torch_load(directory / ADAPTER_WEIGHTS_BIN)
+        raw = read_state_dict(directory / ADAPTER_WEIGHTS_BIN, fix="save it again")
     else:
         raise UserError(f"{directory} has no adapter weights: expected {ADAPTER_WEIGHTS}")
     tensors = {}
@@ -277,18 +276,6 @@ def _read_adapter_tensors(directory: Path) -> dict[str, Tensor]:
                             f"{', '.join(TARGETS)} layers are supported")
         tensors[f"{match[1]}.{match[3]}"] = tensor
     return tensors
-
-
-def _torch_load(file: Path) -> dict[str, Tensor]:
-    """A peft adapter_model.bin, unpickled with ``weights_only=True`` so that it cannot run code."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{file}: corrupt or not a plain state dict ({reason}); save it again") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserError(f"{file}: expected a dict of tensors (a state dict)")
-    return state
 
 
 def _expected_shapes(model: Transformer, config: LoRAConfig) -> dict[str, tuple[int, int]]:

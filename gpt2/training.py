@@ -50,12 +50,12 @@ from gpt2 import checkpoints, lora
 from gpt2.api import GPT2
 from gpt2.atomic import replace_dir, write_atomic
 from gpt2.chat_data import read_chat_info
-from gpt2.checkpoints import LATEST
+from gpt2.checkpoints import LATEST, find_adapter
 from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
 from gpt2.data import IGNORE, Batch, ShardLoader
 from gpt2.errors import UserError
 from gpt2.generation_config import GenerationConfig
-from gpt2.inference import check_device, default_device, find_adapter
+from gpt2.inference import check_device, default_device
 from gpt2.memory import check_fits, physical_memory
 from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
 from gpt2.sampling import generate_text
@@ -254,7 +254,10 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path
             f"the data's tokenizer has {tokenizer.n_vocab} tokens but the model only "
             f"{model.config.vocab_size}; prepare the data with the model's tokenizer"
         )
-    model.tokenizer = model.tokenizer or tokenizer
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        model.tokenizer = tokenizer  # the same ids (checked above), and the template the data was made with
+    else:
+        model.tokenizer = model.tokenizer or tokenizer
     if adapter is not None:
         lora.load_adapter(model, adapter)
     elif cfg.lora_rank is not None:
@@ -339,11 +342,10 @@ def save_checkpoint(run: Path, step: int, model: GPT2, state: dict[str, Any], ke
         checkpoints.write_latest(run, name)
     except checkpoints.WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
         free = shutil.disk_usage(run).free / 1e6
         raise UserError(
-            f"cannot write checkpoint {final} ({reason}; {free:,.1f} MB free there); free space in {run} "
-            "(or lower --keep-checkpoints) and continue the run with --resume"
+            f"cannot write checkpoint {final} ({checkpoints.write_failure(e)}; {free:,.1f} MB free there); "
+            f"free space in {run} (or lower --keep-checkpoints) and continue the run with --resume"
         ) from None
     if keep:
         _prune_checkpoints(run, keep)
@@ -497,8 +499,6 @@ def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
     resume_from = _on_main(env, partial(_open_run_dir, cfg))
     saved = read_trainer_state(resume_from) if resume_from is not None else None
     model = build_model(cfg, tokenizer, resume_from)
-    if tokenizer is not None and tokenizer.chat_template is not None:
-        model.tokenizer = tokenizer  # the same ids (checked), and the template the data was made with
     seq_len, batch_tokens, accum = _batch_shape(cfg, env, model.config, chat and chat["seq_len"])
     check_memory(cfg.micro_batch, seq_len, model.config, env.device)
     train_loader = ShardLoader(train_files, cfg.micro_batch, seq_len, rank=env.rank,

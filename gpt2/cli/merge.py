@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import secrets
-import shutil
 from pathlib import Path
 
 from gpt2.cli.options import ADAPTER_HELP, MODEL_HELP
@@ -29,30 +27,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2 import checkpoints
-    from gpt2.atomic import replace_dir
+    from gpt2.atomic import building_dir
     from gpt2.inference import load_merged  # torch: only when the verb runs
 
     out: Path = args.out
     if out.is_file():
         raise UserError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not args.overwrite:
-            raise UserError(f"{out} already exists and is not empty; choose another --out or add --overwrite")
-        if not (out / checkpoints.CONFIG).is_file():
-            raise UserError(f"{out} is not empty and holds no model; --overwrite replaces only a model")
-    model = load_merged(args.model, args.adapter)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+    if args.overwrite and out.is_dir() and any(out.iterdir()) and not (out / checkpoints.CONFIG).is_file():
+        raise UserError(f"{out} is not empty and holds no model; --overwrite replaces only a model")
+    model = None
     try:
-        model.save_pretrained(tmp)
-        replace_dir(tmp, out)
+        with building_dir(out, overwrite=args.overwrite) as tmp:
+            model = load_merged(args.model, args.adapter)
+            model.save_pretrained(tmp)
     except checkpoints.WRITE_ERRORS as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-        raise UserError(f"cannot write {out} ({reason}); free space there or choose another --out") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if model is None:  # loading failed, not writing
+            raise
+        raise UserError(f"cannot write {out} ({checkpoints.write_failure(e)}); free space there or choose "
+                        "another --out") from None
     print(f"wrote {out}: the adapter {args.adapter} merged into its base ({model.num_parameters():,} "
           "parameters)")
     return 0
