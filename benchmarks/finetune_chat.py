@@ -48,7 +48,7 @@ from instructions import DRILL_TEMPLATE, drills, write_sets
 
 SHARED = Path(os.environ.get("GPT2_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SEQ = 128  # tokens per packed window of examples
-LORA = ["--lora-rank", 4, "--lora-alpha", 16, "--lora-targets", "c_attn,c_proj,c_fc", "--weight-decay", 0]
+LORA = ["--lora-rank", 5, "--lora-alpha", 20, "--lora-targets", "c_attn,c_proj,c_fc", "--weight-decay", 0]
 QUIET = ["--dropout", 0, "--eval-interval", 0, "--sample-tokens", 0, "--checkpoint-interval", 0,
          "--log-interval", 0, "--overwrite"]
 
