@@ -1,251 +1,712 @@
-"""Generation speed: ours (fp32 and each speed option) beside transformers' ``generate`` on the same
-random 124M-shape weights, measured in the same run.
+"""CPU generation: ours at every precision against the engines people run GPT-2 with on a CPU
+(transformers, CTranslate2, llama.cpp), on the same weights, each engine in its own fresh process.
 
-Decode tokens/s at batch 1 and 8 (32-token prompts, 128 new tokens, greedy; the rate excludes the
-prompt's forward pass), the time to read a 512-token prompt and make one token, and the peak memory
-of each. Also this machine's memory bandwidth and the floor it sets: every weight is read once per
-decode step, so tokens/s at batch 1 cannot exceed bandwidth / weight bytes.
+The weights: one random model of GPT-2 124M's shape (``transformers.GPT2LMHeadModel`` after
+``torch.manual_seed(0)``), saved with GPT-2's real tokenizer; CTranslate2 reads it converted by its
+own converter (float32, bfloat16 and int8 when its CPU backend computes in them), llama.cpp reads it
+exported by ``gpt2 export --format gguf`` (F32, BF16, Q8_0, Q4_0). Every engine runs greedily on 2
+threads, in a worker process of this script (``--worker``) that prints its figures as one JSON line:
 
-Targets (2-core CPU, fp32): >= 1.25x transformers at batch 1, >= 1.5x at batch 8; the best option
->= 2x transformers' fp32 at batch 1; prefill >= 1.2x; peak memory <= transformers'.
+- decode tokens/s at batch 1 and 8: 32-token prompts of random ids, 128 new tokens; the prompt's
+  forward pass is left out: batch x 127 / (time(128 new) - time(1 new));
+- prefill: milliseconds to read a 512-token prompt and make one token;
+- peak MB: the worker's resident high-water mark at its end, after loading and generating (VmHWM:
+  the process's own; ``ru_maxrss`` would also count the parent's, which Linux carries over exec);
+- same tokens: the share of greedy tokens (2 prompts x 16 tokens) equal to transformers' fp32 ones.
 
-    python benchmarks/generate.py [--device cuda] [--repeats 2] [--no-compile]
+Every timed run is guarded against the other jobs of a shared machine: the CPU time the rest of the
+machine used during it (busy jiffies of /proc/stat less this process's own CPU time) above 10% of
+one core makes it disturbed, and it is redone (up to 10 tries; then the least disturbed is kept and
+the figure marked ``*``). A figure is the median of ``--repeats`` runs. Also printed: this machine's
+memory bandwidth (a sum over a 512 MiB tensor) and the floor it sets at batch 1: every weight is read
+once per decode step, so tokens/s <= bandwidth / weight bytes (ours, counted from the loaded tensors).
+A row that cannot run says why: CTranslate2's CPU backend has no bfloat16 compute; llama.cpp runs only
+when llama-cpp-python is installed and ``gpt2 export`` works, and a llama.cpp build whose AMX kernels
+die of SIGILL on this machine is run again with its weights in plain CPU buffers (the row says so).
+
+Targets: each of our precisions >= 1.0x llama.cpp's matching format (F32, BF16, Q8_0, Q4_0) at
+batch 1 and batch 8; prefill >= the best other engine at the same precision; peak memory <= its
+weight bytes + 400 MB and <= transformers'.
+
+    python benchmarks/generate.py [--repeats 5] [--compile] [--only NAME,...] [--work DIR] [--smoke]
+
+``--compile`` adds ours fp32 and bf16 with ``torch.compile``. ``--smoke``: a 2-layer, 64-wide model
+(GPT-2's vocabulary), 32 new tokens, one run per figure, one thread per engine, two workers at a time,
+no guard: every row in well under a minute; its figures only have to exist.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
 import re
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import torch
-import transformers
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GPT2_SHARED_DATA", ROOT.parent / "shared" / "data"))
+VOCAB = 50257
+TICK = os.sysconf("SC_CLK_TCK")
+HF = "transformers fp32"
+# The formats of the other engines that match each of our precisions.
+CT2_TYPES = {"fp32": ["float32"], "bf16": ["bfloat16"], "int8": ["int8", "int8_bfloat16"]}
+GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
 
-from gpt2 import GPT2
-from gpt2.inference import load_for_inference
-from gpt2.sampling import GenerationConfig, generate
 
-PROMPT, NEW, PREFILL = 32, 128, 512
+@dataclass(frozen=True)
+class Settings:
+    """What is run: the model's shape (``transformers.GPT2Config`` fields), the token counts, and the
+    guard (runs per figure, tries per run, others' CPU share beyond which a run is redone)."""
+
+    shape: dict[str, int]
+    prompt: int = 32
+    new: int = 128
+    prefill: int = 512
+    agree_prompts: int = 2
+    agree_new: int = 16
+    repeats: int = 5
+    tries: int = 10
+    threshold: float = 0.10
+    threads: int = 2  # per engine
+    jobs: int = 1  # workers run at once
+    timeout_s: float | None = None  # per worker
+
+
+FULL = Settings(shape={})  # GPT-2 124M
+# One thread per engine, two workers at a time: its figures only have to exist. (On a busy machine,
+# two threads of PyTorch waiting for each other at every small product make the tiny model 30x slower.)
+SMOKE = Settings(shape={"n_layer": 2, "n_embd": 64, "n_head": 2}, new=32, repeats=1, tries=1,
+                 threshold=math.inf, threads=1, jobs=2, timeout_s=180)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing, guarded against the other jobs of the machine
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores: user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+def guarded(run: Callable[[], float]) -> tuple[float, float]:
+    """``run()``'s value, and the CPU time other processes used meanwhile, in cores (a share of the wall
+    time; two jiffies are forgiven: /proc/stat counts in jiffies)."""
+    busy, own, start = busy_seconds(), time.process_time(), time.perf_counter()
+    value = run()
+    wall = time.perf_counter() - start
+    others = busy_seconds() - busy - (time.process_time() - own)
+    return value, max(0.0, others - 2 / TICK) / wall
 
 
 @dataclass
-class Result:
-    name: str
-    weights_mb: float
-    decode: dict[int, float]  # batch size -> tokens/s
-    prefill_s: float
-    peak_mb: float  # weights + the most memory that generating added
-    agreement: float  # share of 2 x 16 greedy tokens equal to transformers'
+class Figure:
+    value: float  # the median of the runs
+    marked: bool  # some run was disturbed in every try: the least disturbed try was kept
+    redone: int  # tries thrown away as disturbed
+
+
+def figure(run: Callable[[], float], spec: dict[str, Any]) -> Figure:
+    """The median of ``spec["repeats"]`` undisturbed runs of ``run``, each redone while disturbed."""
+    values, marked, redone = [], False, 0
+    for _ in range(spec["repeats"]):
+        tries = [guarded(run)]
+        while tries[-1][1] > spec["threshold"] and len(tries) < spec["tries"]:
+            tries.append(guarded(run))
+        value, disturbed = min(tries, key=lambda t: t[1])
+        redone += len(tries) - 1
+        marked |= disturbed > spec["threshold"]
+        values.append(value)
+    return Figure(statistics.median(values), marked, redone)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Memory
+# Engines (in the worker process)
+
+Generate = Callable[[list[list[int]], int], list[list[int]]]  # prompts, new tokens -> the new tokens
 
 
-def exact_cpu_memory_accounting() -> None:
-    """Make glibc return every large freed block to the OS at once, so resident memory tracks live
-    tensors (otherwise the peak of one run would hide in the baseline of the next)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so blocks above it are mmap'ed
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
+@dataclass
+class Engine:
+    gen: Generate
+    weight_bytes: int
+    b8_note: str = ""  # why batch 8 is not measured, when it is not
+    info: str = ""  # what the engine says it runs (CTranslate2: its compute type)
+    close: Callable[[], None] = lambda: None
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def with_peak_memory(run: Callable[[], float], device: torch.device) -> tuple[float, float]:
-    """``run()``'s result, and the most memory (MiB) it held at once beyond what was allocated before."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        result = run()
-        torch.cuda.synchronize()
-        return result, (torch.cuda.max_memory_allocated() - before) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM, the high-water mark of resident memory
-    before = _status_kb("VmRSS")
-    result = run()
-    return result, (_status_kb("VmHWM") - before) / 1024
-
-
-def weight_mb(model: torch.nn.Module) -> float:
+def tensor_bytes(model: Any) -> int:
+    """Bytes of a torch model's parameters and buffers, each storage once (the tied embedding)."""
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    for module in model.modules():  # int8 dynamic quantisation keeps packed weights outside parameters
-        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-            weight, bias = module.weight(), module.bias()
-            size += weight.numel() * weight.element_size() + (bias.numel() * 4 if bias is not None else 0)
-    return size / 2**20
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def torch_engine(kind: str, weights: str, precision: str, compile: bool, threads: int) -> Engine:
+    """transformers' ``generate`` (``kind`` transformers, fp32) or ours (``load_for_inference``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if kind == "transformers":
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        model = transformers.GPT2LMHeadModel.from_pretrained(weights).eval()
+
+        def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+    else:
+        from gpt2.inference import load_for_inference
+        from gpt2.sampling import GenerationConfig, generate
+
+        model = load_for_inference(weights, precision=precision, device="cpu", compile=compile)
+
+        def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+            return generate(model, ids, GenerationConfig(max_new_tokens=n, temperature=0))
+
+    def gen(prompts: list[list[int]], n: int) -> list[list[int]]:
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            return run(ids, n)[:, ids.shape[1]:].tolist()
+
+    return Engine(gen, tensor_bytes(model))
+
+
+def ct2_engine(path: str, compute_type: str, threads: int) -> Engine:
+    """A CTranslate2 ``Generator`` over a converted directory; prompts go in as vocabulary strings."""
+    import ctranslate2
+
+    generator = ctranslate2.Generator(path, device="cpu", compute_type=compute_type,
+                                      intra_threads=threads, inter_threads=1)
+    vocabulary = json.loads((Path(path) / "vocabulary.json").read_text(encoding="utf-8"))
+
+    def gen(prompts: list[list[int]], n: int) -> list[list[int]]:
+        results = generator.generate_batch([[vocabulary[i] for i in p] for p in prompts], max_length=n,
+                                           min_length=n, sampling_topk=1, include_prompt_in_result=False)
+        return [r.sequences_ids[0] for r in results]
+
+    return Engine(gen, (Path(path) / "model.bin").stat().st_size, info=generator.compute_type)
+
+
+def use_plain_llama_buffers() -> None:
+    """From now on llama.cpp keeps its weights in plain CPU buffers (no AMX or repacked layouts)."""
+    import llama_cpp.llama_cpp as bindings
+
+    defaults = bindings.llama_model_default_params
+
+    def model_params() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = model_params  # what ``Llama`` starts from
+
+
+def llama_engine(path: str, spec: dict[str, Any], extra_buffers: bool = True) -> Engine:
+    """llama.cpp through llama-cpp-python's low-level API: ``Llama``'s own context for batch 1 and a
+    second one over the same model holding 8 sequences for batch 8; greedy = argmax of the logits.
+    ``extra_buffers`` False: the weights stay in plain CPU buffers (no AMX or repacked layouts)."""
+    import llama_cpp
+
+    if not extra_buffers:
+        use_plain_llama_buffers()
+    threads = spec["threads"]
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                          n_batch=512, verbose=False)
+    batch = llama_cpp.llama_batch_init(max(512, spec["prefill"]), 0, 8)
+    contexts, note = {1: llm._ctx.ctx}, ""
+    try:
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        per_sequence = 256 * math.ceil((spec["prompt"] + spec["new"]) / 256)
+        params.n_seq_max, params.n_ctx = 8, 8 * per_sequence  # each sequence gets n_ctx / n_seq_max
+        context = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not context:
+            raise RuntimeError("llama_init_from_model gave no context")
+        contexts[8] = context
+    except (AttributeError, RuntimeError, TypeError) as e:
+        note = f"no 8-sequence context ({e})"
+
+    def gen(prompts: list[list[int]], n: int) -> list[list[int]]:
+        return llama_greedy(llama_cpp, contexts[len(prompts)], batch, prompts, n, llm.n_vocab())
+
+    def close() -> None:
+        if 8 in contexts:
+            llama_cpp.llama_free(contexts[8])
+        llama_cpp.llama_batch_free(batch)
+        llm.close()
+
+    return Engine(gen, Path(path).stat().st_size, b8_note=note, close=close)
+
+
+def llama_decode(lib: Any, ctx: Any, batch: Any, entries: list[tuple[int, int, int, bool]]) -> None:
+    """Decode (token, position, sequence, wants logits) entries in one ``llama_decode`` call."""
+    for k, (token, position, sequence, logits) in enumerate(entries):
+        batch.token[k], batch.pos[k], batch.n_seq_id[k] = token, position, 1
+        batch.seq_id[k][0], batch.logits[k] = sequence, logits
+    batch.n_tokens = len(entries)
+    if (status := lib.llama_decode(ctx, batch)) != 0:
+        raise RuntimeError(f"llama_decode returned {status}")
+
+
+def llama_greedy(lib: Any, ctx: Any, batch: Any, prompts: list[list[int]], n: int, vocab: int
+                 ) -> list[list[int]]:
+    """``n`` greedy tokens after each prompt, the prompts decoded together as sequences 0, 1, ..."""
+    import numpy as np
+
+    lib.llama_memory_clear(lib.llama_get_memory(ctx), False)
+    llama_decode(lib, ctx, batch, [(token, position, s, position == len(p) - 1)
+                                   for s, p in enumerate(prompts) for position, token in enumerate(p)])
+    rows = list(np.cumsum([len(p) for p in prompts]) - 1)  # where each prompt's logits are
+    new: list[list[int]] = [[] for _ in prompts]
+    for step in range(n):
+        for s, row in enumerate(rows):
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, int(row)), shape=(vocab,))
+            new[s].append(int(logits.argmax()))
+        if step < n - 1:
+            step_entries = [(new[s][-1], len(p) + step, s, True) for s, p in enumerate(prompts)]
+            llama_decode(lib, ctx, batch, step_entries)
+            rows = list(range(len(prompts)))
+    return new
+
+
+def elapsed(gen: Generate, prompts: list[list[int]], n: int) -> float:
+    start = time.perf_counter()
+    gen(prompts, n)
+    return time.perf_counter() - start
+
+
+def decode_rate(gen: Generate, prompts: list[list[int]], n: int) -> float:
+    """New tokens per second, the prompt's forward pass (and the first token) left out."""
+    first = elapsed(gen, prompts, 1)
+    return len(prompts) * (n - 1) / (elapsed(gen, prompts, n) - first)
+
+
+def measure(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    """The worker's figures: the tokens to compare, decode rates, prefill, and how the guard fared."""
+    prompts = spec["prompts"]
+    result: dict[str, Any] = {"tokens": [engine.gen([p], spec["agree_new"])[0] for p in prompts["agree"]],
+                              "weight_bytes": engine.weight_bytes, "info": engine.info, "redone": 0,
+                              "marked": [], "notes": []}
+
+    def record(key: str, run: Callable[[], float]) -> None:
+        f = figure(run, spec)
+        result[key], result["redone"] = f.value, result["redone"] + f.redone
+        if f.marked:
+            result["marked"].append(key)
+
+    for key in ("b1", "b8"):
+        ids = prompts[key]
+        result[key] = None
+        if key == "b8" and engine.b8_note:
+            result["notes"].append(f"batch 8: {engine.b8_note}")
+            continue
+        try:
+            engine.gen(ids, 8)  # warm-up
+            record(key, lambda ids=ids: decode_rate(engine.gen, ids, spec["new"]))
+        except RuntimeError as e:
+            result["notes"].append(f"batch {len(ids)}: {e}")
+    engine.gen(prompts["prefill"], 1)
+    record("prefill_ms", lambda: 1e3 * elapsed(engine.gen, prompts["prefill"], 1))
+    return result
+
+
+def resident_peak_mb() -> float:
+    """This process's resident high-water mark (VmHWM), in MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Load one engine, measure it and print its figures as one JSON line."""
+    spec = json.loads(Path(args.spec).read_text())
+    if args.worker in ("transformers", "ours"):
+        engine = torch_engine(args.worker, args.weights, args.precision, args.compile, spec["threads"])
+    elif args.worker == "ctranslate2":
+        engine = ct2_engine(args.weights, args.precision, spec["threads"])
+    else:
+        engine = llama_engine(args.weights, spec, extra_buffers=not args.no_extra_buffers)
+    result = measure(engine, spec)
+    result["peak_mb"] = resident_peak_mb()
+    engine.close()
+    print(json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Timing
+# The parent: weights, conversions, workers
 
 
-def seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """The fastest of ``repeats`` runs (the machine may be shared: the minimum is the least disturbed)."""
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+@dataclass
+class Row:
+    name: str
+    precision: str  # our precision it is compared at
+    engine: str  # transformers, ours, ctranslate2, llama.cpp
+    worker: list[str] | None  # the worker's arguments; None: not run (``note`` says why)
+    note: str = ""
+    make: str = ""  # what the parent has to write first: a CTranslate2 quantization or a GGUF type
+    result: dict[str, Any] | None = None
 
 
-def measure(
-    name: str, model: torch.nn.Module, gen: Callable, device: torch.device, repeats: int,
-    reference: torch.Tensor,
-) -> Result:
-    """``gen(ids, new_tokens)`` generates greedily with ``model``; ``reference``: transformers' greedy
-    tokens after the prompts ``reference_prompts``."""
-    agreement = (gen(reference_prompts(device), 16)[:, PROMPT:] == reference).float().mean().item()
-    decode = {}
-    peak = 0.0
-    for batch in (1, 8):
-        ids = torch.randint(0, 50257, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
-        ids = ids.to(device)
-        gen(ids, 8)  # warm-up
-        first = seconds(lambda ids=ids: gen(ids, 1), device, repeats)
-        timed = lambda ids=ids: seconds(lambda: gen(ids, NEW), device, repeats)  # noqa: E731
-        full, extra = with_peak_memory(timed, device)
-        peak = max(peak, extra)
-        decode[batch] = batch * (NEW - 1) / (full - first)
-        print(f"  {name}: batch {batch}: {decode[batch]:.1f} tokens/s", file=sys.stderr, flush=True)
-    long = torch.randint(0, 50257, (1, PREFILL), generator=torch.Generator().manual_seed(0)).to(device)
-    gen(long, 1)
-    prefill = seconds(lambda: gen(long, 1), device, repeats + 1)
-    weights = weight_mb(model)
-    return Result(name, weights, decode, prefill, weights + peak, agreement)
+def make_weights(work: Path, shape: dict[str, int]) -> Path:
+    """The random model, saved with GPT-2's tokenizer: the directory every engine reads."""
+    import torch
+    import transformers
+
+    from gpt2 import GPT2, Tokenizer
+
+    ranks = SHARED / "gpt2.tiktoken"
+    if not ranks.is_file():
+        sys.exit(f"{ranks} is missing: set GPT2_SHARED_DATA to the directory holding gpt2.tiktoken")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape))
+    hf.save_pretrained(work / "hf")
+    model = GPT2.from_pretrained(work / "hf")
+    model.tokenizer = Tokenizer.from_file(ranks)
+    model.save_pretrained(work / "model")
+    shutil.rmtree(work / "hf")
+    return work / "model"
 
 
-def reference_prompts(device: torch.device) -> torch.Tensor:
-    return torch.randint(0, 50257, (2, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
+def plan(precisions: list[str], work: Path, model: Path, args: argparse.Namespace) -> list[Row]:
+    """Every row, grouped by precision: what runs, and for what does not, why."""
+    ct2_types = ct2_supported()
+    llama = importlib.util.find_spec("llama_cpp") is not None
+    rows = [Row(HF, "fp32", "transformers", ["transformers", "fp32", str(model)])]
+    for p in precisions:
+        rows.append(Row(f"ours {p}", p, "ours", ["ours", p, str(model)]))
+        if args.compile and p in ("fp32", "bf16"):
+            rows.append(Row(f"ours {p} + compile", p, "ours", ["ours", p, str(model), "--compile"]))
+        for q in CT2_TYPES.get(p, []):
+            row = Row(f"CTranslate2 {q}", p, "ctranslate2", ["ctranslate2", q, str(work / f"ct2-{q}")],
+                      make=q)
+            if ct2_types is None:
+                row.worker, row.note = None, "ctranslate2 is not installed"
+            elif q not in ct2_types:
+                row.worker, row.note = None, (f"its CPU backend does not compute in {q} on this machine "
+                                              f"(it offers {', '.join(sorted(ct2_types))})")
+            rows.append(row)
+        if p in GGUF_TYPES:
+            t = GGUF_TYPES[p]
+            row = Row(f"llama.cpp {t.upper()}", p, "llama.cpp", ["llama", t, str(work / f"model-{t}.gguf")],
+                      make=t)
+            if not llama:
+                row.worker, row.note = None, "llama_cpp is not importable (pip install llama-cpp-python)"
+            rows.append(row)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        rows = [r for r in rows if r.name == HF or any(w in r.name for w in wanted)]
+    return rows
 
 
-def memory_bandwidth_gbs(device: torch.device) -> float:
-    """Read bandwidth: summing a 512 MiB tensor, best of 5."""
-    x = torch.ones(128 * 2**20, device=device)
+def ct2_supported() -> set[str] | None:
+    """The compute types CTranslate2's CPU backend offers here (None: not installed)."""
+    if importlib.util.find_spec("ctranslate2") is None:
+        return None
+    import ctranslate2
+
+    return set(ctranslate2.get_supported_compute_types("cpu"))
+
+
+def start_exports(rows: list[Row], model: Path) -> list[tuple[Row, subprocess.Popen, Any]]:
+    """``gpt2 export --format gguf`` for every llama.cpp row, all at once, in the background."""
+    started = []
+    for row in rows:
+        if row.engine == "llama.cpp" and row.worker:
+            log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by finish_exports)
+            command = [sys.executable, "-m", "gpt2", "export", "--format", "gguf", "--model", str(model),
+                       "--out", row.worker[2], "--type", row.make, "--overwrite"]
+            started.append((row, subprocess.Popen(command, stdout=log, stderr=log), log))
+    return started
+
+
+def finish_exports(started: list[tuple[Row, subprocess.Popen, Any]]) -> None:
+    for row, process, log in started:
+        if process.wait():
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines() or ["?"]
+            row.worker, row.note = None, f"gpt2 export --format gguf failed: {lines[-1][:200]}"
+        log.close()
+
+
+def convert_ct2(rows: list[Row], model: Path) -> None:
+    """CTranslate2's own converter (``ct2-transformers-converter``'s code, called in this process)."""
+    for row in rows:
+        if row.engine == "ctranslate2" and row.worker:
+            from ctranslate2.converters import TransformersConverter
+
+            TransformersConverter(str(model)).convert(row.worker[2], quantization=row.make, force=True)
+
+
+def write_spec(work: Path, settings: Settings) -> Path:
+    """The settings and the prompts (random ids from a fixed generator) every worker reads."""
+    rng = random.Random(0)
+
+    def prompts(n: int, length: int) -> list[list[int]]:
+        return [[rng.randrange(VOCAB - 1) for _ in range(length)] for _ in range(n)]
+
+    spec = dataclasses.asdict(settings) | {"prompts": {
+        "agree": prompts(settings.agree_prompts, settings.prompt), "b1": prompts(1, settings.prompt),
+        "b8": prompts(8, settings.prompt), "prefill": prompts(1, settings.prefill)}}
+    path = work / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def run_worker(row: Row, spec: Path, settings: Settings) -> None:
+    """Run ``row``'s worker in a fresh process; its figures land in ``row.result`` (or a note). A
+    llama.cpp worker killed by SIGILL (this machine's AMX kernels of llama.cpp) runs again with the
+    weights in plain CPU buffers."""
+    engine, precision, weights, *rest = row.worker
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--precision", precision,
+               "--weights", weights, "--spec", str(spec), *rest]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=settings.timeout_s,
+                              env=os.environ | {"OMP_NUM_THREADS": str(settings.threads)})
+    except subprocess.TimeoutExpired:
+        row.note = f"worker timed out after {settings.timeout_s:.0f} s"
+        return
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == -signal.SIGILL and engine == "llama" and "--no-extra-buffers" not in rest:
+        row.worker = [*row.worker, "--no-extra-buffers"]
+        row.name += " (plain buffers)"
+        run_worker(row, spec, settings)
+        if row.result:
+            row.result["notes"].append(
+                "killed by SIGILL with llama.cpp's default weight buffers (its AMX kernels, which this "
+                "llama-cpp-python build compiled in); measured with use_extra_bufts=False: no AMX, no "
+                "repacked weight layouts")
+        return
+    if done.returncode or not lines:
+        row.note = f"worker failed (exit {done.returncode}; its stderr is above)"
+        print(f"--- {row.name}: worker failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return
+    row.result = json.loads(lines[-1])
+    r = row.result
+    print(f"  {row.name}: b1 {cell(r, 'b1')}, b8 {cell(r, 'b8')} tok/s, "
+          f"prefill {cell(r, 'prefill_ms', 0)} ms, peak {r['peak_mb']:.0f} MB "
+          f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+
+def memory_bandwidth_gbs(spec: dict[str, Any]) -> float:
+    """Read bandwidth: summing a 512 MiB float32 tensor on the engines' threads, guarded like every run."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    x = torch.ones(128 * 2**20)
     x.sum()
-    best = seconds(lambda: x.sum(), device, 5)
-    return x.numel() * 4 / best / 1e9
 
+    def run() -> float:
+        start = time.perf_counter()
+        x.sum()
+        return x.numel() * 4 / (time.perf_counter() - start) / 1e9
 
-def matvec_seconds(model: torch.nn.Module, device: torch.device) -> tuple[float, float]:
-    """One token's matrix-vector products alone (every Linear, the LM head included), best of 5:
-    with PyTorch's default kernel (what transformers runs), and through the model's own layers."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.randn(1, 1, m.in_features, device=device) for m in layers]
-
-    def default() -> None:
-        for layer, x in zip(layers, inputs, strict=True):
-            torch.nn.functional.linear(x, layer.weight, layer.bias)
-
-    def own() -> None:
-        for layer, x in zip(layers, inputs, strict=True):
-            layer(x)
-
-    with torch.inference_mode():
-        return seconds(default, device, 5), seconds(own, device, 5)
+    return figure(run, spec | {"repeats": max(5, spec["repeats"])}).value
 
 
 # ----------------------------------------------------------------------------------------------------
+# The report
+
+
+def cell(result: dict[str, Any] | None, key: str, digits: int = 1) -> str:
+    if result is None or result.get(key) is None:
+        return "n/a"
+    return f"{result[key]:.{digits}f}" + ("*" if key in result["marked"] else "")
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}x" if value and reference else "-"
+
+
+def best_other(row: Row, rows: list[Row], key: str) -> tuple[float | None, str]:
+    """The best figure ``key`` (highest rate, lowest time) of another engine at ``row``'s precision."""
+    found = [(r.result[key], r.name) for r in rows
+             if r.precision == row.precision and r.engine != "ours" and r.result and r.result.get(key)]
+    if not found:
+        return None, ""
+    return min(found) if key == "prefill_ms" else max(found)
+
+
+def comparisons(row: Row, rows: list[Row], floors: dict[str, float]) -> list[str]:
+    """The ratio columns of one of our rows (speeds: higher is better; peak: lower is better)."""
+    r, hf = row.result, next((x.result for x in rows if x.name == HF and x.result), None)
+    if row.engine != "ours" or r is None:
+        return [""] * 5
+    b1, b8 = best_other(row, rows, "b1")[0], best_other(row, rows, "b8")[0]
+    prefill = best_other(row, rows, "prefill_ms")[0]
+    return [ratio(r["b1"], b1), ratio(r["b8"], b8), ratio(prefill, r["prefill_ms"]),
+            ratio(r["peak_mb"], hf and hf["peak_mb"]), ratio(r["b1"], floors.get(row.precision))]
+
+
+COLUMNS = [("engine", 34), ("b1 tok/s", 11), ("b8 tok/s", 11), ("prefill 512 ms", 16), ("weights MB", 12),
+           ("peak MB", 9), ("same tokens", 13), ("b1 vs best", 12), ("b8 vs best", 12),
+           ("prefill vs best", 17), ("peak vs HF", 12), ("b1 of floor", 13)]
+
+
+def table(rows: list[Row], floors: dict[str, float]) -> list[str]:
+    """The table's lines: a header, then a row per engine (rows that did not run say why)."""
+    reference = next((r.result["tokens"] for r in rows if r.name == HF and r.result), None)
+    lines = ["".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}" for i, (name, w) in enumerate(COLUMNS))]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        r = row.result
+        if r is None:
+            lines.append(f"{row.name:<34}  n/a: {row.note}")
+            continue
+        same = ""
+        if reference:
+            pairs = [(a, b) for x, y in zip(r["tokens"], reference, strict=True)
+                     for a, b in zip(x, y, strict=True)]
+            same = f"{sum(a == b for a, b in pairs) / len(pairs):.0%}"
+        name = row.name + (f" (= {r['info']})" if r["info"] and r["info"] != row.make else "")
+        cells = [name, cell(r, "b1"), cell(r, "b8"), cell(r, "prefill_ms", 0),
+                 f"{r['weight_bytes'] / 2**20:.0f}", f"{r['peak_mb']:.0f}", same,
+                 *comparisons(row, rows, floors)]
+        lines.append("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                             for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS, strict=True))))
+    return lines
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """Each of our rows against the targets of the module docstring."""
+    hf = next((r.result for r in rows if r.name == HF and r.result), None)
+    lines = []
+    for row in rows:
+        if row.engine != "ours" or row.result is None:
+            continue
+        r, checks = row.result, []
+        llama = next((x.result for x in rows if x.engine == "llama.cpp" and x.precision == row.precision
+                      and x.result), None)
+        for key in ("b1", "b8"):
+            if llama and r[key] and llama[key]:
+                checks.append(f"{key} {r[key] / llama[key]:.2f}x llama.cpp "
+                              f"{'ok' if r[key] >= llama[key] else 'MISSED'}")
+        prefill, name = best_other(row, rows, "prefill_ms")
+        if prefill:
+            checks.append(f"prefill {prefill / r['prefill_ms']:.2f}x {name} "
+                          f"{'ok' if r['prefill_ms'] <= prefill else 'MISSED'}")
+        budget = r["weight_bytes"] / 2**20 + 400
+        checks.append(f"peak {r['peak_mb']:.0f} MB <= weights + 400 = {budget:.0f} "
+                      f"{'ok' if r['peak_mb'] <= budget else 'MISSED'}")
+        if hf:
+            checks.append(f"<= transformers' {hf['peak_mb']:.0f} "
+                          f"{'ok' if r['peak_mb'] <= hf['peak_mb'] else 'MISSED'}")
+        lines.append(f"  {row.name}: " + "; ".join(checks))
+    return lines
+
+
+def report(rows: list[Row], bandwidth: float, settings: Settings) -> None:
+    """Print the header lines, the table and its footnotes."""
+    import torch
+    import transformers
+
+    ours = {r.precision: r.result["weight_bytes"] for r in rows if r.engine == "ours" and r.result}
+    floors = {p: bandwidth * 1e9 / b for p, b in ours.items()}
+    shape = "GPT-2 124M shape" if not settings.shape else f"smoke shape {settings.shape}"
+    print(f"\n{shape}, random weights, greedy; CPU, {settings.threads} thread(s) per engine, each in its own "
+          f"process; torch {torch.__version__}, transformers {transformers.__version__}{versions()}")
+    print(f"decode: {settings.prompt}-token prompts, {settings.new} new tokens; "
+          f"prefill: {settings.prefill}-token prompt + 1 token; "
+          f"median of {settings.repeats} run(s) per figure")
+    print(f"memory bandwidth {bandwidth:.1f} GB/s -> batch-1 floor (weights read once per token): "
+          + ", ".join(f"{p} {floors[p]:.0f} tok/s ({b / 2**20:.0f} MB)" for p, b in ours.items()) + "\n")
+    print("\n".join(table(rows, floors)))
+    redone = sum(r.result["redone"] for r in rows if r.result)
+    guard = ("guard off (smoke): runs are never redone" if math.isinf(settings.threshold) else
+             f"guard: {redone} timed run(s) redone because other processes used > {settings.threshold:.0%} "
+             "of a core")
+    print(f"\n{guard}"
+          + "".join(f"; {r.name} {r.result['redone']}" for r in rows if r.result and r.result["redone"])
+          + "; * = every try disturbed, the least disturbed kept")
+    print("vs best: ours / the best other engine at the same precision (fp32: transformers, CTranslate2 "
+          "float32, llama.cpp F32; bf16: CTranslate2 bfloat16, llama.cpp BF16; int8: CTranslate2 int8, "
+          "llama.cpp Q8_0; int4: llama.cpp Q4_0), speeds (prefill as speed: higher is better); "
+          "peak vs HF: ours / transformers' (lower is better); b1 of floor: share of the bandwidth floor")
+    print("peak MB: the worker's resident high-water mark after loading and generating (torch engines "
+          "include torch's own ~220 MB); weights MB: ours and transformers' tensors, the other "
+          "engines' files")
+    print("same tokens: greedy tokens equal to transformers' fp32 ones "
+          f"({settings.agree_prompts} prompts x {settings.agree_new} tokens)")
+    for row in rows:
+        for note in (row.result or {}).get("notes", []):
+            print(f"note: {row.name}: {note}")
+    print("targets: ours >= 1.0x llama.cpp at batch 1 and 8, prefill >= best other, peak <= weights + 400 MB "
+          "and <= transformers'")
+    print("\n".join(targets(rows)))
+
+
+def versions() -> str:
+    """The other engines' versions, as installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in ("ctranslate2", "llama-cpp-python"):
+        with contextlib.suppress(PackageNotFoundError):
+            found.append(f"{package} {version(package)}")
+    return "".join(f", {v}" for v in found)
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    """Write the weights and every engine's files, run each worker, print the report."""
+    from gpt2.config import PRECISIONS
+
+    settings = SMOKE if args.smoke else FULL
+    if args.repeats:
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+    if args.tries:
+        settings = dataclasses.replace(settings, tries=args.tries)
+    with tempfile.TemporaryDirectory(prefix="generate-benchmark-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        model = make_weights(work, settings.shape)
+        rows = plan(list(PRECISIONS), work, model, args)
+        exports = start_exports(rows, model)
+        convert_ct2(rows, model)
+        finish_exports(exports)
+        spec = write_spec(work, settings)
+        bandwidth = memory_bandwidth_gbs(json.loads(spec.read_text()))
+        print(f"  weights and conversions ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        with ThreadPoolExecutor(settings.jobs) as pool:
+            list(pool.map(lambda row: run_worker(row, spec, settings), [r for r in rows if r.worker]))
+        report(rows, bandwidth, settings)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="timed runs per figure, the best kept (one fewer for the speed options)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, 32 new tokens, one run, no guard")
+    parser.add_argument("--repeats", type=int, default=0, help="runs per figure, the median kept (default 5)")
+    parser.add_argument("--tries", type=int, default=0, help="tries per run while disturbed (default 10)")
+    parser.add_argument("--compile", action="store_true", help="add ours fp32 and bf16 with torch.compile")
+    parser.add_argument("--only", help="only the rows whose name holds one of these comma-separated words "
+                                       "(transformers always runs: it is the reference)")
+    parser.add_argument("--work", help="write the weights and converted files here (default: a temp dir)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # in a worker process: the engine
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--no-extra-buffers", action="store_true", help=argparse.SUPPRESS)  # llama.cpp
     args = parser.parse_args()
-    device = torch.device(args.device)
-    exact_cpu_memory_accounting()
-    transformers.logging.set_verbosity_error()
-
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().to(device)  # 124M shape
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-
-        def ours(**speed: object) -> GPT2:
-            return load_for_inference(tmp, device=str(device), **speed)
-
-        def gen_ours(model: GPT2) -> Callable:
-            return lambda ids, new: generate(model, ids, GenerationConfig(max_new_tokens=new, temperature=0))
-
-        def gen_hf(ids: torch.Tensor, new: int) -> torch.Tensor:
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                   min_new_tokens=new, do_sample=False, pad_token_id=0)
-
-        fp32 = ours()
-        ids = reference_prompts(device)
-        reference = gen_hf(ids, 16)[:, PROMPT:]
-
-        bandwidth = memory_bandwidth_gbs(device)
-        default_matvec, our_matvec = matvec_seconds(fp32, device)
-        results = [measure("transformers fp32", hf, gen_hf, device, args.repeats, reference),
-                   measure("ours fp32", fp32, gen_ours(fp32), device, args.repeats, reference)]
-        variants = {"ours bf16": dict(precision="bf16")}
-        if device.type == "cpu":
-            variants["ours int8 (dynamic)"] = dict(precision="int8")
-        if not args.no_compile:
-            variants["ours fp32 + compile"] = dict(compile=True)
-            variants["ours bf16 + compile"] = dict(precision="bf16", compile=True)
-        for name, speed in variants.items():
-            model = ours(**speed)
-            start = time.perf_counter()
-            gen_ours(model)(ids, 2)
-            print(f"  {name}: first call {time.perf_counter() - start:.1f} s", file=sys.stderr)
-            results.append(measure(name, model, gen_ours(model), device, max(1, args.repeats - 1), reference))
-            del model
-            gc.collect()
-
-    weight_bytes = sum(m.weight.numel() * 4 for m in fp32.modules() if isinstance(m, torch.nn.Linear))
-    floor = bandwidth * 1e9 / weight_bytes
-    hf_result = results[0]
-    name = f"CPU, {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-    print(f"\nGPT-2 124M shape, random weights, greedy; {name}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; best of {args.repeats}")
-    print(f"decode: {PROMPT}-token prompts, {NEW} new tokens; prefill: {PREFILL}-token prompt + 1 token")
-    print(f"memory bandwidth {bandwidth:.1f} GB/s; fp32 weights read per token {weight_bytes / 1e9:.3f} GB "
-          f"-> floor {floor:.1f} tokens/s at batch 1\none token's matrix-vector products alone: "
-          f"{default_matvec * 1e3:.1f} ms with PyTorch's default kernel, "
-          f"{our_matvec * 1e3:.1f} ms with ours\n")
-    header = (f"{'':24}{'batch 1 tok/s':>14}{'vs HF':>7}{'vs floor':>9}{'batch 8 tok/s':>15}{'vs HF':>7}"
-              f"{'prefill ms':>12}{'vs HF':>7}{'weights MB':>12}{'peak MB':>9}{'vs HF':>7}"
-              f"{'same tokens':>13}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r.name:24}{r.decode[1]:14.1f}{r.decode[1] / hf_result.decode[1]:6.2f}x"
-              f"{r.decode[1] / floor:8.0%} {r.decode[8]:15.1f}{r.decode[8] / hf_result.decode[8]:6.2f}x"
-              f"{r.prefill_s * 1e3:12.0f}{hf_result.prefill_s / r.prefill_s:6.2f}x"
-              f"{r.weights_mb:12.0f}{r.peak_mb:9.0f}{r.peak_mb / hf_result.peak_mb:6.2f}x{r.agreement:12.0%}")
-    print("\nvs HF: speed ratios (higher is better) and memory ratio (lower is better); vs floor: share of "
-          "the bandwidth floor (fp32 weight bytes); same tokens: greedy tokens equal to transformers' "
-          "(2 prompts x 16)")
-    print("targets: ours fp32 >= 1.25x (batch 1), >= 1.5x (batch 8), prefill >= 1.2x, peak <= 1.0x; "
-          "best option >= 2x at batch 1")
+    if args.worker:
+        worker(args)
+    else:
+        benchmark(args)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ read here by ``resolve`` and by the trainer's ``--resume``, written by the train
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import torch
 from huggingface_hub import snapshot_download
@@ -31,6 +32,7 @@ from torch import Tensor
 from gpt2.atomic import write_atomic
 from gpt2.config import GPT2Config
 from gpt2.errors import UserError
+from gpt2.memory import release_freed_memory
 from gpt2.model import Transformer
 from gpt2.tokenizer import Tokenizer, find_tokenizer_files
 
@@ -51,6 +53,9 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
 WTE = "transformer.wte.weight"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 # Keys of Hugging Face's GPT2Config whose other values change the network in ways this package does not
 # implement, with the one value we accept (their defaults).
@@ -93,12 +98,24 @@ def load_model(
     it; by default they keep the checkpoint's dtype.
     """
     directory = resolve(name_or_path)
-    config = read_config(directory / CONFIG)
-    with torch.device("meta"):  # no memory, no initialisation: the checkpoint's tensors are used as is
-        model = model_class(config)
-    state = _read_state(directory, model, torch.device(device), dtype)
-    model.load_state_dict(state, strict=False, assign=True)  # keys were checked by _read_state
+    model = empty_model(directory, model_class)
+    state = dict(read_weights(directory, model, torch.device(device), dtype))
+    target = dtype or state[WTE].dtype
+    state = {k: v.to(target) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)  # keys were checked by read_weights
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied parameter
+    return finish_loading(model, directory)
+
+
+def empty_model(directory: Path, model_class: type[M]) -> M:
+    """The model of ``directory``'s config, without weights (on the meta device: no memory)."""
+    config = read_config(directory / CONFIG)
+    with torch.device("meta"):
+        return model_class(config)
+
+
+def finish_loading(model: M, directory: Path) -> M:
+    """``model`` in eval mode with the checkpoint's tokenizer (None without tokenizer files)."""
     model.eval()
     model.tokenizer = Tokenizer.from_pretrained(directory) if find_tokenizer_files(directory) else None
     return model
@@ -242,15 +259,19 @@ def _check_sizes(path: Path, hf: dict) -> None:
         raise UserError(f"{path}: n_inner={hf['n_inner']} is not supported (only 4 * n_embd = {4 * n_embd})")
 
 
-def _read_state(
+def read_weights(
     directory: Path, model: Transformer, device: torch.device, dtype: torch.dtype | None
-) -> dict[str, Tensor]:
-    """The checkpoint's tensors under our names and in our layout, each checked against the shape
-    that ``model`` (built from the config) expects."""
+) -> Iterator[tuple[str, Tensor]]:
+    """The checkpoint's tensors one at a time, under our names and in our layout, each checked
+    against the shape that ``model`` (built from the config) expects and converted to ``dtype`` as it
+    is read; so loading holds no tensor beyond the model's own but the one being converted. The LM
+    head is the token embedding (a separate one, in old checkpoints, is checked to equal it)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != LM_HEAD}
-    state: dict[str, Tensor] = {}
-    lm_head: tuple[Path, Tensor] | None = None
-    for file, key, load in _checkpoint_tensors(directory):
+    seen: set[str] = set()
+    files = _checkpoint_files(directory)
+    separate_head = any(f.suffix != ".safetensors" or LM_HEAD in _safetensors_header(f)[0] for f in files)
+    tied: dict[str, tuple[Path, Tensor]] = {}  # until both are seen: the LM head and the embedding
+    for file, key, shape, load in (entry for weights in files for entry in _file_tensors(weights)):
         if key.endswith(IGNORED_SUFFIXES):
             continue
         name = key if key.startswith(PREFIX) or key == LM_HEAD else PREFIX + key
@@ -258,67 +279,127 @@ def _read_state(
         want = expected.get(WTE if name == LM_HEAD else name)
         if want is None:
             raise UserError(f"{file}: unexpected tensor {key!r}; this is not a GPT-2 language model")
-        tensor = load()
-        found = tuple(tensor.shape)
-        if (found[::-1] if conv1d else found) != want:
+        if (shape[::-1] if conv1d else shape) != want:
             raise UserError(
-                f"{file}: tensor {key} has shape {found} but {directory / CONFIG} implies "
+                f"{file}: tensor {key} has shape {shape} but {directory / CONFIG} implies "
                 f"{want[::-1] if conv1d else want}; the config does not match the weights"
             )
-        tensor = tensor.to(device=device, dtype=dtype)
-        if name == LM_HEAD:
-            lm_head = file, tensor
-            continue
-        state[name] = tensor.t().contiguous() if conv1d else tensor
-    missing = [k for k in expected if k not in state]
+        tensor = load(dtype, conv1d).to(device)
+        if name in (LM_HEAD, WTE) and separate_head:
+            tied[name] = file, tensor
+            _check_tied(tied)
+        if name != LM_HEAD:
+            seen.add(name)
+            yield name, tensor
+        del tensor
+        release_freed_memory()
+    missing = [k for k in expected if k not in seen]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise UserError(f"{directory}: the checkpoint lacks {shown}; its weights are incomplete")
-    if lm_head is not None and not torch.equal(lm_head[1], state[WTE]):
-        raise UserError(
-            f"{lm_head[0]}: {LM_HEAD} differs from the token embedding; "
-            "only GPT-2 with tied input and output embeddings is supported"
-        )
-    target = dtype or state[WTE].dtype
-    return {k: v.to(target) for k, v in state.items()}
 
 
-def _checkpoint_tensors(directory: Path) -> Iterator[tuple[Path, str, Callable[[], Tensor]]]:
-    """(file, key, load) for every tensor of the checkpoint; ``load()`` reads one tensor, so only
-    one tensor beyond the model is in memory at a time."""
+def _check_tied(tied: dict[str, tuple[Path, Tensor]]) -> None:
+    """Once both the LM head and the embedding were read: refuse them unless equal, and let both go."""
+    if len(tied) < 2:
+        return
+    (file, head), (_, embedding) = tied.pop(LM_HEAD), tied.pop(WTE)
+    if not torch.equal(head, embedding.to(head.dtype)):
+        raise UserError(f"{file}: {LM_HEAD} differs from the token embedding; "
+                        "only GPT-2 with tied input and output embeddings is supported")
+
+
+# A weight file's tensor is (file, key, shape, load): ``load(dtype, transpose)`` reads it, converted to
+# ``dtype`` (None: as stored) and transposed (a 2-D tensor) when asked.
+Loader = Callable[[torch.dtype | None, bool], Tensor]
+_CHUNK_BYTES = 1 << 20  # converting or transposing a tensor as it is read: so many bytes at a time
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint: one, or the shards its index names."""
     found = [directory / f for f in WEIGHT_FILES if (directory / f).is_file()]
     if not found:
         raise UserError(f"{directory} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
     weights = found[0]
-    files = [weights]
-    if weights.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(weights.read_text())["weight_map"]
-            names = [Path(f) for f in dict.fromkeys(weight_map.values())]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{weights}: not a valid shard index ({e!r})") from None
-        for name in names:  # an index is data: it must not make us read files elsewhere
-            if name.is_absolute() or ".." in name.parts:
-                raise UserError(f"{weights} names {name}, outside {directory}; a shard index names "
-                                "files of its own directory only")
-        files = [directory / name for name in names]
-    for file in files:
-        if file.suffix == ".safetensors":
-            yield from _safetensors_tensors(file)
-        else:
-            state = read_state_dict(file)
-            for key, tensor in state.items():
-                yield file, key, lambda t=tensor: t
-
-
-def _safetensors_tensors(file: Path) -> Iterator[tuple[Path, str, Callable[[], Tensor]]]:
+    if not weights.name.endswith(".index.json"):
+        return [weights]
     try:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                yield file, key, lambda k=key: f.get_tensor(k)
+        weight_map = json.loads(weights.read_text())["weight_map"]
+        names = [Path(f) for f in dict.fromkeys(weight_map.values())]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{weights}: not a valid shard index ({e!r})") from None
+    for name in names:  # an index is data: it must not make us read files elsewhere
+        if name.is_absolute() or ".." in name.parts:
+            raise UserError(f"{weights} names {name}, outside {directory}; a shard index names "
+                            "files of its own directory only")
+    return [directory / name for name in names]
+
+
+def _file_tensors(file: Path) -> Iterator[tuple[Path, str, tuple[int, ...], Loader]]:
+    """(file, key, shape, load) for every tensor of one weight file."""
+    if file.suffix != ".safetensors":
+        for key, tensor in read_state_dict(file).items():
+            yield file, key, tuple(tensor.shape), lambda dtype, transpose, t=tensor: (
+                (t.t() if transpose else t).to(dtype or t.dtype).contiguous())
+        return
+    header, data_start = _safetensors_header(file)
+    # The largest first (the embedding): converting it while the least memory is held lowers the peak.
+    by_size = sorted(header.items(), key=lambda item: -math.prod(item[1]["shape"]))
+    with open(file, "rb") as f:
+        for key, entry in by_size:
+            yield file, key, tuple(entry["shape"]), (
+                lambda dtype, transpose, e=entry: _read_tensor(f, data_start, e, file, dtype, transpose))
+
+
+def _safetensors_header(file: Path) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensor entries (dtype, shape, data_offsets) and where their data starts,
+    after safetensors checked the file. We read the tensors ourselves, into memory of their own:
+    safetensors' are views of the file mapped into memory, a mapping that (with every page read)
+    lives as long as any of them, on top of each tensor that loading converts."""
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
     except (SafetensorError, OSError) as e:
         message = f"{file}: corrupt or truncated safetensors file ({e}); save or download it again"
         raise UserError(message) from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_tensor(
+    f: BinaryIO, data_start: int, entry: dict, file: Path, dtype: torch.dtype | None, transpose: bool
+) -> Tensor:
+    """One tensor of a safetensors file (``entry`` of its header), converted and transposed through a
+    small buffer, so that no full copy in the stored dtype or layout is ever made."""
+    stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if stored is None:
+        raise UserError(f"{file}: tensors of type {entry['dtype']} are not supported; save the model in "
+                        "float32, float16 or bfloat16")
+    shape = entry["shape"]
+    f.seek(data_start + entry["data_offsets"][0])
+    if len(shape) == 0 or (not transpose and dtype in (None, stored)):
+        return _read_into(f, torch.empty(shape, dtype=stored), file).to(dtype or stored)
+    out = torch.empty(shape[::-1] if transpose else shape, dtype=dtype or stored)
+    per_chunk = max(1, _CHUNK_BYTES // max(1, math.prod(shape[1:]) * stored.itemsize))
+    chunk = torch.empty((min(per_chunk, shape[0]), *shape[1:]), dtype=stored)
+    for first in range(0, shape[0], per_chunk):
+        part = _read_into(f, chunk[: min(per_chunk, shape[0] - first)], file)
+        if transpose:
+            out[:, first : first + len(part)] = part.t()
+        else:
+            out[first : first + len(part)] = part
+    return out
+
+
+def _read_into(f: BinaryIO, tensor: Tensor, file: Path) -> Tensor:
+    """Fill the contiguous ``tensor`` with the file's next bytes."""
+    size = tensor.numel() * tensor.element_size()
+    if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != size:
+        raise UserError(f"{file}: truncated safetensors file; save or download it again")
+    return tensor
 
 
 def read_state_dict(file: Path, fix: str = "convert it to safetensors") -> dict[str, Tensor]:

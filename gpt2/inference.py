@@ -8,8 +8,9 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
   oneDNN (``gpt2.model.onednn_linears``: same weights, same values, faster decoding).
 - ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision:
   half the bytes per token (logits are processed in fp32).
-- ``int8``: dynamic int8 quantisation of every ``nn.Linear`` (weights int8, activations quantised on
-  the fly; CPU only): a quarter of the weight bytes, outputs slightly different from fp32.
+- ``int8``, ``int4``: weight-only quantisation (``gpt2.quantization``; CPU only): the linear layers'
+  weights in 8 or 4 bits, quantised tensor by tensor as the checkpoint is read (no float copy of the
+  model is ever held), bfloat16 activations and cache.
 - ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``).
 - ``adapter``: a LoRA adapter (``gpt2.lora``) is folded into its base's weights in float32 first
   (``load_merged``), so that every precision and path above runs the merged model at the base's speed.
@@ -17,18 +18,17 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from gpt2.api import GPT2
-from gpt2.checkpoints import ADAPTER_CONFIG, find_adapter
+from gpt2.checkpoints import ADAPTER_CONFIG, empty_model, find_adapter, finish_loading, read_weights, resolve
 from gpt2.config import PRECISIONS
 from gpt2.errors import UserError
 from gpt2.lora import load_adapter, merge_lora, read_adapter_config
 from gpt2.model import onednn_linears
+from gpt2.quantization import BITS, quantize_weights
 from gpt2.tokenizer import Tokenizer, find_tokenizer_files
 
 
@@ -69,20 +69,22 @@ def load_for_inference(
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     dev = check_device(device or default_device())
-    if precision == "int8" and dev.type != "cpu":
-        raise UserError("int8 dynamic quantisation runs on the CPU only; choose another precision or "
-                        "--device cpu")
+    bits = BITS.get(precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if bits and dev.type != "cpu":
+        raise UserError(f"{precision} runs on the CPU only; choose fp32 or bf16, or --device cpu")
     if adapter is not None or model is None or (not isinstance(model, GPT2) and find_adapter(model)):
         model = load_merged(model, adapter, device=dev)
-    if isinstance(model, GPT2):
+    if isinstance(model, GPT2) and bits:
+        quantize_weights(model, model.state_dict().items(), bits)
+    elif isinstance(model, GPT2):
         model.to(device=dev, dtype=dtype)
+    elif bits:
+        model = _load_quantized(model, bits)
     else:
         model = GPT2.from_pretrained(model, device=dev, dtype=dtype)
     model.eval()
-    if precision == "int8":
-        _quantize_int8(model)
-    elif precision == "fp32" and dev.type == "cpu":
+    if precision == "fp32" and dev.type == "cpu":
         onednn_linears(model)
     if compile:
         model.compile_decode_step()
@@ -118,8 +120,10 @@ def load_merged(
     return base
 
 
-def _quantize_int8(model: nn.Module) -> None:
-    with warnings.catch_warnings():  # torch announces the move of this API to torchao
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
-        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+def _load_quantized(path: str | Path, bits: int) -> GPT2:
+    """The checkpoint at ``path`` with its linear layers quantised to ``bits`` as each tensor is read
+    (the float copy of one tensor at a time)."""
+    directory = resolve(path)
+    model = empty_model(directory, GPT2)
+    quantize_weights(model, read_weights(directory, model, torch.device("cpu"), torch.float32), bits)
+    return finish_loading(model, directory)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gpt2.errors import UserError
 from gpt2.generation_config import ContextWindowReached, GenerationConfig
@@ -234,7 +234,7 @@ def stream_tokens(
         raise UserError("stop strings need a tokenizer to decode with; pass decode_bytes (or a tokenizer)")
     config.check_vocabulary(model.config.vocab_size)
     input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, model.config.n_positions)
-    rows, dtype = len(input_ids) * config.num_samples, model.transformer.wte.weight.dtype
+    rows, dtype = len(input_ids) * config.num_samples, model.dtype
     KVCache.check_fits(model.config, rows, _cache_len(model, input_ids, config), dtype)  # before any buffer
     if config.num_samples > 1:
         input_ids = input_ids.repeat_interleave(config.num_samples, dim=0)
@@ -263,7 +263,7 @@ def _steps(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: T
     config, window = rows.config, model.config.n_positions
     new = config.max_new_tokens
     cache = KVCache(model.config, len(input_ids), _cache_len(model, input_ids, config),
-                    device=input_ids.device, dtype=model.transformer.wte.weight.dtype)
+                    device=input_ids.device, dtype=model.dtype)
     logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
     for step in range(new):
         token = rows.choose(logits, step)
@@ -379,10 +379,6 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return model.transformer.wte.weight.device
-
-
 def generate_text(
     model: Transformer,
     tokenizer: TextTokenizer,
@@ -394,7 +390,7 @@ def generate_text(
     the first of ``stop_strings``."""
     config = text_config(tokenizer, config)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.eot_token, _device(model))
+    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.eot_token, model.device)
     steps = stream_tokens(model, ids, config, attention_mask=mask if not bool(mask.all()) else None,
                           decode_bytes=tokenizer.decode_bytes, pad_token_id=tokenizer.eot_token)
     rows: list[list[int]] = [[] for _ in range(len(prompts) * config.num_samples)]
@@ -420,7 +416,7 @@ def stream_text(
     if config.num_samples != 1:
         raise UserError("streaming makes one sample at a time; set num_samples to 1")
     given = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    ids = torch.tensor([given or [tokenizer.eot_token]], device=_device(model))
+    ids = torch.tensor([given or [tokenizer.eot_token]], device=model.device)
     text = TextStream(tokenizer, config.stop_strings)
     stopped = set(config.stop_token_ids)
     for token, _ in stream_tokens(model, ids, config, decode_bytes=tokenizer.decode_bytes):

@@ -352,16 +352,23 @@ class Tokenizer:
                 merges.append((parts[0], parts[1]))
         return merges
 
+    def spelled_vocab(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """The vocabulary as Hugging Face and OpenAI spell it (vocab.json and merges.txt): token text
+        -> id, the bytes of mergeable tokens written by ``bytes_to_unicode`` and special tokens as
+        they are, and the merges in rank order as pairs of token texts."""
+        merges = [(_spell(a), _spell(b)) for a, b in self.merges()]
+        vocab = {_spell(t): i for t, i in self._ranks.items()}
+        vocab.update(sorted(self.special_tokens.items(), key=lambda item: item[1]))
+        return vocab, merges
+
     def save_pretrained(self, directory: str | Path) -> None:
         """Write Hugging Face's tokenizer files (vocab.json, merges.txt, tokenizer.json,
         tokenizer_config.json, special_tokens_map.json), each atomically, that both
         ``Tokenizer.from_pretrained`` and ``transformers.AutoTokenizer.from_pretrained`` load."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        merges = [(_spell(a), _spell(b)) for a, b in self.merges()]
-        vocab = {_spell(t): i for t, i in self._ranks.items()}
+        vocab, merges = self.spelled_vocab()
         specials = sorted(self.special_tokens.items(), key=lambda item: item[1])
-        vocab.update(specials)
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.post_processor = processors.ByteLevel(trim_offsets=False)

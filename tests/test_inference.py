@@ -56,7 +56,7 @@ def test_fp32_loading_for_inference_gives_the_same_logits_and_tokens(tmp_path) -
 
 
 def test_bad_precision_and_device_are_one_line_errors() -> None:
-    with pytest.raises(UserError, match="unknown precision 'fp8'; choose one of: fp32, bf16, int8"):
+    with pytest.raises(UserError, match=r"unknown precision .fp8.; choose one of: fp32, bf16, int8, int4"):
         load_for_inference(wide_model(False), precision="fp8")
     with pytest.raises(UserError, match="unknown device 'bogus'"):
         load_for_inference(wide_model(False), device="bogus")
@@ -110,7 +110,7 @@ def test_every_inference_verb_spells_the_model_options_the_same_way(verb: list[s
     for action in _subparser(parser, verb)._actions:
         for flag in action.option_strings:
             options[flag] = action
-    assert options["--precision"].choices == ["fp32", "bf16", "int8"]
+    assert options["--precision"].choices == ["fp32", "bf16", "int8", "int4"]
     assert options["--precision"].default == "fp32"
     assert {"--model", "--tokenizer", "--device"} <= options.keys()
     assert not {"--bf16", "--int8", "--dtype"} & options.keys()

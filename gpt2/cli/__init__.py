@@ -28,6 +28,7 @@ VERBS = {
     "plot": ("plot", "draw a training run's loss curve (train and validation) as a PNG"),
     "serve": ("serve", "serve a model over HTTP (OpenAI-compatible API and a playground page)"),
     "merge": ("merge", "fold a LoRA adapter into its base model and write a plain model"),
+    "export": ("export", "write a model as a GGUF file for llama.cpp"),
 }
 
 

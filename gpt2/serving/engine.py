@@ -199,9 +199,8 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.stats = EngineStats()
-        weight = model.transformer.wte.weight  # its dtype is the activations' (also under int8)
         # Rows start at different positions: attention always uses the cache's key mask.
-        cache = KVCache(model.config, max_batch_size, device=weight.device, dtype=weight.dtype, padded=True)
+        cache = KVCache(model.config, max_batch_size, device=model.device, dtype=model.dtype, padded=True)
         self._slots = _Slots(cache)
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: _Prefill | None = None
@@ -238,7 +237,7 @@ class Engine:
                 raise UserError(f"a prompt of {len(r.prompt)} tokens and {r.config.max_new_tokens} new "
                                 f"tokens do not fit the context window ({self.window}); ask for fewer")
         job = Job(requests, loop or asyncio.get_running_loop())
-        device = self.model.transformer.wte.weight.device
+        device = self.model.device
         sequences = []
         for index, r in enumerate(requests):
             seed = r.config.seed

@@ -1,0 +1,106 @@
+"""The reduced precisions against fp32 on a trained tiny model (random weights would hide what
+rounding does to a model that predicts something): the held-out loss each precision gives, the
+logits, and greedy tokens; int8 and int4 hold their weights in 8 and 4 bits, the tied embedding
+once, and load the same from a checkpoint as from a model in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BYTES, random_model, random_words
+from torch import nn
+
+from gpt2 import GPT2, UserError
+from gpt2.inference import load_for_inference
+from gpt2.quantization import Int4Linear, Int8Embedding, Int8Linear
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "her", "dog", "ran"]
+
+# Held-out loss (nats per token) may rise by at most this share over fp32's; the logits may move by
+# at most this share of their spread.
+LOSS_TOLERANCE = {"bf16": 0.01, "int8": 0.01, "int4": 0.05}
+LOGIT_TOLERANCE = {"bf16": 0.03, "int8": 0.05, "int4": 0.15}
+
+
+def ids_of(text: str) -> torch.Tensor:
+    return torch.tensor(BYTES.encode(text))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A width-128 model trained for 300 steps on text of 10 words: it learns to spell them."""
+    model = random_model(n_layer=2, n_head=4, n_embd=128, n_positions=64, seed=0, tokenizer=BYTES)
+    data = ids_of(random_words(WORDS, 20000, seed=0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
+        batch = torch.stack([data[s : s + 65] for s in starts])
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    directory = tmp_path_factory.mktemp("trained")
+    model.save_pretrained(directory)
+    return directory
+
+
+def held_out_loss(model: GPT2, text: torch.Tensor) -> float:
+    windows = text[: len(text) // 64 * 64].view(-1, 64)
+    with torch.inference_mode():
+        logits = model(windows[:, :-1]).float()
+    return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
+def test_each_precision_stays_close_to_fp32_on_a_trained_model(trained: Path, precision: str) -> None:
+    fp32 = load_for_inference(trained, device="cpu")
+    reduced = load_for_inference(trained, precision=precision, device="cpu")
+    text = ids_of(random_words(WORDS, 1500, seed=1))
+    base = held_out_loss(fp32, text)
+    assert base < 1.5  # it did learn: the bytes of 10 words, far below their letters' entropy (2.7)
+    assert held_out_loss(reduced, text) <= base * (1 + LOSS_TOLERANCE[precision])
+    prompt = text[:40][None]
+    with torch.inference_mode():
+        expected, got = fp32(prompt).float(), reduced(prompt).float()
+    spread = expected.amax() - expected.amin()
+    assert (got - expected).abs().max() <= LOGIT_TOLERANCE[precision] * spread
+    same = fp32.generate(prompt, max_new_tokens=24, temperature=0) == reduced.generate(
+        prompt, max_new_tokens=24, temperature=0)
+    assert same.float().mean() >= 0.9
+
+
+@pytest.mark.parametrize(("precision", "layer"), [("int8", Int8Linear), ("int4", Int4Linear)])
+def test_quantised_models_hold_low_bit_weights_and_the_embedding_once(
+    trained: Path, precision: str, layer: type
+) -> None:
+    model = load_for_inference(trained, precision=precision, device="cpu")
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    blocks = [m for m in model.transformer.h.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    assert len(blocks) == 4 * model.config.n_layer and all(type(m) is layer for m in blocks)
+    assert isinstance(model.transformer.wte, Int8Embedding) and model.transformer.wte.head[0] is model.lm_head
+    assert model.lm_head.rows.dtype == torch.int8 and model.dtype == torch.float32
+    fp32_bytes = 4 * load_for_inference(trained, device="cpu").num_parameters()
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert held < fp32_bytes * (0.3 if precision == "int8" else 0.25)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantising_a_loaded_model_equals_quantising_while_loading(trained: Path, precision: str) -> None:
+    in_memory = load_for_inference(GPT2.from_pretrained(trained), precision=precision, device="cpu")
+    streamed = load_for_inference(trained, precision=precision, device="cpu")
+    ids = ids_of("the cat sat on a mat")[None]
+    with torch.inference_mode():
+        assert torch.equal(in_memory(ids), streamed(ids))
+
+
+def test_int4_needs_a_width_in_groups_of_32(tmp_path: Path) -> None:
+    random_model(n_embd=48, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"int4 needs .* a multiple of 32, not 48"):
+        load_for_inference(tmp_path, precision="int4", device="cpu")
+    with pytest.raises(UserError, match="int8 runs on the CPU only"):
+        load_for_inference(tmp_path, precision="int8", device="meta")
