@@ -153,9 +153,13 @@ class Engine:
 
 
 def tensor_bytes(model: Any) -> int:
-    """Bytes of a torch model's parameters and buffers, each storage once (the tied embedding)."""
+    """Bytes of a torch model's parameters and buffers, each storage once (the tied embedding), and of
+    the int8 layers' weights that fbgemm holds packed, outside any tensor."""
+    from gpt2.quantization import Int8Linear
+
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    packed = sum(m.weight_bytes for m in model.modules() if isinstance(m, Int8Linear))
+    return packed + sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def torch_engine(kind: str, weights: str, precision: str, compile: bool, threads: int) -> Engine:
