@@ -30,7 +30,7 @@ weight bytes + 400 MB and <= transformers'.
 
     python benchmarks/generate.py [--repeats 5] [--compile] [--only NAME,...] [--work DIR] [--smoke]
 
-``--compile`` adds ours fp32 and bf16 with ``torch.compile``. ``--smoke``: a 2-layer, 64-wide model
+``--compile`` adds ours at every precision with ``torch.compile``. ``--smoke``: a 2-layer, 64-wide model
 (GPT-2's vocabulary), 32 new tokens, one run per figure, one thread per engine, two workers at a time,
 no guard: every row in well under a minute; its figures only have to exist.
 """
@@ -394,7 +394,7 @@ def plan(precisions: list[str], work: Path, model: Path, args: argparse.Namespac
     rows = [Row(HF, "fp32", "transformers", ["transformers", "fp32", str(model)])]
     for p in precisions:
         rows.append(Row(f"ours {p}", p, "ours", ["ours", p, str(model)]))
-        if args.compile and p in ("fp32", "bf16"):
+        if args.compile:
             rows.append(Row(f"ours {p} + compile", p, "ours", ["ours", p, str(model), "--compile"]))
         for q in CT2_TYPES.get(p, []):
             row = Row(f"CTranslate2 {q}", p, "ctranslate2", ["ctranslate2", q, str(work / f"ct2-{q}")],
@@ -697,7 +697,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny model, 32 new tokens, one run, no guard")
     parser.add_argument("--repeats", type=int, default=0, help="runs per figure, the median kept (default 5)")
     parser.add_argument("--tries", type=int, default=0, help="tries per run while disturbed (default 10)")
-    parser.add_argument("--compile", action="store_true", help="add ours fp32 and bf16 with torch.compile")
+    parser.add_argument("--compile", action="store_true", help="add ours, each precision, compiled")
     parser.add_argument("--only", help="only the rows whose name holds one of these comma-separated words "
                                        "(transformers always runs: it is the reference)")
     parser.add_argument("--work", help="write the weights and converted files here (default: a temp dir)")
