@@ -12,6 +12,7 @@ kept out of training; it is scored in windows of the model's context, every engi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import subprocess
 import sys
@@ -27,9 +28,7 @@ from gpt2.inference import load_for_inference
 from gpt2.shards import find_shards, read_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import use_plain_llama_buffers
-
-LLAMA_FORMATS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # the matching GGUF type
+from generate import GGUF_TYPES, use_plain_llama_buffers
 
 
 def gpt2(*args: object) -> None:
@@ -91,14 +90,6 @@ def llama(model_dir: Path, gguf_type: str, windows: torch.Tensor, work: Path) ->
     return math.exp(total / windows[:, 1:].numel())
 
 
-def llama_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a trained model to measure (default: train the demo's)")
@@ -119,8 +110,8 @@ def main() -> None:
         print(f"held-out perplexity, {windows[:, 1:].numel():,} tokens in {len(windows)} windows of "
               f"{context}")
         engines = {"ours": lambda p: ours(model, p, windows)}
-        if llama_available():
-            engines["llama.cpp"] = lambda p: llama(model, LLAMA_FORMATS[p], windows, work)
+        if importlib.util.find_spec("llama_cpp") is not None:
+            engines["llama.cpp"] = lambda p: llama(model, GGUF_TYPES[p], windows, work)
         report(engines)
 
 

@@ -269,9 +269,10 @@ def read_weights(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != LM_HEAD}
     seen: set[str] = set()
     files = _checkpoint_files(directory)
-    separate_head = any(f.suffix != ".safetensors" or LM_HEAD in _safetensors_header(f)[0] for f in files)
+    headers = {f: _safetensors_header(f) for f in files if f.suffix == ".safetensors"}
+    separate_head = len(headers) < len(files) or any(LM_HEAD in header for header, _ in headers.values())
     tied: dict[str, tuple[Path, Tensor]] = {}  # until both are seen: the LM head and the embedding
-    for file, key, shape, load in (entry for weights in files for entry in _file_tensors(weights)):
+    for file, key, shape, load in (entry for f in files for entry in _file_tensors(f, headers.get(f))):
         if key.endswith(IGNORED_SUFFIXES):
             continue
         name = key if key.startswith(PREFIX) or key == LM_HEAD else PREFIX + key
@@ -335,14 +336,17 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     return [directory / name for name in names]
 
 
-def _file_tensors(file: Path) -> Iterator[tuple[Path, str, tuple[int, ...], Loader]]:
-    """(file, key, shape, load) for every tensor of one weight file."""
-    if file.suffix != ".safetensors":
+def _file_tensors(
+    file: Path, safetensors: tuple[dict[str, dict], int] | None
+) -> Iterator[tuple[Path, str, tuple[int, ...], Loader]]:
+    """(file, key, shape, load) for every tensor of one weight file; ``safetensors``: its header and
+    data start (``_safetensors_header``), None for a file of ``torch.save``."""
+    if safetensors is None:
         for key, tensor in read_state_dict(file).items():
             yield file, key, tuple(tensor.shape), lambda dtype, transpose, t=tensor: (
                 (t.t() if transpose else t).to(dtype or t.dtype).contiguous())
         return
-    header, data_start = _safetensors_header(file)
+    header, data_start = safetensors
     # The largest first (the embedding): converting it while the least memory is held lowers the peak.
     by_size = sorted(header.items(), key=lambda item: -math.prod(item[1]["shape"]))
     with open(file, "rb") as f:

@@ -8,9 +8,9 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
   oneDNN (``gpt2.model.onednn_linears``: same weights, same values, faster decoding).
 - ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision:
   half the bytes per token (logits are processed in fp32).
-- ``int8``, ``int4``: weight-only quantisation (``gpt2.quantization``; CPU only): the linear layers'
-  weights in 8 or 4 bits, quantised tensor by tensor as the checkpoint is read (no float copy of the
-  model is ever held), bfloat16 activations and cache.
+- ``int8``, ``int4``: quantisation (``gpt2.quantization``; CPU only): the linear layers' weights in 8
+  or 4 bits, quantised tensor by tensor as the checkpoint is read (no float copy of the model is
+  ever held), float32 activations and cache.
 - ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``).
 - ``adapter``: a LoRA adapter (``gpt2.lora``) is folded into its base's weights in float32 first
   (``load_merged``), so that every precision and path above runs the merged model at the base's speed.
@@ -75,10 +75,10 @@ def load_for_inference(
         raise UserError(f"{precision} runs on the CPU only; choose fp32 or bf16, or --device cpu")
     if adapter is not None or model is None or (not isinstance(model, GPT2) and find_adapter(model)):
         model = load_merged(model, adapter, device=dev)
-    if isinstance(model, GPT2) and bits:
-        quantize_weights(model, model.state_dict().items(), bits)
-    elif isinstance(model, GPT2):
+    if isinstance(model, GPT2):
         model.to(device=dev, dtype=dtype)
+        if bits:
+            quantize_weights(model, model.state_dict().items(), bits)
     elif bits:
         model = _load_quantized(model, bits)
     else:

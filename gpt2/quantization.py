@@ -126,7 +126,7 @@ def quantize_linear(weight: Tensor, bias: Tensor | None, bits: int) -> nn.Module
 def quantize_weights(model: Transformer, weights: Iterable[tuple[str, Tensor]], bits: int) -> None:
     """Put ``weights`` ((name, float tensor) in the model's names, e.g. read from a checkpoint one at a
     time) into ``model``: each linear layer's weight quantised as it comes, the tied embedding to
-    int8, every other tensor in bfloat16."""
+    int8, every other tensor in float32."""
     layers = {f"{name}.weight": name for name, module in model.named_modules()
               if type(module) is nn.Linear and name != "lm_head"}
     rest = {}
