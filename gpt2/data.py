@@ -1,8 +1,8 @@
 """Training data: text corpora in, llm.c token shards out, and the loader that feeds the trainer.
 
-Text flows from documents (text files, JSON lines, named corpora, Hugging Face datasets) to token
-ids (``<|endoftext|>`` before every document, as llm.c writes them) to shards in llm.c's .bin format
-(``gpt2.shards``).
+Text flows from documents (text files, JSON lines, Parquet files, named corpora, Hugging Face
+datasets) to token ids (``<|endoftext|>`` before every document, as llm.c writes them) to shards in
+llm.c's .bin format (``gpt2.shards``).
 ``ShardLoader`` reads shards through numpy memmaps and gives each DDP rank its own part.
 """
 
@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from gpt2 import corpora
 from gpt2.atomic import building_dir
 from gpt2.errors import UserError
+from gpt2.loss import IGNORE
 from gpt2.shards import (
     DEFAULT_SHARD_TOKENS,
     LOSS,
@@ -33,11 +34,15 @@ from gpt2.shards import (
 )
 from gpt2.tokenizer import Tokenizer, train_tokenizer
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 log = logging.getLogger(__name__)
 
 VAL_PIECE_TOKENS = 4096  # the validation split takes whole pieces of this many tokens, spread evenly
-TEXT_SUFFIXES = (".txt", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 PIECE_BYTES = 1 << 20  # a .txt file is read and tokenised in pieces of about this many bytes
+PARQUET_BATCH_ROWS = 1024  # rows of a Parquet file's text column decoded at once
 BATCH_CHARS = 2_000_000  # characters encoded at once: a batch's text and ids are what memory holds
 ASCII_SPACE = b" \t\n\r\x0b\x0c"  # the ASCII characters of the regex class \s
 NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": corpora.shakespeare}
@@ -49,9 +54,11 @@ NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": corpora.sha
 
 class Corpus:
     """The documents of some inputs: .txt files (one document each), .jsonl files (one document per
-    line, in its ``text`` field), directories of those, the named corpora of ``gpt2.corpora``
-    (``shakespeare``) and, with the ``datasets`` library and a network, Hugging Face datasets by name.
-    Memory stays bounded: a .txt file is read ``piece_bytes`` at a time, a .jsonl file a line at a time.
+    line, in its ``text_field``), .parquet files (one document per row, in its ``text_field`` column; null
+    rows skipped), directories of those, the named corpora of ``gpt2.corpora`` (``shakespeare``) and,
+    with the ``datasets`` library and a network, Hugging Face datasets by name. Memory stays bounded: a
+    .txt file is read ``piece_bytes`` at a time, a .jsonl file a line at a time, a .parquet file
+    ``parquet_batch_rows`` rows at a time.
     """
 
     def __init__(
@@ -62,11 +69,13 @@ class Corpus:
         dataset_split: str = "train",
         dataset_config: str | None = None,
         piece_bytes: int = PIECE_BYTES,
+        parquet_batch_rows: int = PARQUET_BATCH_ROWS,
     ) -> None:
         if not inputs:
-            raise UserError("no input given; name .txt/.jsonl files, directories or a dataset")
+            raise UserError("no input given; name .txt/.jsonl/.parquet files, directories or a dataset")
         self.inputs = [str(i) for i in inputs]
         self.text_field = text_field
+        self.parquet_batch_rows = parquet_batch_rows
         self.dataset_split = dataset_split
         self.dataset_config = dataset_config
         self.piece_bytes = piece_bytes
@@ -83,7 +92,7 @@ class Corpus:
             if path.is_dir():
                 files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
                 if not files:
-                    raise UserError(f"{path}: the directory holds no .txt or .jsonl files")
+                    raise UserError(f"{path}: the directory holds no .txt, .jsonl or .parquet files")
                 yield from self._file_pieces(files)
             elif path.is_file():
                 yield from self._file_pieces([path])
@@ -97,6 +106,9 @@ class Corpus:
             self._reading = str(path)
             if path.suffix == ".jsonl":
                 yield from ((doc, True) for doc in self._jsonl_documents(path))
+            elif path.suffix == ".parquet":
+                documents = parquet_documents(path, self.text_field, self.parquet_batch_rows)
+                yield from ((doc, True) for doc in documents if doc.strip())
             else:
                 for i, data in enumerate(_text_file_pieces(path, self.piece_bytes)):
                     text = self._decode(path, data)
@@ -171,6 +183,63 @@ def json_lines(path: Path, decode: Callable[[bytes], str]) -> Iterator[tuple[str
                 where = f"{path}:{lineno}"
                 raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
             yield f"{path}:{lineno}", value
+
+
+def parquet_documents(path: Path, column: str, batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[str]:
+    """The strings of a Parquet file's ``column``, one document per row, null rows skipped. Only that
+    column is read, ``batch_rows`` rows at a time (pyarrow's ``iter_batches``, row group after row
+    group) through a buffer of ``PIECE_BYTES`` (not a whole column chunk), so memory holds about one
+    batch whatever the sizes of the file and its row groups. A file that is not Parquet, a missing
+    column or one that is not text is a one-line error."""
+    import pyarrow as pa  # imported here: only Parquet inputs pay for it
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path, buffer_size=PIECE_BYTES, pre_buffer=False)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable Parquet file ({_one_line(e)}); fetch it again if it was "
+                        "cut short, or remove it") from None
+    with parquet:
+        _check_text_column(path, parquet.schema_arrow, column)
+        batches = parquet.iter_batches(columns=[column], batch_size=batch_rows)
+        while True:
+            try:
+                batch = next(batches, None)
+                texts = [] if batch is None else batch.column(0).to_pylist()
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+                raise UserError(f"{path}: the Parquet data is corrupt ({_one_line(e)}); fetch the file "
+                                "again or remove it") from None
+            if batch is None:
+                return
+            yield from (text for text in texts if text is not None)
+
+
+def _check_text_column(path: Path, schema: pa.Schema, column: str) -> None:
+    """Refuse a Parquet file's ``schema`` without a string column named ``column``."""
+    kinds = {field.name: field.type for field in schema}
+    if column not in kinds:
+        raise UserError(f"{path}: no column {column!r}; the file's columns are {', '.join(kinds) or 'none'}; "
+                        "name the one holding the text with --text-field NAME")
+    if not _is_text(kinds[column]):
+        text = [name for name, kind in kinds.items() if _is_text(kind)]
+        fix = (f"name one of its text columns ({', '.join(text)}) with --text-field NAME" if text
+               else "the file has no text column")
+        raise UserError(f"{path}: column {column!r} holds {kinds[column]}, not text; {fix}")
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """Whether a pyarrow type holds strings (plain, large, view, or dictionary-encoded)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)
+
+
+def _one_line(error: Exception) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _text_file_pieces(path: Path, piece_bytes: int) -> Iterator[bytes]:
@@ -388,9 +457,6 @@ def _batches(
 
 # ---------------------------------------------------------------------------------------------
 # Loading batches for training
-
-
-IGNORE = -100  # the target of a position not trained on (PyTorch's and Hugging Face's ignore_index)
 
 
 class Batch(NamedTuple):

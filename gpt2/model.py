@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from gpt2.config import GPT2Config
 from gpt2.errors import UserError
+from gpt2.loss import lm_loss
 from gpt2.memory import check_fits
 
 
@@ -298,8 +299,11 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         segments: Tensor | None = None,
         last_only: bool = False,
+        targets: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, vocab) for the token ids ``idx`` (B, T).
+        """Logits (B, T, vocab) for the token ids ``idx`` (B, T); given ``targets`` (B, T), instead
+        the summed cross-entropy of those not ``IGNORE``d (a float32 scalar), computed without the
+        whole batch's logits (``gpt2.loss.lm_loss``).
 
         ``cache``: keys and values of earlier positions are read from it and this chunk's are
         appended. ``attention_mask`` (B, T): 1 for real tokens, 0 for padding (left padding for
@@ -309,8 +313,15 @@ class Transformer(nn.Module):
         ``last_only``: return logits for the last position only, (B, 1, vocab), which is all that
         sampling needs.
         """
-        if segments is not None:
-            return self._forward_packed(idx, segments)
+        x = self._hidden_packed(idx, segments) if segments is not None else \
+            self._hidden(idx, cache, attention_mask, last_only)
+        if targets is not None:
+            return lm_loss(x, self.lm_head.weight, targets)
+        return self.lm_head(x)
+
+    def _hidden(self, idx: Tensor, cache: KVCache | None, attention_mask: Tensor | None,
+                last_only: bool) -> Tensor:
+        """The final LayerNorm's output (B, T, C), or (B, 1, C) for ``last_only``."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
@@ -331,9 +342,9 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:, :]
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)
 
-    def _forward_packed(self, idx: Tensor, segments: Tensor) -> Tensor:
+    def _hidden_packed(self, idx: Tensor, segments: Tensor) -> Tensor:
         if idx.shape[1] > self.config.n_positions:
             raise UserError(f"sequence of {idx.shape[1]} tokens exceeds the context window "
                             f"({self.config.n_positions}); shorten the input")
@@ -347,7 +358,7 @@ class Transformer(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, mask, None, layer)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)
 
     def decode_step(self, idx: Tensor, cache: KVCache) -> Tensor:
         """Logits (B, vocab) for one new token per row, ``idx`` (B, 1), written into the cache at

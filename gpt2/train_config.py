@@ -24,6 +24,11 @@ from gpt2.config import read_settings
 from gpt2.errors import UserError
 
 SEED_LIMIT = 2**63  # seeds torch.manual_seed, and numpy (seed + rank, + steps), all accept
+OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd")
+# Muon's defaults, from the sweep in the README
+MUON_DEFAULTS = {"muon_lr": 0.02, "muon_weight_decay": 0.0, "muon_momentum": 0.95}
+DECAY_FRACTIONS = {"cosine": 1.0, "wsd": 0.2}  # the default share of the run that the decay takes
 CONFIG_FILE = "train.toml"  # in a run directory: the effective options of the run, enough to repeat it
 
 
@@ -48,9 +53,22 @@ class TrainConfig:
     batch_tokens: int | None = _option(None, "tokens per optimiser step over all processes, reached by "
                                        "gradient accumulation (default: one micro-batch per process)")
     max_steps: int | None = _option(None, "optimiser steps to train for")
-    time_limit: float | None = _option(None, "minutes to train for; with --max-steps, whichever ends "
-                                       "first (the learning rate decays over the one that ends first)")
-    lr: float = _option(6e-4, "peak learning rate")
+    time_limit: float | None = _option(None, "minutes of training steps (validations, samples and "
+                                       "checkpoints not counted); with --max-steps, whichever ends first "
+                                       "(the learning rate decays over the one that ends first)")
+    optimizer: str = _option("adamw", "adamw (AdamW on every weight, nanoGPT's recipe) or muon (Muon on "
+                             "the transformer blocks' weight matrices, AdamW on the embeddings, biases "
+                             "and LayerNorms, modded-nanogpt's)")
+    lr: float = _option(6e-4, "peak learning rate of AdamW")
+    muon_lr: float | None = _option(None, f"peak learning rate of Muon (default {MUON_DEFAULTS['muon_lr']})")
+    muon_weight_decay: float | None = _option(None, "Muon's decoupled weight decay (default "
+                                              f"{MUON_DEFAULTS['muon_weight_decay']})")
+    muon_momentum: float | None = _option(None, f"Muon's momentum (default {MUON_DEFAULTS['muon_momentum']})")
+    lr_schedule: str = _option("cosine", "cosine (warm-up, then a cosine decay) or wsd (warm-up, a stable "
+                               "phase at the peak, then a linear decay: a run can be extended by resuming "
+                               "it from a checkpoint taken before the decay)")
+    decay_fraction: float | None = _option(None, "the last fraction of the run over which the learning rate "
+                                           "decays, in (0, 1] (default: cosine 1.0, wsd 0.2)")
     min_lr_ratio: float = _option(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = _option(100, "steps of linear learning-rate warm-up")
     weight_decay: float = _option(0.1, "AdamW weight decay, applied to weight matrices only")
@@ -109,6 +127,7 @@ class TrainConfig:
                             f"{self.min_lr_ratio}")
         self._check_float_ranges()
         self._check_choices()
+        self._check_optimizer()
         self._check_lora()
 
     def _check_choices(self) -> None:
@@ -119,6 +138,33 @@ class TrainConfig:
             raise UserError(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UserError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+
+    def _check_optimizer(self) -> None:
+        """The optimiser, the schedule and their numbers; Muon's options only with Muon."""
+        for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"{name} must be {' or '.join(choices)}, got {getattr(self, name)!r}")
+        if self.decay_fraction is not None and not 0 < self.decay_fraction <= 1:
+            raise UserError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        given = [name for name in MUON_DEFAULTS if getattr(self, name) is not None]
+        if self.optimizer != "muon" and given:
+            raise UserError(f"{given[0]} is an option of Muon; give --optimizer muon too, or drop it")
+        lr, decay, momentum = self.muon_settings()
+        if not (0 < lr < math.inf and 0 <= decay < math.inf and 0 <= momentum < 1):
+            raise UserError(f"need muon_lr > 0, muon_weight_decay >= 0 and muon_momentum in [0, 1), got "
+                            f"{lr}, {decay} and {momentum}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise UserError("--optimizer muon with --fsdp: Muon orthogonalises whole matrices, which FSDP "
+                            "shards over the processes; drop --fsdp (DDP) or use --optimizer adamw")
+
+    def muon_settings(self) -> tuple[float, float, float]:
+        """Muon's learning rate, weight decay and momentum, defaults filled in."""
+        return tuple(MUON_DEFAULTS[name] if getattr(self, name) is None else getattr(self, name)
+                     for name in MUON_DEFAULTS)  # type: ignore[return-value]
+
+    def schedule_decay_fraction(self) -> float:
+        """The share of the run the learning rate's decay takes."""
+        return DECAY_FRACTIONS[self.lr_schedule] if self.decay_fraction is None else self.decay_fraction
 
     def _check_float_ranges(self) -> None:
         """The optimiser's, dropout's and the samples' numbers (NaN fails every comparison)."""

@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -52,18 +51,22 @@ from gpt2.atomic import replace_dir, write_atomic
 from gpt2.chat_data import read_chat_info
 from gpt2.checkpoints import LATEST, find_adapter
 from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
-from gpt2.data import IGNORE, Batch, ShardLoader
+from gpt2.data import Batch, ShardLoader
 from gpt2.errors import UserError
 from gpt2.generation_config import GenerationConfig
 from gpt2.inference import check_device, default_device
+from gpt2.loss import IGNORE
 from gpt2.memory import check_fits, physical_memory
 from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
+from gpt2.optimizers import build_optimizers, decay_started, lr_factor, set_learning_rates
 from gpt2.sampling import generate_text
 from gpt2.shards import find_shards
 from gpt2.tokenizer import Tokenizer, find_tokenizer_files
 from gpt2.train_config import CONFIG_FILE, TrainConfig
 
 STATE_FILE = "trainer_state.pt"  # in a checkpoint: TrainState's progress (see state_dict)
+# In the checkpoint taken as a wsd run's decay begins: the one to extend the run from, never pruned.
+DECAY_START_FILE = "decay_start"
 STATE_KEYS = ("step", "tokens", "elapsed", "data", "rng", "optimizer")
 CHECKPOINT_PREFIX = "step_"
 TOKENIZER_PROBE = "Hello, world! <|endoftext|> 12345 \n\n  tokenizers must agree"
@@ -283,26 +286,6 @@ def shard_model(model: GPT2, device: torch.device, world_size: int) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices and embeddings only (not biases or LayerNorms),
-    fused into one kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device.type == "cuda")
-
-
-def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warm-up over ``warmup_steps``, times a cosine decay from the peak to
-    ``min_lr_ratio * lr`` over the run's ``progress`` (0 to 1, in steps or time)."""
-    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * warmup * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
-
-
 def _progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
     """How far the run is, 0 to 1: by steps, by time, or by whichever is further along."""
     fractions = [0.0]
@@ -354,9 +337,9 @@ def save_checkpoint(run: Path, step: int, model: GPT2, state: dict[str, Any], ke
 
 def _prune_checkpoints(run: Path, keep: int) -> None:
     """Remove the oldest checkpoints until the newest ``keep`` are left, never the one that ``latest``
-    names."""
+    names nor the one taken as a wsd run's decay began."""
     latest = checkpoints.latest_checkpoint(run)
-    found = sorted(run.glob(f"{CHECKPOINT_PREFIX}[0-9]*"))
+    found = [c for c in sorted(run.glob(f"{CHECKPOINT_PREFIX}[0-9]*")) if not (c / DECAY_START_FILE).exists()]
     for old in found[: max(0, len(found) - keep)]:
         if old != latest:
             shutil.rmtree(old)
@@ -459,7 +442,7 @@ class TrainState:
     parallel: nn.Module  # DistributedDataParallel(model) over several processes, else the model itself
     compiled: nn.Module  # torch.compile(parallel) with --compile, else parallel: what the steps run
     sharded: bool  # by FSDP over the processes
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # AdamW, and Muon with --optimizer muon
     train_loader: ShardLoader
     val_loader: ShardLoader | None
     dtype: torch.dtype  # of the computations under autocast
@@ -483,6 +466,7 @@ class TrainState:
     last_eval_step: int = -1
     saved_step: int = -1  # of the newest checkpoint (-1: none)
     step_time: float | None = None  # moving average of the seconds per step
+    decaying: bool = False  # the learning rate is in its final decay
 
     @property
     def can_sample(self) -> bool:
@@ -514,7 +498,7 @@ def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
     state = TrainState(
         cfg=cfg, env=env, run_dir=Path(cfg.out), console=Console(env.is_main, cfg.log_interval),
         model=model, parallel=parallel, compiled=parallel, sharded=sharded,
-        optimizer=build_optimizer(parallel, cfg, env.device), train_loader=train_loader,
+        optimizers=build_optimizers(model, cfg, env.device), train_loader=train_loader,
         val_loader=val_loader, dtype=autocast_dtype(cfg.dtype, env.device), seq_len=seq_len,
         batch_tokens=batch_tokens, accum=accum, eval_batches=_eval_batches(cfg, env, val_loader, seq_len),
         flops_per_token=flops_per_token(model.config, seq_len),
@@ -563,9 +547,10 @@ def _batch_shape(
 
 def check_memory(micro_batch: int, seq_len: int, config: GPT2Config, device: torch.device) -> None:
     """Refuse a micro-batch whose activations alone (a rough estimate: per token and layer about 34
-    widths plus 5 attention rows per head, in float32, and the logits twice) exceed the device's memory."""
+    widths plus 5 attention rows per head, in float32; the logits are computed a chunk at a time)
+    exceed the device's memory."""
     c = config
-    per_sequence = seq_len * (c.n_layer * (34 * c.n_embd + 5 * c.n_head * seq_len) + 2 * c.vocab_size) * 4
+    per_sequence = seq_len * c.n_layer * (34 * c.n_embd + 5 * c.n_head * seq_len) * 4
     gpu = device.type == "cuda"
     total = torch.cuda.get_device_properties(device).total_memory if gpu else physical_memory()
     fits = max(1, (total or 0) // per_sequence // 2)
@@ -615,16 +600,16 @@ def autocast(state: TrainState) -> AbstractContextManager:
 def train_step(state: TrainState) -> None:
     """One optimiser step at the scheduled learning rate; then the progress and rank 0's log."""
     cfg, env = state.cfg, state.env
-    lr = learning_rate(cfg, state.step, _progress(cfg, state.step, state.elapsed))
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
+    factor = lr_factor(cfg, state.step, _progress(cfg, state.step, state.elapsed))
+    set_learning_rates(state.optimizers, factor)
     t0 = time.perf_counter()
     loss_sum = _accumulate_gradients(state)
     grad_norm = None
     if cfg.grad_clip:
         grad_norm = nn.utils.clip_grad_norm_(state.compiled.parameters(), cfg.grad_clip)
-    state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
+    for optimizer in state.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if env.world_size > 1:
         dist.all_reduce(loss_sum)
         loss_sum /= env.world_size
@@ -637,7 +622,7 @@ def train_step(state: TrainState) -> None:
     if not math.isfinite(state.loss):
         raise UserError(f"the loss became {state.loss} at step {state.step}; lower --lr or keep --grad-clip")
     if env.is_main:
-        _log_step(state, lr, grad_norm)
+        _log_step(state, cfg.lr * factor, grad_norm)
 
 
 def _accumulate_gradients(state: TrainState) -> torch.Tensor:
@@ -654,7 +639,7 @@ def _accumulate_gradients(state: TrainState) -> torch.Tensor:
     loss_sum = torch.zeros((), device=device)
     for micro, batch in enumerate(batches):
         with _gradient_sync(state.parallel, micro == state.accum - 1):
-            loss = _loss(state, batch, reduction="sum") * scale
+            loss = _loss(state, batch) * scale
             loss.backward()
         loss_sum += loss.detach()
     return loss_sum
@@ -664,12 +649,11 @@ def _on_device(batch: Batch, device: torch.device) -> Batch:
     return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in batch))
 
 
-def _loss(state: TrainState, batch: Batch, *, reduction: str) -> torch.Tensor:
-    """The cross-entropy of ``batch``'s trained targets under the model the steps run."""
+def _loss(state: TrainState, batch: Batch) -> torch.Tensor:
+    """The summed cross-entropy of ``batch``'s trained targets under the model the steps run
+    (computed in chunks of positions: the batch's logits are never all held, ``gpt2.loss``)."""
     with autocast(state):
-        logits = state.compiled(batch.inputs, segments=batch.segments)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
-                           reduction=reduction)
+        return state.compiled(batch.inputs, segments=batch.segments, targets=batch.targets)
 
 
 def _gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
@@ -715,7 +699,7 @@ def evaluate(state: TrainState) -> float:
     total = torch.zeros(2, device=env.device, dtype=torch.float64)  # loss summed, targets counted
     for _ in range(state.eval_batches):
         batch = _on_device(loader.next_batch(), env.device)
-        total[0] += _loss(state, batch, reduction="sum")
+        total[0] += _loss(state, batch)
         total[1] += (batch.targets != IGNORE).sum()
     model.train()
     if env.world_size > 1:
@@ -764,12 +748,12 @@ def state_dict(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
             "data": state.train_loader.state_dict(), "rng": _rng_states(state.env),
             "world_size": state.env.world_size,
-            "optimizer": get_optimizer_state_dict(state.model, state.optimizer, options=FULL_STATE)}
+            "optimizer": get_optimizer_state_dict(state.model, state.optimizers, options=FULL_STATE)}
 
 
 def load_state_dict(state: TrainState, saved: dict[str, Any]) -> None:
     """Restore what ``state_dict`` saved (on any number of processes)."""
-    set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
+    set_optimizer_state_dict(state.model, state.optimizers, saved["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
     state.train_loader.load_state_dict(saved["data"])
     state.step, state.tokens, state.elapsed = saved["step"], saved["tokens"], saved["elapsed"]
@@ -855,21 +839,59 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def fit(state: TrainState) -> None:
     """Optimiser steps until ``max_steps`` or ``time_limit``, with validations, samples and
-    checkpoints at their intervals."""
+    checkpoints at their intervals. Only the steps count as training time (``elapsed``, which the
+    time limit and the schedule follow): the rest is taken off the clock."""
     cfg = state.cfg
     state.console.message(_start_message(state))
     state.started, state.elapsed_before = time.monotonic(), state.elapsed
+    state.decaying = decay_started(cfg, _progress(cfg, state.step, state.elapsed))
     while True:
         state.elapsed = _elapsed(state, shared=True)
         if _finished(cfg, state.step, state.elapsed):
             break
+        if _decay_begins(state):
+            _off_the_clock(state, _keep_decay_start)
         train_step(state)
-        if state.val_loader is not None and _due(cfg.eval_interval, state.step):
-            validate(state)
-        if state.can_sample and _due(cfg.sample_interval, state.step):
-            show_sample(state, f"sample at step {state.step}")
-        if _due(cfg.checkpoint_interval, state.step):
-            write_checkpoint(state)
+        _off_the_clock(state, _between_steps)
+
+
+def _between_steps(state: TrainState) -> None:
+    """The validation, sample and checkpoint due after this step."""
+    cfg = state.cfg
+    if state.val_loader is not None and _due(cfg.eval_interval, state.step):
+        validate(state)
+    if state.can_sample and _due(cfg.sample_interval, state.step):
+        show_sample(state, f"sample at step {state.step}")
+    if _due(cfg.checkpoint_interval, state.step):
+        write_checkpoint(state)
+
+
+def _off_the_clock(state: TrainState, work: Callable[[TrainState], None]) -> None:
+    """Run ``work`` without counting its time as training."""
+    start = time.monotonic()
+    work(state)
+    state.started += time.monotonic() - start
+
+
+def _decay_begins(state: TrainState) -> bool:
+    """Under ``wsd``, whether the next step is the first of the learning rate's decay."""
+    cfg = state.cfg
+    decaying = cfg.lr_schedule == "wsd" and decay_started(cfg, _progress(cfg, state.step, state.elapsed))
+    begins = decaying and not state.decaying
+    state.decaying = decaying
+    return begins
+
+
+def _keep_decay_start(state: TrainState) -> None:
+    """Checkpoint the end of the stable phase (unless this step has one) and mark it to be kept: a
+    longer run resumes from it (name it in ``RUN/latest``) and decays later."""
+    if state.step > state.saved_step:
+        write_checkpoint(state)
+    if state.env.is_main:
+        path = state.run_dir / _checkpoint_name(state.step)
+        (path / DECAY_START_FILE).write_text(f"step {state.step}: the last before the decay\n")
+        state.console.message(f"the learning rate decays from here; {path} is kept: to train longer, name it "
+                              f"in {state.run_dir / LATEST} and continue with --resume and a longer run")
 
 
 def finish(state: TrainState) -> TrainResult:
@@ -917,8 +939,18 @@ def _start_message(state: TrainState) -> str:
         f"({str(state.dtype).removeprefix('torch.')}{fsdp}): "
         f"{state.batch_tokens:,} tokens per step = {cfg.micro_batch} x {state.seq_len} x {env.world_size} "
         f"process(es) x {state.accum} accumulation; "
-        f"{state.train_loader.num_tokens:,} training tokens{resuming}"
+        f"{state.train_loader.num_tokens:,} training tokens{resuming}; {_recipe(state)}"
     )
+
+
+def _recipe(state: TrainState) -> str:
+    """The optimisers and the schedule, as the start message names them."""
+    cfg = state.cfg
+    adamw = f"AdamW (lr {cfg.lr:g})"
+    if cfg.optimizer == "muon":
+        matrices = sum(len(g["params"]) for g in state.optimizers[1].param_groups)
+        adamw = f"Muon (lr {cfg.muon_settings()[0]:g}) on {matrices} matrices, {adamw} on the rest"
+    return f"{adamw}, {cfg.lr_schedule} schedule decaying over the last {cfg.schedule_decay_fraction():.0%}"
 
 
 def _checkpoint_name(step: int) -> str:

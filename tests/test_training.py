@@ -101,12 +101,15 @@ def test_loss_falls_well_below_the_unigram_entropy(data: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path, optimizer: str) -> None:
     args = [
         "train",
         "--data",
         data,
         *NANO,
+        "--optimizer",
+        optimizer,
         "--max-steps",
         60,
         "--checkpoint-interval",
@@ -223,21 +226,29 @@ def torchrun(*args: object) -> str:
 
 
 def two_processes_beside_one(data: Path, two: Path, one: Path, *options: object) -> str:
-    """Train the same run in 2 processes (out ``two``, with ``options``) and in 1 (out ``one``), side
-    by side; the 2-process run's standard output."""
+    """Train the same run in 2 processes (out ``two``) and in 1 (out ``one``), side by side, both with
+    ``options`` (--fsdp only applies to the 2 processes); the 2-process run's standard output."""
     args = ["train", "--data", data, *NANO, *DISTRIBUTED]
-    single = subprocess.Popen(gpt2_command(*args, "--out", one), stdout=subprocess.DEVNULL, env=ONE_THREAD)
+    alone = [o for o in options if o != "--fsdp"]
+    single = subprocess.Popen(gpt2_command(*args, *alone, "--out", one), stdout=subprocess.DEVNULL,
+                              env=ONE_THREAD)
     out = torchrun(*args, *options, "--out", two)
     assert single.wait() == 0
     return out
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
+    data: Path, tmp_path: Path, optimizer: str
+) -> None:
     one, two = tmp_path / "one", tmp_path / "ddp"
-    two_processes_beside_one(data, two, one)
+    two_processes_beside_one(data, two, one, "--optimizer", optimizer)
     assert len(losses(one)) == len(losses(two)) == 6
     assert np.allclose(losses(one), losses(two), rtol=0, atol=1e-5), (losses(one), losses(two))
-    assert np.allclose(losses(one, "val_loss"), losses(two, "val_loss"), rtol=0, atol=1e-5)
+    # Muon orthogonalises in bfloat16 (torch.optim.Muon): the processes' other order of summing
+    # gradients can round an update's element the other way, which 6 steps carry to ~1e-5 * loss.
+    rtol = 1e-5 if optimizer == "muon" else 0
+    assert np.allclose(losses(one, "val_loss"), losses(two, "val_loss"), rtol=rtol, atol=1e-5)
 
 
 @pytest.mark.slow

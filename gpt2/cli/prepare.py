@@ -16,7 +16,8 @@ from gpt2.tokenizer import Tokenizer, find_tokenizer_files
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prepare",
-        description="Tokenize .txt files, directories of them, .jsonl files (a 'text' field per line), "
+        description="Tokenize .txt files, .jsonl files (a 'text' field per line), .parquet files (a "
+        "'text' column, one document per row, read a batch of rows at a time), directories of them, "
         "the named corpus 'shakespeare', or a Hugging Face dataset by name into llm.c's .bin shards "
         "(<|endoftext|> before each document), split into training and validation shards, with the "
         "tokenizer saved beside them. Chat and instruction data is recognised by its keys: .jsonl files "
@@ -25,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "example is rendered with the chat template and only the assistant's tokens are trained on.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="a .txt or .jsonl file, a directory of them, 'shakespeare', or a dataset name")
+                   help="a .txt, .jsonl or .parquet file, a directory of them, 'shakespeare', or a "
+                   "dataset name")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokenizer", metavar="TOK",
                         help="the tokenizer: a directory of tokenizer files, a .tiktoken file, or a model's "
@@ -38,8 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="fraction of the tokens set aside for validation, in pieces spread over the "
                    "corpus (default 0.05; 0 for none)")
-    p.add_argument("--text-field", default="text", help="the field holding the text in .jsonl lines "
-                   "and dataset rows (default 'text')")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the field holding the text in .jsonl lines, the column in .parquet files (one "
+                   "document per row; null rows are skipped) and in dataset rows (default 'text', as in "
+                   "FineWeb)")
     p.add_argument("--dataset-config", help="configuration name of a Hugging Face dataset")
     p.add_argument("--dataset-split", default="train", help="split of a Hugging Face dataset (default train)")
     p.add_argument("--threads", type=int, help="tokenizer threads (default: one per CPU core; the "
@@ -65,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("give either chat .jsonl files or text corpora, not both: "
                             + ", ".join(i for i, c in zip(args.inputs, chat, strict=True) if not c))
         return run_chat(args)
-    corpus = Corpus(args.inputs, text_field=args.text_field, dataset_split=args.dataset_split,
-                    dataset_config=args.dataset_config)
+    corpus = Corpus(args.inputs, text_field=args.text_field,
+                    dataset_split=args.dataset_split, dataset_config=args.dataset_config)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     counts = prepare(corpus, args.out, tokenizer=tokenizer, vocab_size=args.vocab_size,
                      shard_tokens=args.shard_size, val_fraction=args.val_fraction,

@@ -16,11 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         description="Serve a model with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), "
-        "/health, and a playground page at / . Concurrent requests are decoded together (continuous "
-        "batching), and prompts are read in chunks between their steps (chunked prefill). Chat requests "
-        "are rendered with the model's chat template (its tokenizer's, or --chat-template's) and a "
-        "reply ends at the end-of-turn token; a base model without one continues a plain transcript, "
-        "a reply one line. Binds to 127.0.0.1 unless --host says otherwise.",
+        "vLLM's /tokenize and /detokenize, /health, and a playground page at / . Concurrent requests are "
+        "decoded together (continuous batching), and prompts are read in chunks between their steps "
+        "(chunked prefill). Chat requests are rendered with the model's chat template (its tokenizer's, "
+        "or --chat-template's) and a reply ends at the end-of-turn token; a base model without one "
+        "continues a plain transcript, a reply one line. Binds to 127.0.0.1 unless --host says otherwise.",
     )
     add_model_arguments(p)
     add_chat_template_argument(p)
@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("GPT2_API_KEY"), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: $GPT2_API_KEY; "
-                   "none: no key needed). /health stays public but shows its counters only with the "
-                   "key; / (the playground page) holds nothing secret")
+                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize requests "
+                   "(default: $GPT2_API_KEY; none: no key needed). /health stays public but shows its "
+                   "counters only with the key; / (the playground page) holds nothing secret")
     p.add_argument("--allowed-hosts", metavar="HOSTS",
                    help="comma-separated Host headers to answer, others get 400 (guards against DNS "
                    "rebinding; default: localhost, 127.0.0.1, [::1] and --host; '*': any)")

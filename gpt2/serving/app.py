@@ -1,17 +1,17 @@
 """The HTTP API, shaped like OpenAI's so that its clients work unchanged.
 
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events ending
-with ``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, ``GET /health`` (with the
-engine's counters) and the playground page at ``/``. Errors are OpenAI's JSON,
-``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for anything the client can fix;
-a 500 says only that the server failed, with an id that finds its traceback in the log, and keeps the
-connection open.
+with ``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, vLLM's ``POST /tokenize`` and
+``POST /detokenize``, ``GET /health`` (with the engine's counters) and the playground page at ``/``.
+Errors are OpenAI's JSON, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for
+anything the client can fix; a 500 says only that the server failed, with an id that finds its
+traceback in the log, and keeps the connection open.
 
 What is public when an API key is set: ``/health`` answers ``{"status": "ok"}`` to anyone (for load
 balancers) and its model name and counters only with the key; ``/`` is the playground page, which
 holds nothing secret (the model's name and window; the key is typed into it by its user). Everything
-under /v1 needs the key. Requests whose ``Host`` header names a host not in ``allowed_hosts`` are
-refused (400), so a web page cannot reach a server on 127.0.0.1 by DNS rebinding.
+under /v1, and /tokenize and /detokenize, need the key. Requests whose ``Host`` header names a host
+not in ``allowed_hosts`` are refused (400), so a web page cannot reach a server on 127.0.0.1 by DNS rebinding.
 
 The work a request asks for is bounded before any is done: its sequences (prompts x ``n``) against
 the queue, each prompt's length in characters against what ``max_prompt_tokens`` can hold; prompts are
@@ -20,13 +20,16 @@ encoded and sequences built in a worker thread, never on the event loop.
 OpenAI's sampling parameters are honoured (``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
 ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``...), and beyond them, as in
 vLLM, ``top_k`` (0 = off), ``min_p`` (0 = off) and ``repetition_penalty`` (CTRL's, 1 = off).
-``max_tokens`` is capped so that prompt + completion fit the context window. Chat renders the messages
-with the model's chat template when there is one (``gpt2.chat_template``, as transformers and vLLM
-do: any order of roles the template takes, then its generation prompt; a reply ends at the end-of-turn
-token or a ``stop`` string, and loses the one space the template leaves after its prompt). A base model
-without one becomes a chat partner through the plain transcript of ``gpt2.prompts`` (system messages
-replace its header line; each reply is one line). In both, the oldest turns are dropped when the
-messages do not fit.
+``max_tokens`` is capped so that prompt + completion fit the context window; a completion's
+``max_tokens`` may be 0 with ``echo`` (the prompt scored, nothing generated, as OpenAI's legacy API
+and vLLM take it). The token that ends a completion (``<|endoftext|>``) has its logprob
+entry, text "", so that ``echo`` + ``logprobs`` give len(prompt) + completion_tokens entries. Chat
+renders the messages with the model's chat template when there is one (``gpt2.chat_template``, as
+transformers and vLLM do: any order of roles the template takes, then its generation prompt; a reply
+ends at the end-of-turn token or a ``stop`` string, and loses the one space the template leaves after
+its prompt). A base model without one becomes a chat partner through the plain transcript of
+``gpt2.prompts`` (system messages replace its header line; each reply is one line). In both, the oldest
+turns are dropped when the messages do not fit.
 
 The module, top to bottom: the request bodies (strict pydantic models); errors in OpenAI's shape
 (``APIError``, the exception handlers) and ``Guard``, the middleware that checks the API key and the
@@ -47,6 +50,7 @@ import json
 import logging
 import re
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -73,9 +77,11 @@ from gpt2.errors import UserError
 from gpt2.prompts import CHAT_HEADER, CHAT_STOPS, Chat, Transcript, fit_messages
 from gpt2.sampling import GenerationConfig, encode_prompt
 from gpt2.serving.engine import Engine, Job, QueueFull, SequenceRequest, Step
+from gpt2.tokenizer import bytes_to_unicode
 
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 4
+KEYED_PATHS = ("/tokenize", "/detokenize")  # beside /v1/..., the routes that need the API key
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the Host headers served by default ("*": any)
 _TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key (str.isdigit also takes "²")
 log = logging.getLogger("gpt2.serving")
@@ -113,7 +119,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -156,6 +162,28 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a ``prompt``, or chat ``messages`` rendered as /v1/chat/completions
+    renders them (none dropped). ``add_special_tokens`` is taken for vLLM's sake: GPT-2's tokenizer
+    adds none either way."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize body: the ids to turn into text."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    tokens: list[int]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,8 +268,8 @@ def _host_name(header: bytes) -> str:
 
 class Guard:
     """ASGI middleware, checked before a body is read: the Host header (400 unless allowed), the API
-    key on /v1 (401 without it) and the body size limit (413 over it); and, around everything, an
-    unexpected exception answered as a 500 that keeps the connection usable."""
+    key on /v1 and ``KEYED_PATHS`` (401 without it) and the body size limit (413 over it); and,
+    around everything, an unexpected exception answered as a 500 that keeps the connection usable."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, limit: int, hosts: Sequence[str]) -> None:
         self.app, self.api_key, self.limit = app, api_key, limit
@@ -253,7 +281,8 @@ class Guard:
         if self.hosts is not None and host not in self.hosts:
             return APIError(400, f"the Host header {host!r} is not a host this server answers to; start "
                             f"it with --allowed-hosts {host or '*'} to serve it", code="invalid_host")
-        if scope["path"].startswith("/v1/") and not _has_key(self.api_key, headers):
+        keyed = scope["path"].startswith("/v1/") or scope["path"] in KEYED_PATHS
+        if keyed and not _has_key(self.api_key, headers):
             return APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer "
                             "<key>'", code="invalid_api_key")
         declared = headers.get(b"content-length", b"0")
@@ -356,7 +385,20 @@ def create_app(
     async def playground() -> str:
         return page
 
+    _add_tokenizer_routes(app, service)
     return app
+
+
+def _add_tokenizer_routes(app: FastAPI, service: _Service) -> None:
+    """vLLM's ``POST /tokenize`` and ``POST /detokenize``."""
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await asyncio.to_thread(service.tokenize, body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        return await asyncio.to_thread(service.detokenize, body)
 
 
 @contextlib.asynccontextmanager
@@ -387,7 +429,8 @@ async def _answer(reply: _Reply, body: _Sampling, request: Request) -> Any:
 class _Service:
     """The model behind the routes: checks a request against it, turns the request into the engine's
     ``SequenceRequest``s, submits them and gives back the job's reply. Its ``complete`` and ``chat``
-    run in a worker thread, their jobs reporting to the event loop ``loop``."""
+    run in a worker thread, their jobs reporting to the event loop ``loop``; so do ``tokenize`` and
+    ``detokenize``, which answer at once."""
 
     def __init__(self, engine: Engine, model_name: str, max_prompt_tokens: int | None,
                  template: ChatTemplate | None = None) -> None:
@@ -405,14 +448,18 @@ class _Service:
     def complete(self, body: CompletionRequest, loop: asyncio.AbstractEventLoop) -> _CompletionReply:
         """A completion request, checked and submitted: the reply to its job."""
         self.check_model(body)
+        scoring = body.max_tokens == 0  # the prompt's logprobs only: one token drawn, not answered
+        if scoring and not body.echo:
+            raise APIError(400, "max_tokens: 0 is taken only with echo true (the prompt scored, nothing "
+                           "generated); ask for at least 1 token", param="max_tokens", code="invalid_value")
         given = _prompt_list(body.prompt)
         self.check_count(len(given) * body.n)
         prompts = [self.checked_prompt(p if isinstance(p, list) else self.encoded(p, "prompt"), "prompt")
                    for p in given]
-        requests = self.sequences(body, prompts, body.max_tokens, _stops(body.stop), body.logprobs,
-                                  prompt_logprobs=body.echo and body.logprobs is not None)
+        requests = self.sequences(body, prompts, 1 if scoring else body.max_tokens, _stops(body.stop),
+                                  body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
         return _CompletionReply(self.submit(requests, loop), self.tokenizer, self.model_name,
-                                sum(map(len, prompts)), echo=body.echo)
+                                sum(map(len, prompts)), echo=body.echo, generates=not scoring)
 
     def chat(self, body: ChatRequest, loop: asyncio.AbstractEventLoop) -> _ChatReply:
         """A chat completion request, checked and submitted: the reply to its job."""
@@ -437,6 +484,35 @@ class _Service:
         return _ChatReply(self.submit(requests, loop), self.tokenizer, self.model_name, len(prompt),
                           one_space=self.template is not None)
 
+    def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize: the ids of the prompt (special tokens in it are special, as in
+        transformers; "" has none) or of the rendered messages, their count and the window."""
+        self.check_model(body)
+        if (body.prompt is None) == (body.messages is None):
+            given = ("both prompt and messages: give one" if body.prompt is not None else
+                     "neither prompt nor messages: give prompt (a string) or messages (chat messages)")
+            raise APIError(400, f"the body has {given}", param="prompt", code="invalid_value")
+        if body.prompt is not None:
+            ids = self.tokenizer.encode(body.prompt, allowed_special=frozenset(self.tokenizer.special_tokens))
+        elif self.template is None:
+            text = _chat_prompt(body.messages or [], self.tokenizer, sys.maxsize, sys.maxsize)
+            ids = encode_prompt(self.tokenizer, text)
+        else:
+            given = [{"role": m.role, "content": m.text} for m in body.messages or []]
+            try:
+                text, _ = self.template.render(given, self.tokenizer,
+                                               add_generation_prompt=body.add_generation_prompt)
+            except UserError as e:
+                raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+            ids = self.tokenizer.encode(text, allowed_special=frozenset(self.tokenizer.special_tokens))
+        strs = _token_strs(self.tokenizer, ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.window, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict[str, str]:
+        """vLLM's /detokenize: the text of the ids (special tokens as their text)."""
+        self.check_model(body)
+        return {"prompt": self.tokenizer.decode(self.check_ids(body.tokens, "tokens"))}
+
     def check_count(self, sequences: int) -> None:
         """400 for more sequences (prompts x n) than the queue can ever take."""
         if sequences > self.engine.max_queue:
@@ -456,7 +532,7 @@ class _Service:
         self.check_chars(text, param)
         return encode_prompt(self.tokenizer, text)
 
-    def check_model(self, body: _Sampling) -> None:
+    def check_model(self, body: _Sampling | TokenizeRequest | DetokenizeRequest) -> None:
         """404 unless the body names no model or this one."""
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"the model {body.model!r} does not exist here; this server serves "
@@ -468,10 +544,14 @@ class _Service:
             raise APIError(400, f"the prompt is {len(ids)} tokens long, over this server's limit of "
                            f"{self.max_prompt} (context window {self.window}); shorten it", param=param,
                            code="context_length_exceeded")
+        return self.check_ids(ids, param)
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        """``ids``, once they are known to be in the vocabulary."""
         n_vocab = self.tokenizer.n_vocab
-        bad = [t for t in ids if not 0 <= t < n_vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is not in the vocabulary (0..{n_vocab - 1})",
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is not in the vocabulary (0..{n_vocab - 1})",
                            param=param, code="invalid_value")
         return ids
 
@@ -532,6 +612,14 @@ def _logit_bias(given: dict[str, float], n_vocab: int) -> dict[int, float]:
                            param="logit_bias", code="invalid_value")
         bias[int(key)] = value
     return bias
+
+
+def _token_strs(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each id's token as transformers' ``convert_ids_to_tokens`` spells it (as vLLM's
+    ``return_token_strs`` does): bytes by GPT-2's printable alphabet ("Ġ" a space), specials as text."""
+    table, specials = bytes_to_unicode(), {i: text for text, i in tokenizer.special_tokens.items()}
+    return [specials[t] if t in specials else "".join(table[b] for b in tokenizer.decode_bytes([t]))
+            for t in ids]
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -602,7 +690,8 @@ def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 class _Reply:
     """What both kinds of reply share: the id, the usage and the loop over the job's steps, whole
     (``whole``) or streamed (``chunks``). A kind says how its choices look (``_choice`` whole,
-    ``_chunk_choice`` streamed) and how its logprobs do (``_logprobs``)."""
+    ``_chunk_choice`` streamed) and how its logprobs do (``_logprobs``). ``generates`` False: the
+    steps are drawn but not answered (nothing generated; the choices end as "length")."""
 
     prefix: ClassVar[str]  # of the id
     object: ClassVar[str]  # of the whole response
@@ -612,6 +701,7 @@ class _Reply:
         self.job, self.tokenizer, self.prompt_tokens = job, tokenizer, prompt_tokens
         self.head = {"id": f"{self.prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         self.completion_tokens = 0
+        self.generates = True
 
     def usage(self) -> dict[str, int]:
         """Token counts; the n choices of a prompt share it, so it counts once (as OpenAI's do)."""
@@ -625,10 +715,10 @@ class _Reply:
         entries: list[list[Entry]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         async for index, step in self.job.steps(is_disconnected):
-            self.completion_tokens += 1
+            self.completion_tokens += int(self.generates)
             texts[index].append(self._text(index, step))
             entries[index] += self._entries(index, step)
-            finish[index] = step.finish_reason
+            finish[index] = self._finish(step)
         choices = [self._choice(i, "".join(texts[i]), entries[i], finish[i]) for i in range(n)]
         return {**self.head, "object": self.object, "choices": choices, "usage": self.usage()}
 
@@ -638,7 +728,7 @@ class _Reply:
         for choice in self._opening():
             yield self._chunk([choice])
         async for index, step in self.job.steps():
-            self.completion_tokens += 1
+            self.completion_tokens += int(self.generates)
             for choice in self._step_choices(index, step):
                 yield self._chunk([choice])
         if include_usage:
@@ -653,17 +743,26 @@ class _Reply:
 
     def _step_choices(self, index: int, step: Step) -> Iterator[dict[str, Any]]:
         """The choices streamed for a step: one, unless it adds nothing."""
-        entries, text = self._entries(index, step), self._text(index, step)
-        if text or step.finish_reason or entries:
-            yield self._chunk_choice(index, text, entries, step.finish_reason)
+        entries, text, finish = self._entries(index, step), self._text(index, step), self._finish(step)
+        if text or finish or entries:
+            yield self._chunk_choice(index, text, entries, finish)
+
+    def _finish(self, step: Step) -> str | None:
+        """The finish reason the step gives its choice."""
+        if not self.generates:
+            return "length"
+        return step.finish_reason
 
     def _text(self, index: int, step: Step) -> str:
-        return step.text
+        return step.text if self.generates else ""
 
     def _entries(self, index: int, step: Step) -> list[Entry]:
-        if step.finish_reason == "stop" and step.token in self.job.requests[index].config.stop_token_ids:
-            return []  # the end-of-text token is not part of the text
-        return [(step.token, step.logprob, step.top_logprobs)]
+        """The step's logprob entries: its token's, the end-of-text token's too (its text is "")."""
+        return [(step.token, step.logprob, step.top_logprobs)] if self.generates else []
+
+    def _ends_turn(self, index: int, step: Step) -> bool:
+        """Whether the step's token is the stop token that ended its choice (not part of the text)."""
+        return step.finish_reason == "stop" and step.token in self.job.requests[index].config.stop_token_ids
 
     def logprobs(self, index: int, entries: list[Entry]) -> Any:
         """The logprobs of choice ``index`` in the kind's shape; None where they were not asked for."""
@@ -689,9 +788,10 @@ class _CompletionReply(_Reply):
 
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def __init__(self, job: Job, tokenizer: Any, model: str, prompt_tokens: int, *, echo: bool) -> None:
+    def __init__(self, job: Job, tokenizer: Any, model: str, prompt_tokens: int, *, echo: bool,
+                 generates: bool = True) -> None:
         super().__init__(job, tokenizer, model, prompt_tokens)
-        self.echo = echo
+        self.echo, self.generates = echo, generates
         self.offsets = [0] * len(job.requests)  # text written so far per choice, for text_offset
         self.echoed: set[int] = set()  # the choices whose echo is streamed
 
@@ -722,6 +822,8 @@ class _CompletionReply(_Reply):
         yield from super()._step_choices(index, step)
 
     def _logprobs(self, index: int, entries: list[Entry]) -> dict[str, Any]:
+        """OpenAI's legacy logprobs; the end-of-text token is named "<|endoftext|>" as OpenAI's were
+        (its offset is where the text ends)."""
         name = self.tokenizer.decode
         tokens = [name([t]) for t, _, _ in entries]
         offsets = []
@@ -754,6 +856,10 @@ class _ChatReply(_Reply):
         text = step.text.removeprefix(" ") if self.one_space else step.text.lstrip()
         self.replied[index] = bool(step.text if self.one_space else text)
         return text
+
+    def _entries(self, index: int, step: Step) -> list[Entry]:
+        """As OpenAI's chat logprobs, the tokens of the content only: not the stop token."""
+        return [] if self._ends_turn(index, step) else super()._entries(index, step)
 
     def _choice(self, index: int, text: str, entries: list[Entry], finish: str | None) -> dict[str, Any]:
         return {"index": index, "message": {"role": "assistant", "content": text},
