@@ -16,11 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         description="Serve a model with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models), "
-        "vLLM's /tokenize and /detokenize, /health, and a playground page at / . Concurrent requests are "
-        "decoded together (continuous batching), and prompts are read in chunks between their steps "
-        "(chunked prefill). Chat requests are rendered with the model's chat template (its tokenizer's, "
-        "or --chat-template's) and a reply ends at the end-of-turn token; a base model without one "
-        "continues a plain transcript, a reply one line. Binds to 127.0.0.1 unless --host says otherwise.",
+        "vLLM's /tokenize and /detokenize, /health, Prometheus metrics at /metrics, and a playground page "
+        "at / . Concurrent requests are decoded together (continuous batching), and prompts are read in "
+        "chunks between their steps (chunked prefill). Chat requests are rendered with the model's chat "
+        "template (its tokenizer's, or --chat-template's) and a reply ends at the end-of-turn token; a "
+        "base model without one continues a plain transcript, a reply one line. Binds to 127.0.0.1 "
+        "unless --host says otherwise.",
     )
     add_model_arguments(p)
     add_chat_template_argument(p)
@@ -28,9 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("GPT2_API_KEY"), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize requests "
-                   "(default: $GPT2_API_KEY; none: no key needed). /health stays public but shows its "
-                   "counters only with the key; / (the playground page) holds nothing secret")
+                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and /metrics "
+                   "requests (default: $GPT2_API_KEY; none: no key needed). /health stays public but shows "
+                   "its counters only with the key; / (the playground page) holds nothing secret")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics (Prometheus' text format: requests, latencies, queue, KV cache, "
+                   "tokens) without the --api-key, for a scraper that sends none")
     p.add_argument("--allowed-hosts", metavar="HOSTS",
                    help="comma-separated Host headers to answer, others get 400 (guards against DNS "
                    "rebinding; default: localhost, 127.0.0.1, [::1] and --host; '*': any)")
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").split("/")[-1]
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=hosts,
-                     chat_template=template)
+                     chat_template=template, public_metrics=args.public_metrics)
     if args.api_key is None and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

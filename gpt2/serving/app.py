@@ -2,7 +2,8 @@
 
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events ending
 with ``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, vLLM's ``POST /tokenize`` and
-``POST /detokenize``, ``GET /health`` (with the engine's counters) and the playground page at ``/``.
+``POST /detokenize``, ``GET /health`` (with the engine's counters), ``GET /metrics`` (Prometheus'
+text format, ``_Metrics``) and the playground page at ``/``.
 Errors are OpenAI's JSON, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for
 anything the client can fix; a 500 says only that the server failed, with an id that finds its
 traceback in the log, and keeps the connection open.
@@ -10,8 +11,9 @@ traceback in the log, and keeps the connection open.
 What is public when an API key is set: ``/health`` answers ``{"status": "ok"}`` to anyone (for load
 balancers) and its model name and counters only with the key; ``/`` is the playground page, which
 holds nothing secret (the model's name and window; the key is typed into it by its user). Everything
-under /v1, and /tokenize and /detokenize, need the key. Requests whose ``Host`` header names a host
-not in ``allowed_hosts`` are refused (400), so a web page cannot reach a server on 127.0.0.1 by DNS rebinding.
+under /v1, and /tokenize, /detokenize and /metrics, need the key (/metrics not with
+``public_metrics``). Requests whose ``Host`` header names a host not in ``allowed_hosts`` are refused
+(400), so a web page cannot reach a server on 127.0.0.1 by DNS rebinding.
 
 The work a request asks for is bounded before any is done: its sequences (prompts x ``n``) against
 the queue, each prompt's length in characters against what ``max_prompt_tokens`` can hold; prompts are
@@ -35,7 +37,8 @@ The module, top to bottom: the request bodies (strict pydantic models); errors i
 (``APIError``, the exception handlers) and ``Guard``, the middleware that checks the API key and the
 body size before a body is read; ``create_app``, whose routes are thin: FastAPI parses the body,
 ``_Service`` (the model name, context window, prompt limit, tokenizer and engine) checks it, builds its
-``SequenceRequest``s and submits them, and ``_answer`` replies, whole or streamed. Last the replies, one
+``SequenceRequest``s and submits them, and ``_answer`` replies, whole or streamed; ``_Metrics`` holds the
+app's Prometheus metrics, in a registry of its own. Last the replies, one
 class per kind of response: ``_CompletionReply`` and ``_ChatReply`` over ``_Reply``, which holds what
 they share (the id, the usage, the loop over the job's steps); ``_event_stream`` sends the chunks as
 server-sent events.
@@ -59,7 +62,9 @@ from typing import Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -81,7 +86,7 @@ from gpt2.tokenizer import bytes_to_unicode
 
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 4
-KEYED_PATHS = ("/tokenize", "/detokenize")  # beside /v1/..., the routes that need the API key
+KEYED_PATHS = ("/tokenize", "/detokenize")  # beside /v1/... and /metrics, the routes that need the API key
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the Host headers served by default ("*": any)
 _TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key (str.isdigit also takes "²")
 log = logging.getLogger("gpt2.serving")
@@ -268,12 +273,15 @@ def _host_name(header: bytes) -> str:
 
 class Guard:
     """ASGI middleware, checked before a body is read: the Host header (400 unless allowed), the API
-    key on /v1 and ``KEYED_PATHS`` (401 without it) and the body size limit (413 over it); and,
-    around everything, an unexpected exception answered as a 500 that keeps the connection usable."""
+    key on /v1, ``KEYED_PATHS`` and /metrics (unless ``public_metrics``; 401 without it) and the body
+    size limit (413 over it); and, around everything, an unexpected exception answered as a 500 that
+    keeps the connection usable. Every response is counted in ``metrics`` as its status line goes out."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, limit: int, hosts: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, limit: int, hosts: Sequence[str],
+                 metrics: _Metrics | None = None, public_metrics: bool = False) -> None:
         self.app, self.api_key, self.limit = app, api_key, limit
         self.hosts = None if "*" in hosts else {h.lower() for h in hosts}
+        self.metrics, self.public_metrics = metrics, public_metrics
 
     def _refusal(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
@@ -281,7 +289,9 @@ class Guard:
         if self.hosts is not None and host not in self.hosts:
             return APIError(400, f"the Host header {host!r} is not a host this server answers to; start "
                             f"it with --allowed-hosts {host or '*'} to serve it", code="invalid_host")
-        keyed = scope["path"].startswith("/v1/") or scope["path"] in KEYED_PATHS
+        path = scope["path"]
+        keyed = (path.startswith("/v1/") or path in KEYED_PATHS
+                 or (path == "/metrics" and not self.public_metrics))
         if keyed and not _has_key(self.api_key, headers):
             return APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer "
                             "<key>'", code="invalid_api_key")
@@ -294,22 +304,25 @@ class Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        error = self._refusal(scope)
-        if error is not None:
-            return await error.response()(scope, receive, send)
         started = False
 
         async def sending(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if self.metrics is not None:
+                    self.metrics.answered(scope["path"], message["status"])
             await send(message)
 
+        error = self._refusal(scope)
+        if error is not None:
+            return await error.response()(scope, receive, sending)
         try:
             await self._limited(scope, receive, sending)
         except Exception as e:
             if started:  # too late for a status line: the server closes the connection
                 raise
-            await _failure(e).response()(scope, receive, send)
+            await _failure(e).response()(scope, receive, sending)
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, with the body cut off at the limit."""
@@ -339,12 +352,14 @@ def create_app(
     max_prompt_tokens: int | None = None,
     allowed_hosts: Sequence[str] = LOCAL_HOSTS,
     chat_template: ChatTemplate | None = None,
+    public_metrics: bool = False,
 ) -> FastAPI:
     """The API serving ``engine``'s model as ``model_name``; the engine runs while the app does.
 
     ``api_key``: requests to /v1 need ``Authorization: Bearer <api_key>`` (see the module's docstring
-    for what stays public). ``max_prompt_tokens``: the longest prompt taken (default: the context
-    window less one token for the answer). ``allowed_hosts``: the Host headers answered ("*": any).
+    for what stays public); so does /metrics unless ``public_metrics``. ``max_prompt_tokens``: the
+    longest prompt taken (default: the context window less one token for the answer).
+    ``allowed_hosts``: the Host headers answered ("*": any).
     ``chat_template``: the template chat requests are rendered with (default: the tokenizer's own;
     the plain transcript when it has none).
     """
@@ -354,9 +369,11 @@ def create_app(
         chat_template = ChatTemplate.of(engine.tokenizer)
     service = _Service(engine, model_name, max_prompt_tokens, chat_template)
     app = FastAPI(title="gpt2", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key, limit=max_body_bytes, hosts=allowed_hosts)
+    metrics = _Metrics(engine)
+    app.add_middleware(Guard, api_key=api_key, limit=max_body_bytes, hosts=allowed_hosts, metrics=metrics,
+                       public_metrics=public_metrics)
     _install_error_handlers(app)
-    app.state.engine = engine
+    app.state.engine, app.state.metrics = engine, metrics
     page = _playground(model_name, service.window, chat_template is not None)
 
     @app.get("/health")
@@ -374,18 +391,23 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         reply = await asyncio.to_thread(service.complete, body, asyncio.get_running_loop())
-        return await _answer(reply, body, request)
+        return await _answer(reply, body, request, metrics)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         reply = await asyncio.to_thread(service.chat, body, asyncio.get_running_loop())
-        return await _answer(reply, body, request)
+        return await _answer(reply, body, request, metrics)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
         return page
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
+
     _add_tokenizer_routes(app, service)
+    metrics.routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     return app
 
 
@@ -418,12 +440,107 @@ def _playground(model_name: str, window: int, templated: bool) -> str:
             .replace("{{CHAT_FORMAT}}", chat))
 
 
-async def _answer(reply: _Reply, body: _Sampling, request: Request) -> Any:
-    """``reply`` streamed as server-sent events when the body asks for it, else whole."""
+async def _answer(reply: _Reply, body: _Sampling, request: Request, metrics: _Metrics) -> Any:
+    """``reply`` streamed as server-sent events when the body asks for it, else whole; its usage
+    counted in ``metrics`` once its last choice is done (before the stream's ``[DONE]``)."""
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _event_stream(reply.chunks(include_usage))
-    return await reply.whole(request.is_disconnected)
+
+        async def counted() -> AsyncIterator[dict[str, Any]]:
+            try:
+                async for chunk in reply.chunks(include_usage):
+                    yield chunk
+            finally:
+                metrics.used(reply.prompt_tokens, reply.completion_tokens)
+
+        return _event_stream(counted())
+    try:
+        return await reply.whole(request.is_disconnected)
+    finally:
+        metrics.used(reply.prompt_tokens, reply.completion_tokens)
+
+
+# Histogram buckets (seconds), from a small model on a GPU to GPT-2 XL on a loaded CPU.
+FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class _Metrics:
+    """The app's Prometheus metrics, in a ``CollectorRegistry`` of its own (apps in one process do
+    not share them), named as vLLM's are with the prefix ``gpt2_`` (an underscore: Prometheus keeps
+    colons for recording rules). The requests by route and status (``answered``, from ``Guard``) and
+    the tokens the replies' usage reports (``used``) are counted here; the latencies are the engine's
+    own timings (``Engine.observers``); the engine's state is read at scrape time (``_EngineCollector``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.routes: frozenset[str] = frozenset()  # the app's paths; any other is counted as "other"
+        self.requests = Counter("gpt2_requests", "HTTP requests answered, by route and status code",
+                                ["route", "status"], registry=registry)
+        self.prompt_tokens = Counter("gpt2_prompt_tokens", "prompt tokens of the completions, as their "
+                                     "usage reports them", registry=registry)
+        self.generation_tokens = Counter("gpt2_generation_tokens", "tokens generated, as the "
+                                         "completions' usage reports them", registry=registry)
+        self.timings = {
+            "time_to_first_token": Histogram(
+                "gpt2_time_to_first_token_seconds", "a request's first token, from its submission to "
+                "the engine", registry=registry, buckets=FIRST_TOKEN_BUCKETS),
+            "inter_token_latency": Histogram(
+                "gpt2_inter_token_latency_seconds", "each later token of a sequence, from its previous "
+                "one", registry=registry, buckets=INTER_TOKEN_BUCKETS),
+            "e2e_request_latency": Histogram(
+                "gpt2_e2e_request_latency_seconds", "a request's last token, from its submission to the "
+                "engine (requests that finish)", registry=registry, buckets=REQUEST_BUCKETS),
+        }
+        registry.register(_EngineCollector(engine))
+        engine.observers.append(self.observe)
+
+    def answered(self, path: str, status: int) -> None:
+        """Count a response with ``status`` to ``path``."""
+        route = path if path in self.routes else "other"  # unknown paths must not make new series
+        self.requests.labels(route=route, status=str(status)).inc()
+
+    def used(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count a reply's usage."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+
+    def observe(self, kind: str, seconds: float) -> None:
+        """One of the engine's timings (called in its worker thread; the metrics are thread-safe)."""
+        self.timings[kind].observe(seconds)
+
+    def scrape(self) -> bytes:
+        """Every metric in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """The engine's state at scrape time: what ``Engine.load`` (and /health) reports."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        """Gauges of the engine's load and cache, counters of its work."""
+        load, engine = self.engine.load(), self.engine
+        gauges = [("num_requests_running", "sequences being generated (prompts being read included)",
+                   load["running"]),
+                  ("num_requests_waiting", "sequences waiting for a slot of the KV cache", load["waiting"]),
+                  ("kv_cache_positions_in_use", "positions of the KV cache that hold a running "
+                   "sequence's tokens", load["cache_positions"]),
+                  ("kv_cache_positions", "positions of the KV cache (slots x context window)",
+                   engine.max_batch_size * engine.window),
+                  ("max_batch", "the most sequences decoded in one forward pass so far", load["max_batch"])]
+        for name, text, value in gauges:
+            yield GaugeMetricFamily(f"gpt2_{name}", text, value=value)
+        counters = [("forward_passes", "forward passes of the model", load["forward_passes"]),
+                    ("requests_rejected", "requests refused because the queue was full", load["rejected"]),
+                    ("sequences_cancelled", "sequences dropped because their client went away",
+                     load["cancelled"]),
+                    ("engine_errors", "steps of the engine that failed", load["errors"])]
+        for name, text, value in counters:
+            yield CounterMetricFamily(f"gpt2_{name}", text, value=value)
 
 
 class _Service:

@@ -16,12 +16,18 @@ positions of the joining prompts into a cache of their own beside one decode ste
 so a long prompt delays the others' next tokens by one chunk's time, not by the whole prompt's.
 Sequences with the same prompt (the ``n`` choices of a request) read it once and copy its keys and
 values.
+
+Timings go to ``Engine.observers`` (callables taking a kind and seconds) as they happen, measured in
+the worker: "time_to_first_token" (a job's first token, from its submission), "inter_token_latency"
+(each later token of a sequence, from its previous one) and "e2e_request_latency" (a job's last token,
+from its submission).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +88,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)  # the tokens drawn so far
     length: int = 0  # positions this row holds in the cache
     finished: bool = False
+    last_token_at: float | None = None  # time.perf_counter() when its last token was drawn
 
 
 class Job:
@@ -95,6 +102,9 @@ class Job:
         self.queue: asyncio.Queue[tuple[int, Step | BaseException]] = asyncio.Queue()
         self.prompt_logprobs: dict[int, list[tuple[float | None, dict[int, float] | None]]] = {}
         self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.unfinished = len(self.requests)  # sequences without their last token yet
 
     def cancel(self) -> None:
         """Stop generating (the client went away): the worker frees the slots at its next step."""
@@ -199,6 +209,7 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.stats = EngineStats()
+        self.observers: list[Callable[[str, float], None]] = []  # told each timing (module docstring)
         # Rows start at different positions: attention always uses the cache's key mask.
         cache = KVCache(model.config, max_batch_size, device=model.device, dtype=model.dtype, padded=True)
         self._slots = _Slots(cache)
@@ -256,10 +267,12 @@ class Engine:
         return job
 
     def load(self) -> dict[str, int]:
-        """How busy the engine is now, with the counters."""
+        """How busy the engine is now (sequences running and waiting, the shared cache's positions
+        that hold a running sequence's tokens), with the counters."""
         prefilling = len(self._prefilling.rows) if self._prefilling is not None else 0
-        return {"running": len(self._slots.rows) + prefilling, "waiting": len(self._waiting),
-                **self.stats.as_dict()}
+        rows = list(self._slots.rows)  # the worker may change the list meanwhile
+        return {"running": len(rows) + prefilling, "waiting": len(self._waiting),
+                "cache_positions": sum(s.length for s in rows), **self.stats.as_dict()}
 
     # -- the worker ---------------------------------------------------------------------------------
 
@@ -371,6 +384,7 @@ class Engine:
             logprobs = logits.float().log_softmax(dim=-1)
         tokens = {}
         drawn = draw(self._adjusted(logits), [s.request.config for s in rows], [s.generator for s in rows])
+        now = time.perf_counter()
         for row, (s, token) in enumerate(zip(rows, drawn, strict=True)):
             tokens[s] = token
             s.generated.append(token)
@@ -386,8 +400,27 @@ class Engine:
                 if finish is None and len(s.generated) >= s.request.config.max_new_tokens:
                     text, finish = text + s.stream.finish(), "length"
             s.finished = finish is not None
+            self._time(s, now)
             s.job.post(s.index, Step(token, text, logprob, top, finish))
         return tokens
+
+    def _time(self, s: _Sequence, now: float) -> None:
+        """Tell the observers the timings of the token ``s`` just drew at ``now`` (before the client
+        gets it, so a client that has its reply finds it counted)."""
+        job, timings = s.job, []
+        if job.first_token_at is None:
+            job.first_token_at = now
+            timings.append(("time_to_first_token", now - job.submitted))
+        if s.last_token_at is not None:
+            timings.append(("inter_token_latency", now - s.last_token_at))
+        s.last_token_at = now
+        if s.finished:
+            job.unfinished -= 1
+            if job.unfinished == 0:
+                timings.append(("e2e_request_latency", now - job.submitted))
+        for kind, seconds in timings:
+            for observe in self.observers:
+                observe(kind, seconds)
 
     def _adjusted(self, logits: Tensor) -> Tensor:
         """``logits`` after the penalties and bias of the rows that ask for any (a copy if so: log
