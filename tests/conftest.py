@@ -5,7 +5,8 @@ Fixtures (found by name), the shared data, loaded once: ``gpt2_ranks_file``, ``g
 Plain functions and constants (``from conftest import run_cli``; pytest puts tests/ on ``sys.path``):
 ``shared_file``; ``BYTES`` and ``random_model``, a tokenizer and random models small enough to run in
 milliseconds; ``saved_model_dir``; ``random_words``; ``run_cli`` and ``assert_one_line_error`` for the
-``gpt2`` command; ``endless_model``, ``serving`` and ``wait_for`` for a server in a thread.
+``gpt2`` command; ``printed_table`` for a benchmark's output; ``endless_model``, ``serving`` and
+``wait_for`` for a server in a thread.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import socket
 import threading
@@ -153,6 +155,24 @@ def assert_one_line_error(code: int, err: str, *words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def printed_table(output: str, first: str) -> list[dict[str, str]]:
+    """The table a benchmark printed: the line starting with ``first`` is its header, each row after it
+    (cells at least two spaces apart; a rule of dashes skipped) column -> cell, up to a blank line or a
+    one-cell line (a note). A row of fewer cells (an engine that could not run) keeps those it has."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first + " "))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = []
+    for line in lines[start + 1 :]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if set(line.strip()) <= {"-", " "} and line.strip():
+            continue
+        if len(cells) < 2:
+            break
+        rows.append(dict(zip(header, cells, strict=False)))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------

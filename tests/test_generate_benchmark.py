@@ -12,24 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import shared_file
+from conftest import printed_table, shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ["b1 tok/s", "b8 tok/s", "prefill 512 ms", "weights MB", "peak MB", "same tokens"]
-
-
-def table_rows(output: str) -> dict[str, dict[str, str]]:
-    """The benchmark's table: engine -> column -> cell (columns are at least two spaces apart)."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("engine "))
-    header = re.split(r"\s{2,}", lines[start].strip())
-    rows = {}
-    for line in lines[start + 2 :]:
-        if not line.strip():
-            break
-        cells = re.split(r"\s{2,}", line.strip())
-        rows[cells[0]] = dict(zip(header[1:], cells[1:], strict=False))
-    return rows
 
 
 def number(cell: str) -> float:
@@ -45,7 +31,7 @@ def test_the_generation_benchmark_runs_in_its_smoke_mode(tmp_path: Path) -> None
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env=os.environ | {"GPT2_SHARED_DATA": str(shared)})
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = table_rows(result.stdout)
+    rows = {r["engine"]: r for r in printed_table(result.stdout, "engine")}
     expected = ["transformers fp32", "ours fp32", "ours bf16", "ours int8", "CTranslate2 float32",
                 "CTranslate2 int8"]
     if importlib.util.find_spec("llama_cpp") is not None:

@@ -9,23 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import printed_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {"transformers GPT2LMHeadModel": "float32", "ours AdamW": "(bfloat16|float32)",
            "ours Muon": "(bfloat16|float32)"}
-
-
-def table_rows(output: str) -> list[dict[str, str]]:
-    """The benchmark's table: one dict (column -> cell) per row; columns are at least two spaces apart."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("vocab "))
-    header = re.split(r"\s{2,}", lines[start].strip())
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.strip():
-            break
-        rows.append(dict(zip(header, re.split(r"\s{2,}", line.strip()), strict=True)))
-    return rows
 
 
 def number(cell: str) -> float:
@@ -39,7 +27,7 @@ def test_the_time_to_loss_benchmark_runs_in_its_smoke_mode(
     command = [sys.executable, ROOT / "benchmarks" / "time_to_loss.py", "--smoke", "--work", tmp_path]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = table_rows(result.stdout)
+    rows = printed_table(result.stdout, "vocab")
     assert [row["vocab"] for row in rows] == ["512"] * 3
     for row, (engine, dtype) in zip(rows, ENGINES.items(), strict=True):
         assert re.fullmatch(f"{engine} {dtype}", row["engine"]), row

@@ -4,30 +4,16 @@ each and says that ours computes the loss in chunks where transformers materiali
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import printed_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ["transformers GPT2LMHeadModel (SDPA, eager, full logits)", "ours adamw (eager, chunked loss)",
            "ours muon (eager, chunked loss)"]
-
-
-def table_rows(output: str) -> dict[str, dict[str, str]]:
-    """The benchmark's table: engine -> column -> cell (columns are at least two spaces apart)."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("engine "))
-    header = re.split(r"\s{2,}", lines[start].strip())
-    rows = {}
-    for line in lines[start + 1 :]:
-        cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) != len(header):
-            break
-        rows[cells[0]] = dict(zip(header[1:], cells[1:], strict=True))
-    return rows
 
 
 @pytest.mark.slow
@@ -35,7 +21,7 @@ def test_the_gpu_training_benchmark_runs_on_the_cpu_in_its_smoke_mode() -> None:
     result = subprocess.run([sys.executable, ROOT / "benchmarks" / "train_gpu.py", "--smoke"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = table_rows(result.stdout)
+    rows = {r["engine"]: r for r in printed_table(result.stdout, "engine")}
     assert list(rows) == ENGINES, list(rows)
     for name, row in rows.items():
         assert float(row["tokens/s"].replace(",", "")) > 0, (name, row)

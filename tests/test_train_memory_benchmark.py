@@ -11,26 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import printed_table
 
 from gpt2.training import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ["transformers GPT2LMHeadModel (full logits)", "ours adamw (chunked loss)",
            "ours muon (chunked loss)"]
-
-
-def table_rows(output: str) -> list[dict[str, str]]:
-    """The benchmark's table: one dict (column -> cell) per row; columns are at least two spaces apart."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("shape "))
-    header = re.split(r"\s{2,}", lines[start].strip())
-    rows = []
-    for line in lines[start + 1 :]:
-        cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) != len(header):
-            break
-        rows.append(dict(zip(header, cells, strict=True)))
-    return rows
 
 
 def number(cell: str) -> float:
@@ -42,7 +29,7 @@ def test_the_training_memory_benchmark_runs_in_its_smoke_mode() -> None:
     result = subprocess.run([sys.executable, ROOT / "benchmarks" / "train_memory.py", "--smoke"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = table_rows(result.stdout)
+    rows = printed_table(result.stdout, "shape")
     dtypes = list(dict.fromkeys(["float32", str(autocast_dtype("auto", torch.device("cpu")))[6:]]))
     assert [(r["dtype"], r["engine"]) for r in rows] == [(d, e) for d in dtypes for e in ENGINES], rows
     for row in rows:
