@@ -58,7 +58,7 @@ from gpt2.inference import check_device, default_device
 from gpt2.loss import IGNORE
 from gpt2.memory import check_fits, physical_memory
 from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
-from gpt2.optimizers import build_optimizers, decay_started, lr_factor, set_learning_rates
+from gpt2.optimizers import build_optimizers, decay_started, lr_factor, muon_parameters, set_learning_rates
 from gpt2.sampling import generate_text
 from gpt2.shards import find_shards
 from gpt2.tokenizer import Tokenizer, find_tokenizer_files
@@ -844,7 +844,7 @@ def fit(state: TrainState) -> None:
     cfg = state.cfg
     state.console.message(_start_message(state))
     state.started, state.elapsed_before = time.monotonic(), state.elapsed
-    state.decaying = decay_started(cfg, _progress(cfg, state.step, state.elapsed))
+    state.decaying = _in_decay(state)
     while True:
         state.elapsed = _elapsed(state, shared=True)
         if _finished(cfg, state.step, state.elapsed):
@@ -873,10 +873,15 @@ def _off_the_clock(state: TrainState, work: Callable[[TrainState], None]) -> Non
     state.started += time.monotonic() - start
 
 
+def _in_decay(state: TrainState) -> bool:
+    """Under ``wsd``, whether the next step is in the learning rate's final decay."""
+    cfg = state.cfg
+    return cfg.lr_schedule == "wsd" and decay_started(cfg, _progress(cfg, state.step, state.elapsed))
+
+
 def _decay_begins(state: TrainState) -> bool:
     """Under ``wsd``, whether the next step is the first of the learning rate's decay."""
-    cfg = state.cfg
-    decaying = cfg.lr_schedule == "wsd" and decay_started(cfg, _progress(cfg, state.step, state.elapsed))
+    decaying = _in_decay(state)
     begins = decaying and not state.decaying
     state.decaying = decaying
     return begins
@@ -948,7 +953,7 @@ def _recipe(state: TrainState) -> str:
     cfg = state.cfg
     adamw = f"AdamW (lr {cfg.lr:g})"
     if cfg.optimizer == "muon":
-        matrices = sum(len(g["params"]) for g in state.optimizers[1].param_groups)
+        matrices = len(muon_parameters(state.model))
         adamw = f"Muon (lr {cfg.muon_settings()[0]:g}) on {matrices} matrices, {adamw} on the rest"
     return f"{adamw}, {cfg.lr_schedule} schedule decaying over the last {cfg.schedule_decay_fraction():.0%}"
 
