@@ -62,15 +62,19 @@ def test_a_file_read_in_many_pieces_has_the_ids_of_the_whole_file(
     assert train_tokens(tmp_path / "out") == whole
 
 
+# The process's own high-water mark (VmHWM, KB): ru_maxrss would start at the parent's (pytest's) peak,
+# which Linux carries over across exec, and hide the growth.
 MEASURE = """
-import json, resource, sys
+import json, re, sys
 from gpt2.data import Corpus, prepare
 from gpt2.tokenizer import Tokenizer
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 tokenizer = Tokenizer.from_file(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 counts = prepare(Corpus([sys.argv[2]]), sys.argv[3], tokenizer=tokenizer, shard_tokens=1_000_000,
                  num_threads=2, progress=False)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak()
 print(json.dumps({"growth_mb": (after - before) / 1024, "tokens": counts["train"] + counts["val"]}))
 """
 
