@@ -14,7 +14,8 @@ under the same ``torch.autocast``). The loops are ``benchmarks/train_gpu.py``'s.
 
 Each row is one process (the script runs itself with ``--engine ours|muon|transformers --shape
 tiny|124M --dtype float32|bfloat16``, which prints one JSON line): "peak MB" is that process's
-``ru_maxrss`` (interpreter, imports, model, optimiser state, activations, logits), "train MB" the same
+resident high-water mark, VmHWM (interpreter, imports, model, optimiser state, activations, logits;
+not ``ru_maxrss``, which Linux carries over from the parent across exec), "train MB" the same
 less the process's peak just before its model was built (torch imported, and transformers for theirs);
 tokens/s is over the steps after ``--warmup`` (1): 3 for tiny, 2 for 124M (``--steps N``), whose steps
 take 10-25 s each on this project's 2-core machine. The whole run (12 processes) takes about 9 minutes
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from generate import resident_peak_mb
 from train_gpu import Setting, ours, theirs, write_random_shard
 
 from gpt2.config import GPT2_VOCAB_SIZE
@@ -63,11 +64,6 @@ def setting(shape: str, dtype: str, steps: int | None, warmup: int) -> Setting:
     return Setting(preset, seq_len, batch, warmup + steps, warmup, torch.device("cpu"), getattr(torch, dtype))
 
 
-def peak_mb() -> float:
-    """This process's peak resident memory so far, MB (ru_maxrss is in KB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(engine: str, shape: str, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     """One row, in this (fresh) process: the engine's tokens/s and this process's memory."""
     s = setting(shape, dtype, args.steps, args.warmup)
@@ -75,12 +71,12 @@ def measure(engine: str, shape: str, dtype: str, args: argparse.Namespace) -> di
         import transformers  # part of the baseline, as torch is: the model is what is measured
 
         _ = transformers.GPT2LMHeadModel
-    before = peak_mb()
+    before = resident_peak_mb()
     if engine == "transformers":
         rate = theirs(args.data, s)
     else:
         rate = ours(args.data, args.run, s, optimizer="muon" if engine == "muon" else "adamw")
-    return {"engine": engine, "shape": shape, "dtype": dtype, "peak_mb": round(peak_mb(), 1),
+    return {"engine": engine, "shape": shape, "dtype": dtype, "peak_mb": round(resident_peak_mb(), 1),
             "base_mb": round(before, 1), "tokens_per_s": round(rate, 1), "threads": torch.get_num_threads()}
 
 
@@ -116,7 +112,7 @@ def measure_all(shapes: list[str], dtypes: list[str], args: argparse.Namespace) 
 def print_table(rows: list[dict]) -> None:
     """One table, ratios against transformers in the same shape and precision; then the target."""
     print(f"\ntraining on the CPU ({rows[0]['threads']} threads), vocabulary {GPT2_VOCAB_SIZE:,}; peak = the "
-          "process's ru_maxrss, train = peak less the process before its model was built")
+          "process's VmHWM, train = peak less the process before its model was built")
     print(f"{'shape':<6}  {'dtype':<8}  {'engine':<42}  {'peak MB':>8}  {'train MB':>8}  {'tokens/s':>8}  "
           f"{'peak vs HF':>10}  {'train vs HF':>11}  {'tok/s vs HF':>11}")
     verdicts: dict[str, list[str]] = {}
