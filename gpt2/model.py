@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,34 @@ class KVCache:
         self.key_mask[rows, :start] = False
         self.key_mask[rows, start:end] = other.key_mask[source, : other.length]
         self.next_position[rows] = other.next_position[source]
+
+    def read(self, row: int, start: int, end: int) -> Tensor:
+        """A copy of row ``row``'s keys and values at positions ``start`` to ``end``, every layer's:
+        (layers, 2, heads, end - start, head_dim), as ``restore`` takes them."""
+        k0 = self.keys[0]
+        out = k0.new_empty(len(self.keys), 2, k0.shape[1], end - start, k0.shape[3])
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            out[layer, 0] = k[row, :, start:end]
+            out[layer, 1] = v[row, :, start:end]
+        return out
+
+    def restore(self, length: int, real: Tensor | None, rows: Sequence[tuple[int, int, Tensor]]) -> None:
+        """Make an empty cache as if its first ``length`` positions had been read: ``real`` (rows,
+        length) marks their real tokens (None: all are), and each (row, start, kv) writes ``kv``
+        (as ``read`` gives it) at row ``row`` from position ``start``; every real position must be
+        written so."""
+        for row, start, kv in rows:
+            end = start + kv.shape[3]
+            for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+                k[row, :, start:end] = kv[layer, 0]
+                v[row, :, start:end] = kv[layer, 1]
+        if real is None:
+            self.next_position += length
+        else:
+            self.key_mask[: len(real), :length] = real
+            self.next_position[: len(real)] = real.long().sum(dim=1)
+            self.padded = self.padded or not bool(real.all())
+        self.advance(length)
 
     def move_rows(self, dst: list[int], src: list[int]) -> None:
         """Copy rows ``src`` into rows ``dst`` (the engine fills freed rows with live ones)."""

@@ -157,6 +157,16 @@ def assert_one_line_error(code: int, err: str, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
+def assert_openai_error(status: int, payload: dict, *words: str) -> None:
+    """A 400 in OpenAI's error shape whose one-line message holds every one of ``words``."""
+    assert status == 400, payload
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert "\n" not in error["message"]
+    for word in words:
+        assert word in error["message"], error["message"]
+
+
 def printed_table(output: str, first: str) -> list[dict[str, str]]:
     """The table a benchmark printed: the line starting with ``first`` is its header, each row after it
     (cells at least two spaces apart; a rule of dashes skipped) column -> cell, up to a blank line or a
@@ -195,10 +205,12 @@ def serving(model: GPT2, **options: object) -> Iterator[tuple[str, Engine]]:
     import uvicorn
 
     from gpt2.serving import Engine, create_app
+    from gpt2.serving.engine import PREFIX_CACHE_TOKENS
 
     engine = Engine(model, model.tokenizer, max_batch_size=int(options.pop("max_batch_size", 8)),
                     max_queue=int(options.pop("max_queue", 64)),
-                    prefill_chunk=int(options.pop("prefill_chunk", 256)))
+                    prefill_chunk=int(options.pop("prefill_chunk", 256)),
+                    prefix_cache_tokens=int(options.pop("prefix_cache_tokens", PREFIX_CACHE_TOKENS)))
     app = create_app(engine, model_name="tiny", **options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ import torch
 from conftest import (
     BYTES,
     assert_one_line_error,
+    assert_openai_error,
     endless_model,
     random_model,
     run_cli,
@@ -180,7 +181,8 @@ def test_a_bad_template_file_is_one_line(
     verb: str, source: str, words: list[str], base_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     path = template_file(tmp_path, source, "bad.jinja")
-    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("served a template that cannot render"))
+    monkeypatch.setattr("gpt2.cli.serve._serve",
+                        lambda *a: pytest.fail("served a template that cannot render"))
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\n\n")))
     code, _, err = run_cli(capsys, verb, "--model", base_dir, "--chat-template", path)
     assert_one_line_error(code, err, "bad.jinja", *words)
@@ -266,15 +268,6 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         connection.close()
 
 
-def assert_openai_error(status: int, payload: dict, *words: str) -> None:
-    assert status == 400, payload
-    error = payload["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
-    assert "\n" not in error["message"]
-    for word in words:
-        assert word in error["message"], error["message"]
-
-
 @pytest.mark.parametrize(
     ("messages", "words"),
     [
@@ -318,7 +311,7 @@ def test_gpt2_serve_uses_the_template_file(base_dir: Path, tmp_path: Path, capsy
 
     custom = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
     apps = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **_: apps.append(app))
+    monkeypatch.setattr("gpt2.cli.serve._serve", lambda app, *_: apps.append(app))
     code, _, err = run_cli(capsys, "serve", "--model", base_dir, "--allowed-hosts", "*",
                            "--chat-template", template_file(tmp_path, custom))
     assert code == 0 and "chat in its chat template" in err

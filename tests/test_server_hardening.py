@@ -109,7 +109,7 @@ def test_a_huge_request_is_refused_at_once_while_health_answers(server) -> None:
     assert status == 400 and payload["error"]["code"] == "too_many_sequences", payload
     assert "3200000 sequences" in payload["error"]["message"] and "256" in payload["error"]["message"]
     assert max(health_times) < 1.0, health_times
-    assert peak[0] < 1 << 30 and peak[0] - before < 300 << 20, (before, peak[0])
+    assert peak[0] - before < 300 << 20, (before, peak[0])
 
 
 def test_a_request_that_can_never_fit_the_queue_is_400_not_429(server) -> None:

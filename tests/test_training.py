@@ -244,10 +244,11 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
     one, two = tmp_path / "one", tmp_path / "ddp"
     two_processes_beside_one(data, two, one, "--optimizer", optimizer)
     assert len(losses(one)) == len(losses(two)) == 6
-    assert np.allclose(losses(one), losses(two), rtol=0, atol=1e-5), (losses(one), losses(two))
     # Muon orthogonalises in bfloat16 (torch.optim.Muon): the processes' other order of summing
-    # gradients can round an update's element the other way, which 6 steps carry to ~1e-5 * loss.
+    # gradients can round an update's element the other way, which the steps carry to ~1e-5 * loss
+    # (seen: 3.4e-6 relative on an AMD EPYC, where AdamW's runs agree to 1e-6).
     rtol = 1e-5 if optimizer == "muon" else 0
+    assert np.allclose(losses(one), losses(two), rtol=rtol, atol=1e-5), (losses(one), losses(two))
     assert np.allclose(losses(one, "val_loss"), losses(two, "val_loss"), rtol=rtol, atol=1e-5)
 
 

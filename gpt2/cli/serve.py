@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import ipaddress
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import uvicorn
 
 from gpt2.cli.chat import add_chat_template_argument, chat_template
 from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer
 from gpt2.errors import UserError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from gpt2.serving.app import Shutdown
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+CLOSE_S = 5  # after the drain, how long uvicorn waits for connections to close before it drops them
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,16 +66,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                    help="read prompts N positions per step beside the other sequences' decoding, so a "
                    "long prompt does not stall them (default 256)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=4096, metavar="N",
+                   help="keep the keys and values of recent prompts, up to N positions (least recently "
+                   "used go first), and reuse them for later prompts that start the same way (a system "
+                   "prompt, few-shot examples, a document asked several questions); 0 turns it off "
+                   "(default 4096; memory: N x 2 x layers x width x the dtype's bytes)")
     p.add_argument("--max-prompt-tokens", type=int, metavar="N",
                    help="refuse longer prompts (default: the context window less one)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                    help="refuse request bodies over N bytes with 413 (default 1 MiB)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM or SIGINT, answer new requests 503 and give the running ones S "
+                   "seconds to finish (default 30; 0: none); those still running are then cut, ending "
+                   "with finish_reason \"abort\", and the server exits with status 0. A second signal "
+                   "cuts at once")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn  # the server stack is only needed here
-
     from gpt2.serving import Engine, create_app
 
     if not 0 <= args.port <= 65535:
@@ -68,12 +92,16 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.prefix_cache_tokens < 0:
+        raise UserError(f"--prefix-cache-tokens must be 0 (off) or more, got {args.prefix_cache_tokens}")
+    if not args.drain_seconds >= 0:  # NaN too
+        raise UserError(f"--drain-seconds must be 0 or more, got {args.drain_seconds}")
     hosts = _allowed_hosts(args.host, args.allowed_hosts)
     model, tokenizer = load_model_and_tokenizer(args)
     template = chat_template(args, tokenizer)
     batch = 1 if args.no_batching else args.max_batch_size
     engine = Engine(model, tokenizer, max_batch_size=batch, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk)
+                    prefill_chunk=args.prefill_chunk, prefix_cache_tokens=args.prefix_cache_tokens)
     name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").split("/")[-1]
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=hosts,
@@ -84,8 +112,58 @@ def run(args: argparse.Namespace) -> int:
     chat = "its chat template" if template is not None else "the plain transcript (no chat template)"
     print(f"serving {name!r} on http://{args.host}:{args.port}/ (batch {batch}), chat in {chat}",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    _serve(app, args.host, args.port, args.drain_seconds)
     return 0
+
+
+def _serve(app: FastAPI, host: str, port: int, drain_seconds: float) -> None:
+    """Serve ``app`` until a signal of ``SHUTDOWN_SIGNALS``, then drain it (``_DrainingServer``)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=CLOSE_S)
+    _DrainingServer(config, app.state.shutdown, drain_seconds).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, stopped by the app's graceful shutdown (``gpt2.serving.app.Shutdown``): the
+    first SIGTERM or SIGINT drains the app (new requests 503, the running ones given ``drain_seconds``,
+    then cut), a second one cuts at once; uvicorn's own shutdown follows. The signal is not raised
+    again once the server has stopped, as uvicorn's handling does, so a drained server exits with 0."""
+
+    def __init__(self, config: uvicorn.Config, shutdown: Shutdown, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.graceful, self.drain_seconds = shutdown, drain_seconds
+        self.draining: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Handlers for ``SHUTDOWN_SIGNALS`` that call ``signalled`` on the event loop, in place of
+        uvicorn's while the server runs (``signal.signal``: ``loop.add_signal_handler`` is POSIX only)."""
+        loop = asyncio.get_running_loop()
+
+        def handler(sig: int, _: FrameType | None) -> None:
+            loop.call_soon_threadsafe(self.signalled, sig)
+
+        previous = {sig: signal.signal(sig, handler) for sig in SHUTDOWN_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, before in previous.items():
+                signal.signal(sig, before)
+
+    def signalled(self, sig: int) -> None:
+        """Begin the drain, or cut it short if it has begun."""
+        if self.draining is not None:
+            print(f"{signal.Signals(sig).name} again: cutting the running requests", file=sys.stderr)
+            self.graceful.cut_in(0)
+            return
+        print(f"{signal.Signals(sig).name}: shutting down; new requests get 503, the running ones have "
+              f"{self.drain_seconds:g} s to finish (a second signal cuts them at once)", file=sys.stderr)
+        self.draining = asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        """Drain the app, then have uvicorn stop (it closes the connections, busy ones within ``CLOSE_S``)."""
+        await self.graceful.drain(self.drain_seconds)
+        self.should_exit = True
 
 
 def _allowed_hosts(host: str, given: str | None) -> list[str]:

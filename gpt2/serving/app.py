@@ -15,6 +15,13 @@ under /v1, and /tokenize, /detokenize and /metrics, need the key (/metrics not w
 ``public_metrics``). Requests whose ``Host`` header names a host not in ``allowed_hosts`` are refused
 (400), so a web page cannot reach a server on 127.0.0.1 by DNS rebinding.
 
+A graceful shutdown (``Shutdown``, begun by ``gpt2 serve`` on SIGTERM or SIGINT): every new request,
+on a new connection or a kept-alive one, /health too (so that load balancers stop sending any), gets
+503 (``server_shutting_down``, the connection closed after it); the requests running get until the
+drain's deadline to finish, then each unfinished choice ends with finish_reason "abort" (vLLM's name
+for a request the server ended; OpenAI's API has none): a whole reply returns what was generated, a
+stream sends that last chunk, then ``data: [DONE]``.
+
 The work a request asks for is bounded before any is done: its sequences (prompts x ``n``) against
 the queue, each prompt's length in characters against what ``max_prompt_tokens`` can hold; prompts are
 encoded and sequences built in a worker thread, never on the event loop.
@@ -22,6 +29,9 @@ encoded and sequences built in a worker thread, never on the event loop.
 OpenAI's sampling parameters are honoured (``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
 ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``...), and beyond them, as in
 vLLM, ``top_k`` (0 = off), ``min_p`` (0 = off) and ``repetition_penalty`` (CTRL's, 1 = off).
+Structured output (``gpt2.serving.structured``): OpenAI's ``response_format`` (``json_object``,
+``json_schema``) or vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``) hold every choice to
+a grammar; a format that cannot be used (an invalid or unsatisfiable schema) is a 400.
 ``max_tokens`` is capped so that prompt + completion fit the context window; a completion's
 ``max_tokens`` may be 0 with ``echo`` (the prompt scored, nothing generated, as OpenAI's legacy API
 and vLLM take it). The token that ends a completion (``<|endoftext|>``) has its logprob
@@ -35,13 +45,13 @@ turns are dropped when the messages do not fit.
 
 The module, top to bottom: the request bodies (strict pydantic models); errors in OpenAI's shape
 (``APIError``, the exception handlers) and ``Guard``, the middleware that checks the API key and the
-body size before a body is read; ``create_app``, whose routes are thin: FastAPI parses the body,
-``_Service`` (the model name, context window, prompt limit, tokenizer and engine) checks it, builds its
-``SequenceRequest``s and submits them, and ``_answer`` replies, whole or streamed; ``_Metrics`` holds the
-app's Prometheus metrics, in a registry of its own. Last the replies, one
-class per kind of response: ``_CompletionReply`` and ``_ChatReply`` over ``_Reply``, which holds what
-they share (the id, the usage, the loop over the job's steps); ``_event_stream`` sends the chunks as
-server-sent events.
+body size before a body is read; ``Shutdown`` and its middleware ``Draining``; ``create_app``, whose
+routes are thin: FastAPI parses the body, ``_Service`` (the model name, context window, prompt limit,
+tokenizer and engine) checks it, builds its ``SequenceRequest``s and submits them, and ``_answer``
+replies, whole or streamed; ``_Metrics`` holds the app's Prometheus metrics, in a registry of its own.
+Last the replies, one class per kind of response: ``_CompletionReply`` and ``_ChatReply`` over
+``_Reply``, which holds what they share (the id, the usage, the loop over the job's steps);
+``_event_stream`` sends the chunks as server-sent events.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import contextlib
 import html
 import json
 import logging
+import math
 import re
 import secrets
 import sys
@@ -82,6 +93,7 @@ from gpt2.errors import UserError
 from gpt2.prompts import CHAT_HEADER, CHAT_STOPS, Chat, Transcript, fit_messages
 from gpt2.sampling import GenerationConfig, encode_prompt
 from gpt2.serving.engine import Engine, Job, QueueFull, SequenceRequest, Step
+from gpt2.serving.structured import FormatError, ResponseFormat, StructuredOutputs, grammar_of
 from gpt2.tokenizer import bytes_to_unicode
 
 MAX_N = 16  # choices per prompt
@@ -120,6 +132,8 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     repetition_penalty: float | None = Field(None, gt=0, description="an extension: CTRL's penalty (1 = off)")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(None, description="an extension: vLLM's")
 
 
 class CompletionRequest(_Sampling):
@@ -339,6 +353,65 @@ class Guard:
         await self.app(scope, limited, send)
 
 
+class Shutdown:
+    """A graceful shutdown, begun by ``drain`` (``gpt2 serve`` calls it on SIGTERM or SIGINT): from
+    then on every new request is answered 503 (``Draining``, the middleware that also counts the
+    requests being answered); those already running get until the deadline to finish, then the
+    engine cuts the rest (``Engine.cut``: each choice ends with finish_reason "abort", a stream with
+    that last chunk and ``[DONE]``)."""
+
+    POLL_S = 0.05  # how often the drain looks at the requests running
+    FLUSH_S = 5.0  # after the cut, how long the cut replies may take to go out
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.draining = False
+        self.running = 0  # requests being answered (their responses not sent whole yet)
+        self.deadline = math.inf  # time.monotonic() when the running requests are cut
+
+    async def drain(self, seconds: float) -> None:
+        """Refuse new requests, wait up to ``seconds`` for the running ones to finish, then cut them
+        and wait (at most ``FLUSH_S``) for their replies to go out."""
+        self.draining = True
+        self.cut_in(seconds)
+        while self.running and time.monotonic() < self.deadline:
+            await asyncio.sleep(self.POLL_S)
+        if not self.running:
+            return
+        log.warning("shutting down: cutting the %d requests still running", self.running)
+        self.engine.cut()
+        flushed = time.monotonic() + self.FLUSH_S
+        while self.running and time.monotonic() < flushed:
+            await asyncio.sleep(self.POLL_S)
+
+    def cut_in(self, seconds: float) -> None:
+        """Cut the running requests ``seconds`` from now, if that is sooner than planned (0: at once)."""
+        self.deadline = min(self.deadline, time.monotonic() + seconds)
+
+
+class Draining:
+    """ASGI middleware of a ``Shutdown``: counts the requests being answered and, once the shutdown
+    drains, answers every new one 503 with ``Connection: close`` (a keep-alive client moves on too)."""
+
+    def __init__(self, app: ASGIApp, shutdown: Shutdown) -> None:
+        self.app, self.shutdown = app, shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.shutdown.draining:
+            response = APIError(503, "the server is shutting down and takes no new requests; send it to "
+                                "another server or retry later", type="server_error",
+                                code="server_shutting_down").response()
+            response.headers["Connection"] = "close"
+            return await response(scope, receive, send)
+        self.shutdown.running += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.shutdown.running -= 1
+
+
 # ----------------------------------------------------------------------------------------------------
 # The application: thin routes over one _Service
 
@@ -370,10 +443,12 @@ def create_app(
     service = _Service(engine, model_name, max_prompt_tokens, chat_template)
     app = FastAPI(title="gpt2", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     metrics = _Metrics(engine)
+    shutdown = Shutdown(engine)
+    app.add_middleware(Draining, shutdown=shutdown)  # inside Guard, which counts its 503s
     app.add_middleware(Guard, api_key=api_key, limit=max_body_bytes, hosts=allowed_hosts, metrics=metrics,
                        public_metrics=public_metrics)
     _install_error_handlers(app)
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.shutdown = engine, metrics, shutdown
     page = _playground(model_name, service.window, chat_template is not None)
 
     @app.get("/health")
@@ -531,10 +606,18 @@ class _EngineCollector:
                    "sequence's tokens", load["cache_positions"]),
                   ("kv_cache_positions", "positions of the KV cache (slots x context window)",
                    engine.max_batch_size * engine.window),
+                  ("prefix_cache_positions_in_use", "positions of the prefix cache that hold a "
+                   "prompt's keys and values", load["prefix_cache_positions"]),
+                  ("prefix_cache_positions", "positions of the prefix cache (--prefix-cache-tokens)",
+                   0 if engine.prefix_cache is None else engine.prefix_cache.max_tokens),
                   ("max_batch", "the most sequences decoded in one forward pass so far", load["max_batch"])]
         for name, text, value in gauges:
             yield GaugeMetricFamily(f"gpt2_{name}", text, value=value)
         counters = [("forward_passes", "forward passes of the model", load["forward_passes"]),
+                    ("prefix_cache_queries", "prompt positions looked up in the prefix cache",
+                     load["prefix_cache_queries"]),
+                    ("prefix_cache_hits", "prompt positions found in the prefix cache, not read again",
+                     load["prefix_cache_hits"]),
                     ("requests_rejected", "requests refused because the queue was full", load["rejected"]),
                     ("sequences_cancelled", "sequences dropped because their client went away",
                      load["cancelled"]),
@@ -677,11 +760,15 @@ class _Service:
                   prompt_logprobs: bool = False) -> list[SequenceRequest]:
         """``body.n`` sequences per prompt (the i-th seeded ``seed + i``), each ending by the window."""
         bias = _logit_bias(body.logit_bias or {}, self.tokenizer.n_vocab)
+        try:
+            grammar = grammar_of(body.response_format, body.structured_outputs, self.tokenizer)
+        except FormatError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
         out = []
         for ids in prompts:
             max_new_tokens = min(max_new or self.window, self.window - len(ids))
             out += [SequenceRequest(ids, self._config(body, i, max_new_tokens, stops, bias), logprobs,
-                                    prompt_logprobs) for i in range(body.n)]
+                                    prompt_logprobs, grammar) for i in range(body.n)]
         return out
 
     def _config(self, body: _Sampling, i: int, max_new_tokens: int, stops: tuple[str, ...],
@@ -808,7 +895,9 @@ class _Reply:
     """What both kinds of reply share: the id, the usage and the loop over the job's steps, whole
     (``whole``) or streamed (``chunks``). A kind says how its choices look (``_choice`` whole,
     ``_chunk_choice`` streamed) and how its logprobs do (``_logprobs``). ``generates`` False: the
-    steps are drawn but not answered (nothing generated; the choices end as "length")."""
+    steps are drawn but not answered (nothing generated; the choices end as "length"). A choice the
+    engine cuts (``Engine.cut``, at a shutdown's deadline) ends with a step that holds no token and
+    finish_reason "abort"."""
 
     prefix: ClassVar[str]  # of the id
     object: ClassVar[str]  # of the whole response
@@ -832,7 +921,7 @@ class _Reply:
         entries: list[list[Entry]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         async for index, step in self.job.steps(is_disconnected):
-            self.completion_tokens += int(self.generates)
+            self.completion_tokens += self._counts(step)
             texts[index].append(self._text(index, step))
             entries[index] += self._entries(index, step)
             finish[index] = self._finish(step)
@@ -845,7 +934,7 @@ class _Reply:
         for choice in self._opening():
             yield self._chunk([choice])
         async for index, step in self.job.steps():
-            self.completion_tokens += int(self.generates)
+            self.completion_tokens += self._counts(step)
             for choice in self._step_choices(index, step):
                 yield self._chunk([choice])
         if include_usage:
@@ -864,9 +953,13 @@ class _Reply:
         if text or finish or entries:
             yield self._chunk_choice(index, text, entries, finish)
 
+    def _counts(self, step: Step) -> int:
+        """1 if the step is a generated token (not the scoring pass's, not the "abort" of a cut), else 0."""
+        return int(self.generates and step.token is not None)
+
     def _finish(self, step: Step) -> str | None:
         """The finish reason the step gives its choice."""
-        if not self.generates:
+        if not self.generates and step.finish_reason != "abort":
             return "length"
         return step.finish_reason
 
@@ -875,7 +968,7 @@ class _Reply:
 
     def _entries(self, index: int, step: Step) -> list[Entry]:
         """The step's logprob entries: its token's, the end-of-text token's too (its text is "")."""
-        return [(step.token, step.logprob, step.top_logprobs)] if self.generates else []
+        return [(step.token, step.logprob, step.top_logprobs)] if self._counts(step) else []
 
     def _ends_turn(self, index: int, step: Step) -> bool:
         """Whether the step's token is the stop token that ended its choice (not part of the text)."""

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from gpt2.errors import UserError
+from gpt2.memory import release_freed_memory
 from gpt2.model import KVCache, Transformer
 from gpt2.sampling import (
     GenerationConfig,
@@ -46,6 +47,10 @@ from gpt2.sampling import (
     sample,
     text_config,
 )
+from gpt2.serving.prefix_cache import BLOCK, PrefixCache
+from gpt2.serving.structured import Constraint, Grammar, allowed_tokens
+
+PREFIX_CACHE_TOKENS = 4096  # the default budget of the prefix cache, in positions
 
 
 class QueueFull(Exception):
@@ -56,9 +61,10 @@ class QueueFull(Exception):
 class Step:
     """One generated token of a sequence. ``text`` is the text it made final (may be '', while a
     character or a possible stop string is incomplete). ``finish_reason`` is "stop" (end of text or a
-    stop string; this token is then not part of the text), "length" (max tokens) or None."""
+    stop string; this token is then not part of the text), "length" (max tokens), "abort" (cut by
+    ``Engine.cut``: ``token`` is None, no token was drawn, ``text`` is what was held back) or None."""
 
-    token: int
+    token: int | None
     text: str
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
@@ -68,13 +74,15 @@ class Step:
 @dataclass
 class SequenceRequest:
     """What one sequence is: the prompt's ids, the sampling settings (``max_new_tokens``, stops...),
-    how many top log-probabilities to report per token (None: none) and whether to report the
-    prompt's log-probabilities too."""
+    how many top log-probabilities to report per token (None: none), whether to report the
+    prompt's log-probabilities too and the grammar its text must follow (``gpt2.serving.structured``;
+    None: free text)."""
 
     prompt: list[int]
     config: GenerationConfig
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    grammar: Grammar | None = None
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -85,6 +93,7 @@ class _Sequence:
     stream: TextStream
     generator: torch.Generator | None
     stop_ids: frozenset[int]
+    constraint: Constraint | None = None  # its place in the request's grammar
     generated: list[int] = field(default_factory=list)  # the tokens drawn so far
     length: int = 0  # positions this row holds in the cache
     finished: bool = False
@@ -148,6 +157,8 @@ class EngineStats:
 
     forward_passes: int = 0
     prompt_tokens: int = 0  # prompt positions read (a prompt shared by several sequences counts once)
+    prefix_cache_queries: int = 0  # prompt positions looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, the positions found there (not read again)
     tokens_generated: int = 0
     max_batch: int = 0  # most sequences decoded in one forward pass
     requests: int = 0
@@ -170,12 +181,13 @@ class _Slots:
 
 @dataclass(eq=False)
 class _Prefill:
-    """The distinct prompts of the joining ``rows`` (row i's is ``source[i]``), left-padded together
-    (``mask`` None when none is padded), read into a cache of their own: ``done`` positions so far;
-    ``logits`` of the chunks read (their last position only, unless some sequence reports its
-    prompt's log-probabilities)."""
+    """The distinct ``prompts`` of the joining ``rows`` (row i's is ``source[i]``), left-padded
+    together (``mask`` None when none is padded), read into a cache of their own: ``done`` positions
+    so far (from a cached prefix, then chunk by chunk); ``logits`` of the chunks read (their last
+    position only, unless some sequence reports its prompt's log-probabilities)."""
 
     rows: list[_Sequence]
+    prompts: list[list[int]]
     source: Tensor
     ids: Tensor
     mask: Tensor | None
@@ -196,12 +208,14 @@ class Engine:
 
     def __init__(
         self, model: Transformer, tokenizer: TextTokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 256, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     ) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
             if value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
+        if prefix_cache_tokens < 0:
+            raise UserError(f"prefix_cache_tokens must be 0 (off) or more, got {prefix_cache_tokens}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.window = model.config.n_positions
@@ -213,10 +227,13 @@ class Engine:
         # Rows start at different positions: attention always uses the cache's key mask.
         cache = KVCache(model.config, max_batch_size, device=model.device, dtype=model.dtype, padded=True)
         self._slots = _Slots(cache)
+        self.prefix_cache = None if prefix_cache_tokens < BLOCK else PrefixCache(
+            model.config, prefix_cache_tokens, device=model.device, dtype=model.dtype)
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: _Prefill | None = None
         self._wake = threading.Condition()
         self._stopping = False
+        self._cutting = False  # Engine.cut: every sequence ends at once
         self._thread: threading.Thread | None = None
 
     # -- the public side (event loop thread) ----------------------------------------------------------
@@ -232,6 +249,13 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+
+    def cut(self) -> None:
+        """End every sequence, and every one submitted later, at the worker's next step with a last
+        step whose finish_reason is "abort" (a shutdown's deadline): each client gets what it has."""
+        with self._wake:
+            self._cutting = True
+            self._wake.notify()
 
     def submit(
         self, requests: Sequence[SequenceRequest], loop: asyncio.AbstractEventLoop | None = None
@@ -254,8 +278,9 @@ class Engine:
             seed = r.config.seed
             generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
             stop_ids = frozenset(text_config(self.tokenizer, r.config).stop_token_ids)
+            constraint = None if r.grammar is None else r.grammar.constraint()
             sequences.append(_Sequence(r, job, index, TextStream(self.tokenizer, r.config.stop_strings),
-                                       generator, stop_ids))
+                                       generator, stop_ids, constraint))
         with self._wake:
             if len(self._waiting) + len(sequences) > self.max_queue:
                 self.stats.rejected += 1
@@ -268,11 +293,14 @@ class Engine:
 
     def load(self) -> dict[str, int]:
         """How busy the engine is now (sequences running and waiting, the shared cache's positions
-        that hold a running sequence's tokens), with the counters."""
+        that hold a running sequence's tokens, the prefix cache's that hold a prompt's), with the
+        counters."""
         prefilling = len(self._prefilling.rows) if self._prefilling is not None else 0
         rows = list(self._slots.rows)  # the worker may change the list meanwhile
+        prefixes = 0 if self.prefix_cache is None else self.prefix_cache.tokens
         return {"running": len(rows) + prefilling, "waiting": len(self._waiting),
-                "cache_positions": sum(s.length for s in rows), **self.stats.as_dict()}
+                "cache_positions": sum(s.length for s in rows), "prefix_cache_positions": prefixes,
+                **self.stats.as_dict()}
 
     # -- the worker ---------------------------------------------------------------------------------
 
@@ -284,6 +312,9 @@ class Engine:
                 )
                 if self._stopping:
                     break
+                if self._cutting:
+                    self._cut_all()
+                    continue
                 for s in [s for s in self._waiting if s.job.cancelled]:
                     self._waiting.remove(s)
                     self.stats.cancelled += 1
@@ -291,6 +322,7 @@ class Engine:
                 if self._prefilling is None:  # one group of prompts is read at a time
                     free = self.max_batch_size - len(self._slots.rows)
                     joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                    joining = self._group(joining)
             try:
                 with torch.inference_mode():
                     self._step(joining)
@@ -301,6 +333,50 @@ class Engine:
                     s.job.post(s.index, e)
                 self._slots.rows, self._slots.logits, self._prefilling = [], None, None
                 self._slots.cache.reset()
+            if not (self._slots.rows or self._prefilling or self._waiting):
+                # idle: give back what the prompts' own caches took at their peak (glibc keeps it)
+                release_freed_memory()
+
+    def _cut_all(self) -> None:
+        """End every sequence, waiting, being read or decoded, with an "abort" step (``cut``; called
+        with the lock)."""
+        prefilling = self._prefilling.rows if self._prefilling is not None else []
+        for s in [*self._waiting, *prefilling, *self._slots.rows]:
+            s.job.post(s.index, Step(None, s.stream.finish(), finish_reason="abort"))
+        self._waiting.clear()
+        self._slots.rows, self._slots.logits, self._prefilling = [], None, None
+        self._slots.cache.reset()
+
+    def _group(self, joining: list[_Sequence]) -> list[_Sequence]:
+        """Of ``joining``, the sequences to read together now; the others go back to the front of the
+        queue (called with the lock). With a prefix cache two kinds wait for the next group: a prompt
+        that begins with the same uncached block as an earlier other one (read after it, it finds that
+        prompt's keys and values cached instead of reading them again beside it), and, once the group
+        has a cached start, one that would make the parts not cached of the group's prompts differ
+        by more than a block (a group is read from where its least cached row needs it, so the others
+        would read again what they have). The first, the oldest, is always read."""
+        if self.prefix_cache is None or len(joining) < 2:
+            return joining
+        cache = self.prefix_cache
+        kept, deferred, firsts = [], [], {}
+        unread: list[int] = []  # the kept prompts' parts not cached
+        cached = False  # whether some kept prompt has a cached start
+        for s in joining:
+            prompt = s.request.prompt
+            found = cache.cached(prompt)
+            first = tuple(prompt[:BLOCK])
+            earlier = firsts.setdefault(first, prompt)
+            shares = (len(prompt) > BLOCK and earlier != prompt and not s.request.prompt_logprobs
+                      and not cache.holds(first))
+            left = [*unread, len(prompt) - found]
+            apart = (cached or found > 0) and max(left) - min(left) > BLOCK
+            if kept and (shares or apart):
+                deferred.append(s)
+                continue
+            kept.append(s)
+            unread, cached = left, cached or found > 0
+        self._waiting.extendleft(reversed(deferred))
+        return kept
 
     def _step(self, joining: list[_Sequence]) -> None:
         slots = self._slots
@@ -314,21 +390,56 @@ class Engine:
         if not slots.rows:
             return
         tokens = self._draw(slots.logits)
-        self._remove({i for i, s in enumerate(slots.rows) if s.finished})
+        finished = {i for i, s in enumerate(slots.rows) if s.finished}
+        self._keep_finished(finished)
+        self._remove(finished)
         if slots.rows:
             self._decode([tokens[s] for s in slots.rows])
+
+    def _keep_finished(self, rows: set[int]) -> None:
+        """Keep the prompt and generated text of the finished ``rows`` in the prefix cache, so that a
+        chat's next turn, which starts with them, finds them there."""
+        if self.prefix_cache is None:
+            return
+        cache = self._slots.cache
+        for row in rows:
+            s = self._slots.rows[row]
+            read = (s.request.prompt + s.generated)[: s.length]  # the last token drawn was never read
+            self.prefix_cache.store(read, cache, row, cache.length - s.length)
 
     def _start_prefill(self, joining: list[_Sequence]) -> _Prefill:
         cache = self._slots.cache
         device = cache.key_mask.device
         distinct: dict[tuple[int, ...], int] = {}
         source = [distinct.setdefault(tuple(s.request.prompt), len(distinct)) for s in joining]
-        ids, mask = left_pad([list(p) for p in distinct], self.tokenizer.eot_token, device)
+        prompts = [list(p) for p in distinct]
+        ids, mask = left_pad(prompts, self.tokenizer.eot_token, device)
         own = KVCache(self.model.config, len(distinct), ids.shape[1], device=device, dtype=cache.dtype)
         full = any(s.request.prompt_logprobs for s in joining)
-        self.stats.prompt_tokens += sum(map(len, distinct))
         padded = None if bool(mask.all()) else mask
-        return _Prefill(joining, torch.tensor(source, device=device), ids, padded, own, full)
+        self.stats.prompt_tokens += sum(map(len, prompts))
+        # a prompt's own log-probabilities need the logits of every position: then it is read whole
+        done = 0 if full or self.prefix_cache is None else self._reuse_prefixes(prompts, own, padded)
+        return _Prefill(joining, prompts, torch.tensor(source, device=device), ids, padded, own, full, done)
+
+    def _reuse_prefixes(self, prompts: list[list[int]], own: KVCache, mask: Tensor | None) -> int:
+        """Start ``own`` (the left-padded ``prompts``' cache) with the keys and values of their
+        cached prefixes, as far as every row has them; returns the position reading goes on from."""
+        assert self.prefix_cache is not None
+        found = [self.prefix_cache.match(p) for p in prompts]
+        starts = [own.max_len - len(p) for p in prompts]  # where each row's prompt begins
+        pairs = list(zip(starts, found, strict=True))
+        done = min(start + (0 if kv is None else kv.shape[3]) for start, kv in pairs)
+        rows = [(row, start, kv[:, :, :, : done - start])
+                for row, (start, kv) in enumerate(pairs) if kv is not None and done > start]
+        self.stats.prefix_cache_queries += sum(map(len, prompts))
+        if not rows:
+            return 0
+        own.restore(done, None if mask is None else mask[:, :done], rows)
+        reused = sum(kv.shape[3] for _, _, kv in rows)
+        self.stats.prefix_cache_hits += reused
+        self.stats.prompt_tokens -= reused
+        return done
 
     def _prefill_chunk(self) -> None:
         """Read the next chunk of the joining prompts; after the last one, their rows join the slots."""
@@ -346,6 +457,10 @@ class Engine:
         p.done = end
         if end == p.ids.shape[1]:
             self._prefilling = None
+            if self.prefix_cache is not None:
+                width = p.ids.shape[1]
+                for row, prompt in enumerate(p.prompts):
+                    self.prefix_cache.store(prompt, p.cache, row, width - len(prompt))
             logits = self._join(p)
             slots = self._slots
             slots.logits = logits if slots.logits is None else torch.cat([slots.logits, logits])
@@ -397,6 +512,10 @@ class Engine:
             else:
                 text = s.stream.push(token)
                 finish = "stop" if s.stream.done else None
+                if s.constraint is not None:
+                    s.constraint.advance(token)
+                    if finish is None and s.constraint.done:  # nothing but the end could follow
+                        text, finish = text + s.stream.finish(), "stop"
                 if finish is None and len(s.generated) >= s.request.config.max_new_tokens:
                     text, finish = text + s.stream.finish(), "length"
             s.finished = finish is not None
@@ -423,16 +542,22 @@ class Engine:
                 observe(kind, seconds)
 
     def _adjusted(self, logits: Tensor) -> Tensor:
-        """``logits`` after the penalties and bias of the rows that ask for any (a copy if so: log
-        probabilities are reported from the model's own distribution)."""
+        """``logits`` after the penalties and bias of the rows that ask for any, and with the tokens
+        their grammar does not allow next at -inf (a copy if so: log probabilities are reported from
+        the model's own distribution)."""
         rows = [row for row, s in enumerate(self._slots.rows) if s.request.config.adjusts_logits]
-        if not rows:
+        constrained = [row for row, s in enumerate(self._slots.rows) if s.constraint is not None]
+        if not rows and not constrained:
             return logits
         logits = logits.to(torch.float32, copy=True)
         for row in rows:
             prompt, config = self._slots.rows[row].request.prompt, self._slots.rows[row].request.config
             history = torch.tensor([prompt + self._slots.rows[row].generated], device=logits.device)
             logits[row] = adjust_logits(logits[row : row + 1], config, history, len(prompt))[0]
+        if constrained:
+            constraints = [c for row in constrained if (c := self._slots.rows[row].constraint) is not None]
+            allowed = allowed_tokens(constraints, logits.shape[1], logits.device)
+            logits[constrained] = logits[constrained].masked_fill(~allowed, float("-inf"))
         return logits
 
     def _decode(self, tokens: list[int]) -> None:
