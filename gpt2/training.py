@@ -825,16 +825,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train as ``cfg`` says; see the module docstring. Returns what the run reached."""
     env = init_distributed(cfg.device)
     try:
-        state = setup(cfg, env)
-        try:
-            fit(state)
-            return finish(state)
-        finally:
-            if state.metrics:
-                state.metrics.close()  # also when a step fails: the run directory is left unused
+        result = _train(cfg, env)
+        # The run's state (DDP's reducer with it) is gone; gloo's threads let go of the last
+        # collective's tensors, which takes the GIL, while this waits without it. Tearing the group
+        # down before then can deadlock: its destructor joins them holding the GIL.
+        env.barrier()
+        return result
     finally:
         if env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, env: Distributed) -> TrainResult:
+    state = setup(cfg, env)
+    try:
+        fit(state)
+        return finish(state)
+    finally:
+        if state.metrics:
+            state.metrics.close()  # also when a step fails: the run directory is left unused
 
 
 def fit(state: TrainState) -> None:
