@@ -48,6 +48,14 @@ from instructions import DRILL_TEMPLATE, drills, write_sets
 
 SHARED = Path(os.environ.get("GPT2_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SEQ = 128  # tokens per packed window of examples
+CHILD = r"""
+import re, sys
+from gpt2.cli import main
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1])
+sys.exit(code)
+"""  # gpt2 ARGS in this process, then its high-water mark (KB) written to the file argv[1]
 LORA = ["--lora-rank", 5, "--lora-alpha", 20, "--lora-targets", "c_attn,c_proj,c_fc", "--weight-decay", 0]
 QUIET = ["--dropout", 0, "--eval-interval", 0, "--sample-tokens", 0, "--checkpoint-interval", 0,
          "--log-interval", 0, "--overwrite"]
@@ -64,14 +72,15 @@ class Run:
 
 
 def gpt2(*args: object) -> float:
-    """Run ``gpt2 ARGS`` in its own process (output hidden unless it fails); its peak memory in MB."""
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen([sys.executable, "-m", "gpt2", *map(str, args)], stdout=log, stderr=log)
-        _, status, usage = os.wait4(process.pid, 0)
-        if os.waitstatus_to_exitcode(status):
+    """Run ``gpt2 ARGS`` in its own process (output hidden unless it fails); its peak memory in MB,
+    the process's own high-water mark (VmHWM: its ru_maxrss would start at this one's peak, which
+    Linux keeps across exec)."""
+    with tempfile.TemporaryFile() as log, tempfile.NamedTemporaryFile("r") as peak:
+        command = [sys.executable, "-c", CHILD, peak.name, *map(str, args)]
+        if subprocess.run(command, stdout=log, stderr=log).returncode:
             log.seek(0)
             sys.exit(f"gpt2 {' '.join(map(str, args))} failed:\n{log.read().decode()[-3000:]}")
-    return usage.ru_maxrss / 1024  # KB on Linux
+        return int(peak.read()) / 1024  # KB
 
 
 def base_model(work: Path, held_out: list[dict], steps: int, drill_steps: int, smoke: bool) -> Path:
