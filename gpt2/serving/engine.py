@@ -328,11 +328,8 @@ class Engine:
                     self._step(joining)
             except Exception as e:  # a bug or out of memory: fail these requests, keep serving others
                 self.stats.errors += 1
-                prefilling = self._prefilling.rows if self._prefilling is not None else []
-                for s in {*self._slots.rows, *prefilling, *joining}:
+                for s in {*self._drop_running(), *joining}:
                     s.job.post(s.index, e)
-                self._slots.rows, self._slots.logits, self._prefilling = [], None, None
-                self._slots.cache.reset()
             if not (self._slots.rows or self._prefilling or self._waiting):
                 # idle: give back what the prompts' own caches took at their peak (glibc keeps it)
                 release_freed_memory()
@@ -340,12 +337,16 @@ class Engine:
     def _cut_all(self) -> None:
         """End every sequence, waiting, being read or decoded, with an "abort" step (``cut``; called
         with the lock)."""
-        prefilling = self._prefilling.rows if self._prefilling is not None else []
-        for s in [*self._waiting, *prefilling, *self._slots.rows]:
+        for s in [*self._waiting, *self._drop_running()]:
             s.job.post(s.index, Step(None, s.stream.finish(), finish_reason="abort"))
         self._waiting.clear()
+
+    def _drop_running(self) -> list[_Sequence]:
+        """Drop every sequence being read or decoded and empty the shared cache; returns them."""
+        dropped = [*(self._prefilling.rows if self._prefilling is not None else []), *self._slots.rows]
         self._slots.rows, self._slots.logits, self._prefilling = [], None, None
         self._slots.cache.reset()
+        return dropped
 
     def _group(self, joining: list[_Sequence]) -> list[_Sequence]:
         """Of ``joining``, the sequences to read together now; the others go back to the front of the

@@ -74,15 +74,13 @@ class PrefixCache:
         """Keep the whole blocks of ``prompt``, read into ``cache``'s row ``row`` from position
         ``start``, that are not kept yet, evicting the least recently used blocks of other prompts."""
         keys = [tuple(prompt[:end]) for end in range(BLOCK, len(prompt) + 1, BLOCK)]
-        if not keys or not self.max_tokens:
-            return
-        self._touch([k for k in keys if k in self._index])
+        own = set(keys)  # never evicted for the prompt's own other blocks
         new: list[int] = []  # which blocks of the prompt
         places: list[int] = []  # where they go in the pool
         for b, key in enumerate(keys):
             if key in self._index:
                 continue
-            place = self._free_place(protected=set(keys))
+            place = self._free_place(protected=own)
             if place is None:  # the rest of the prompt is its own least recently used
                 break
             self._index[key] = place
