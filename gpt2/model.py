@@ -35,7 +35,8 @@ class KVCache:
     ``key_mask`` (rows, max_len) marks which positions hold real tokens (False for padding) and
     ``next_position`` (rows,) is the position id the next real token of each row gets, so rows of
     different lengths can be decoded together. ``padded``: some padding was written, so attention
-    needs the mask (a cache made with ``padded=True`` always uses it).
+    needs the mask (a cache made with ``padded=True`` always uses it). ``attention_dtype``: the
+    activations' dtype when the cache is held in a lower one (quantised models: a bfloat16 cache).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         *,
         padded: bool = False,
+        attention_dtype: torch.dtype | None = None,
     ) -> None:
         self.max_len = max_len or config.n_positions
         if self.max_len > config.n_positions:
@@ -58,6 +60,10 @@ class KVCache:
         shape = (batch_size, config.n_head, self.max_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        # A cache in a lower precision than the activations is read into one layer's room of theirs.
+        self.attention_dtype = attention_dtype or dtype
+        self._scratch = None if self.attention_dtype == dtype else \
+            torch.empty(2, *shape, device=device, dtype=self.attention_dtype)
         self.key_mask = torch.ones(batch_size, self.max_len, device=device, dtype=torch.bool)
         self.next_position = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.slot = torch.zeros(1, device=device, dtype=torch.long)
@@ -100,7 +106,18 @@ class KVCache:
         B, end = k.shape[0], self.length + k.shape[2]
         self.keys[layer][:B, :, self.length : end] = k
         self.values[layer][:B, :, self.length : end] = v
-        return self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end]
+        return self._for_attention(self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end])
+
+    def _for_attention(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """``keys`` and ``values`` (views of the cache) in the activations' dtype: themselves, or
+        copied into the scratch room (a float32 copy per layer, rather than attention in bfloat16,
+        which runs several times slower on CPUs without bfloat16 instructions)."""
+        if self._scratch is None:
+            return keys, values
+        room = self._scratch[:, : keys.shape[0], :, : keys.shape[2]]
+        room[0].copy_(keys)
+        room[1].copy_(values)
+        return room[0], room[1]
 
     def update_at_slot(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write one position's keys and values (B, heads, 1, head_dim) of ``layer`` at ``slot``;
@@ -110,7 +127,7 @@ class KVCache:
         # (under autocast k and v may be in a lower precision than the cache)
         keys.index_copy_(2, self.slot, k.to(keys.dtype))
         values.index_copy_(2, self.slot, v.to(values.dtype))
-        return keys, values
+        return self._for_attention(keys, values)
 
     def step_mask(self, batch: int) -> Tensor:
         """The attention mask (batch, 1, 1, max_len) of a decode step at ``slot``: the real positions
@@ -303,6 +320,14 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.transformer.ln_f.weight.device
 
+    # The KV cache's dtype when it is not the activations' (quantised models keep theirs in bfloat16).
+    kv_cache_dtype: torch.dtype | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype generation and serving keep the KV cache in."""
+        return self.kv_cache_dtype or self.dtype
+
     def set_dropout(self, rate: float) -> None:
         """Use dropout ``rate`` from now on (its config says so too); the weights are untouched."""
         self.config = dataclasses.replace(self.config, dropout=rate)
@@ -411,16 +436,21 @@ class Transformer(nn.Module):
             x = block(x, mask, cache, layer, step=True)
         return self.lm_head(self.transformer.ln_f(x))[:, -1]
 
-    def compile_decode_step(self) -> None:
+    def compile_decode_step(self, autotune: bool = False) -> None:
         """Compile the decode step with ``torch.compile`` (the prompt's forward pass stays eager). Its
         shapes are symbolic (``dynamic=True``) in batch size and cache length, so one compilation
         serves every generation. On CUDA it is replayed as a CUDA graph ("reduce-overhead"); on the
         CPU the weights become constants prepacked for its matrix kernels (freezing), so changing
-        them afterwards has no effect."""
+        them afterwards has no effect. ``autotune``: the CPU's float products are also timed against
+        Inductor's generated C++ kernels, per shape, and the fastest kept ("max-autotune": a longer
+        first call)."""
         if self.device.type == "cuda":
             self._compiled_step = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=True)
-        else:
-            self._compiled_step = torch.compile(self._decode_step, dynamic=True, options={"freezing": True})
+            return
+        options = {"freezing": True}
+        if autotune:
+            options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        self._compiled_step = torch.compile(self._decode_step, dynamic=True, options=options)
 
 
 def _embedding(rows: int, width: int, loading: bool) -> nn.Embedding:
@@ -477,30 +507,44 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class _OneDNNLinear(nn.Linear):
-    """``nn.Linear`` whose gradient-free fp32 forward runs on oneDNN. PyTorch hands fp32 CPU products
-    to MKL, whose products with few rows (one per sequence when decoding) run far below memory
-    bandwidth. Measured here on the 124M shape: decoding 1.4x faster at batch 1 and 1.8x at batch 8,
-    perplexity evaluation 1.2x."""
+    """``nn.Linear`` whose gradient-free fp32 forward runs on the faster of PyTorch's two CPU matrix
+    libraries for its number of rows. PyTorch hands every fp32 CPU product to MKL, whose products with
+    a few rows (one per sequence when decoding) run far below memory bandwidth except on Intel CPUs,
+    and below oneDNN's on every CPU from 4 rows on. Measured on the 124M shape's weights: oneDNN 1.4x
+    faster than MKL at batch 1 and 1.8x at batch 8 on an AMD EPYC; on an Intel Xeon, MKL 1.3x faster
+    at 1 and 2 rows, oneDNN 1.3x at 4 and 1.6x at 8. ``mkl_rows``: products of at most this many rows
+    stay on MKL (``onednn_linears`` sets it)."""
+
+    mkl_rows = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cpu and x.dtype == torch.float32 and not (
-            torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
-        ):
-            if torch.compiler.is_compiling():
-                return _onednn_linear(x, self.weight, self.bias)
-            # eager: the product itself (a custom op's first call imports torch._dynamo: 1.3 s, 70 MB)
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+        if not x.is_cpu or x.dtype != torch.float32 or torch.is_grad_enabled() \
+                or torch.is_autocast_enabled("cpu") or x.numel() <= self.mkl_rows * x.shape[-1]:
+            return super().forward(x)
+        if torch.compiler.is_compiling():
+            return _onednn_linear(x, self.weight, self.bias)
+        # eager: the product itself (a custom op's first call imports torch._dynamo: 1.3 s, 70 MB)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" in f.read(4096)
+    except OSError:
+        return False
 
 
 def onednn_linears(model: nn.Module) -> None:
-    """Compute the fp32 ``nn.Linear`` layers of ``model`` with oneDNN when no gradient is wanted
-    (weights, shapes and state dict unchanged; training is unaffected). Only weights of 2**18 values
-    or more: below that, oneDNN's fixed cost per call (about 25 us here) outweighs its faster product."""
+    """Compute the fp32 ``nn.Linear`` layers of ``model`` with oneDNN when no gradient is wanted, and
+    with MKL for up to 2 rows on an Intel CPU (weights, shapes and state dict unchanged; training is
+    unaffected). Only weights of 2**18 values or more: below that, oneDNN's fixed cost per call (about
+    25 us here) outweighs its faster product."""
     if not torch.backends.mkldnn.is_available():
         return
+    mkl_rows = 2 if torch.backends.mkl.is_available() and _intel_cpu() else 0
     for module in model.modules():
         weight = module.weight if type(module) is nn.Linear else None
         if weight is not None and weight.dtype == torch.float32 and weight.numel() >= 2**18:
             module.__class__ = _OneDNNLinear
-
+            module.mkl_rows = mkl_rows

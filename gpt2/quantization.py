@@ -1,5 +1,6 @@
 """Quantised inference on the CPU: the linear layers' weights in 8 or 4 bits, multiplied by
-PyTorch's own quantised kernels, every other tensor (and the KV cache) in float32. Decoding reads
+PyTorch's own quantised kernels, every other tensor in float32 and the KV cache in bfloat16 (as
+llama.cpp keeps a 16-bit cache under every weight format; attention runs in float32). Decoding reads
 every weight once per token, so fewer weight bytes is more tokens per second.
 
 - ``int8``: weights int8 with a scale per output channel; each input row is quantised to 8 bits on
@@ -50,7 +51,8 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """``y = x W^T + b``, W int8 with a scale per output channel, by fbgemm's dynamic int8 product.
+    """``y = x W^T + b``, W int8 with a scale per output channel, by fbgemm's dynamic int8 product,
+    which adds the float32 bias itself (packed with the weight: one pass over the output, not two).
     ``rows``: also keep the int8 rows and scales (for ``Int8Embedding``)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, *, rows: bool = False) -> None:
@@ -64,13 +66,22 @@ class Int8Linear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.weight_bytes = q.numel() + 4 * len(q)
         self.bias = _bias(bias)
+        if bias is not None and not bias.is_meta:
+            self.pack_bias()
         if rows:
             self.register_buffer("rows", q)
             self.register_buffer("scales", scales)
 
+    def pack_bias(self) -> None:
+        """Move the bias into fbgemm's packed weight (a layer made while loading gets its bias after
+        its weight)."""
+        weight, _ = torch.ops.quantized.linear_unpack(self.packed)
+        self.packed = torch.ops.quantized.linear_prepack(weight, self.bias.detach())
+        self.weight_bytes += 4 * self.out_features
+        self.bias = None
+
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)  # 7-bit inputs, as fbgemm wants
-        return y if self.bias is None else y + self.bias
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)  # True: 7-bit inputs (fbgemm)
 
 
 class Int4Linear(nn.Module):
@@ -102,8 +113,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).bfloat16(), self.weight, GROUP,
                                               self.scales_and_zeros)
-        y = y[:, : self.out_features].view(*x.shape[:-1], self.out_features).float()
-        return y if self.bias is None else y + self.bias
+        if self.out_features % _INT4_ROWS:
+            y = y[:, : self.out_features]
+        y = y.view(*x.shape[:-1], self.out_features)
+        # bfloat16 + a float32 bias is float32 already: one pass over the output
+        return y.float() if self.bias is None else torch.add(y, self.bias)
 
 
 class Int8Embedding(nn.Module):
@@ -141,3 +155,7 @@ def quantize_weights(model: Transformer, weights: Iterable[tuple[str, Tensor]], 
             rest[name] = tensor.float()
         del tensor  # before the next is read: the float copy goes now, not with the next one
     model.load_state_dict(rest, strict=False, assign=True)
+    model.kv_cache_dtype = torch.bfloat16  # as llama.cpp's 16-bit cache: half the bytes, attention in float32
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.bias is not None:
+            module.pack_bias()

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from gpt2.errors import UserError
 from gpt2.generation_config import ContextWindowReached, GenerationConfig
+from gpt2.memory import release_freed_memory
 from gpt2.model import KVCache, Transformer
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,13 +249,14 @@ def stream_tokens(
 def _decode(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: Tensor | None
             ) -> Iterator[tuple[Tensor, Tensor]]:
     """The loop: one forward pass over the prompts, then one cached step per new token (in eval mode;
-    the model's mode is restored after)."""
+    the model's mode is restored after; the memory of its cache goes back to the system)."""
     was_training = model.training
     model.eval()
     try:
         yield from _steps(model, rows, input_ids, attention_mask)
     finally:
         model.train(was_training)
+        release_freed_memory()
 
 
 def _steps(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: Tensor | None
@@ -263,7 +265,7 @@ def _steps(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: T
     config, window = rows.config, model.config.n_positions
     new = config.max_new_tokens
     cache = KVCache(model.config, len(input_ids), _cache_len(model, input_ids, config),
-                    device=input_ids.device, dtype=model.dtype)
+                    device=input_ids.device, dtype=model.cache_dtype, attention_dtype=model.dtype)
     logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
     for step in range(new):
         token = rows.choose(logits, step)

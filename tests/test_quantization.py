@@ -84,6 +84,7 @@ def test_quantised_models_hold_low_bit_weights_and_the_embedding_once(
     assert len(blocks) == 4 * model.config.n_layer and all(type(m) is layer for m in blocks)
     assert isinstance(model.transformer.wte, Int8Embedding) and model.transformer.wte.head[0] is model.lm_head
     assert model.lm_head.rows.dtype == torch.int8 and model.dtype == torch.float32
+    assert model.cache_dtype == torch.bfloat16  # a 16-bit KV cache, as llama.cpp's
     fp32_bytes = 4 * load_for_inference(trained, device="cpu").num_parameters()
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert held < fp32_bytes * (0.3 if precision == "int8" else 0.25)
@@ -104,3 +105,5 @@ def test_int4_needs_a_width_in_groups_of_32(tmp_path: Path) -> None:
         load_for_inference(tmp_path, precision="int4", device="cpu")
     with pytest.raises(UserError, match="int8 runs on the CPU only"):
         load_for_inference(tmp_path, precision="int8", device="meta")
+    with pytest.raises(UserError, match=r"int8 is not compiled .* leave out --compile"):
+        load_for_inference(tmp_path, precision="int8", device="cpu", compile=True)

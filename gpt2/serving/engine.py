@@ -225,10 +225,11 @@ class Engine:
         self.stats = EngineStats()
         self.observers: list[Callable[[str, float], None]] = []  # told each timing (module docstring)
         # Rows start at different positions: attention always uses the cache's key mask.
-        cache = KVCache(model.config, max_batch_size, device=model.device, dtype=model.dtype, padded=True)
+        cache = KVCache(model.config, max_batch_size, device=model.device, dtype=model.cache_dtype,
+                        padded=True, attention_dtype=model.dtype)
         self._slots = _Slots(cache)
         self.prefix_cache = None if prefix_cache_tokens < BLOCK else PrefixCache(
-            model.config, prefix_cache_tokens, device=model.device, dtype=model.dtype)
+            model.config, prefix_cache_tokens, device=model.device, dtype=model.cache_dtype)
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: _Prefill | None = None
         self._wake = threading.Condition()
@@ -415,7 +416,8 @@ class Engine:
         source = [distinct.setdefault(tuple(s.request.prompt), len(distinct)) for s in joining]
         prompts = [list(p) for p in distinct]
         ids, mask = left_pad(prompts, self.tokenizer.eot_token, device)
-        own = KVCache(self.model.config, len(distinct), ids.shape[1], device=device, dtype=cache.dtype)
+        own = KVCache(self.model.config, len(distinct), ids.shape[1], device=device, dtype=cache.dtype,
+                      attention_dtype=cache.attention_dtype)
         full = any(s.request.prompt_logprobs for s in joining)
         padded = None if bool(mask.all()) else mask
         self.stats.prompt_tokens += sum(map(len, prompts))
