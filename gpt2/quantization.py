@@ -63,18 +63,20 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # torch announces that quantised tensors will move to torchao
             warnings.simplefilter("ignore", UserWarning)
             quantized = torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0)
-        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.weight_bytes = q.numel() + 4 * len(q)
-        self.bias = _bias(bias)
-        if bias is not None and not bias.is_meta:
-            self.pack_bias()
+        if bias is None or bias.is_meta:  # while loading, the bias comes after the weight: ``pack_bias``
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+            self.bias = _bias(bias)
+        else:
+            self.packed = torch.ops.quantized.linear_prepack(quantized, bias.float())
+            self.weight_bytes += 4 * len(q)
+            self.bias = None
         if rows:
             self.register_buffer("rows", q)
             self.register_buffer("scales", scales)
 
     def pack_bias(self) -> None:
-        """Move the bias into fbgemm's packed weight (a layer made while loading gets its bias after
-        its weight)."""
+        """Move the bias, loaded after the layer was made, into fbgemm's packed weight."""
         weight, _ = torch.ops.quantized.linear_unpack(self.packed)
         self.packed = torch.ops.quantized.linear_prepack(weight, self.bias.detach())
         self.weight_bytes += 4 * self.out_features
