@@ -38,6 +38,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from gpt2.errors import UserError
 from gpt2.tokenizer import ENDOFTEXT, Tokenizer
 
+# The plain transcript's opening (``gpt2.prompts.Transcript``) when no system message is given.
+CHAT_HEADER = "A conversation between a curious user and a helpful assistant.\n\n"
+
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 

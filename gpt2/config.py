@@ -80,6 +80,8 @@ class GPT2Config:
         return dataclasses.asdict(self)
 
 
+PUBLISHED_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # the family OpenAI released
+
 PRESETS: dict[str, GPT2Config] = {
     # The published family (Radford et al. 2019; parameter counts as released).
     "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),  # 124M ("117M" in the paper)

@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from gpt2.chat_template import ChatTemplate, Message
+from gpt2.chat_template import CHAT_HEADER, ChatTemplate, Message
 from gpt2.errors import UserError
 from gpt2.model import Transformer
 from gpt2.sampling import (
@@ -143,7 +143,6 @@ def answer(
 # ----------------------------------------------------------------------------------------------------
 # Chat
 
-CHAT_HEADER = "A conversation between a curious user and a helpful assistant.\n\n"
 CHAT_STOPS = ("\n",)  # a reply is one line; this also stops the model writing the next "User:"
 
 

@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from gpt2.chat_template import ChatTemplate
+from gpt2.chat_template import CHAT_HEADER, ChatTemplate
 from gpt2.cli.options import (
     add_length_arguments,
     add_model_arguments,
@@ -18,7 +18,6 @@ from gpt2.cli.options import (
     sampling_config,
 )
 from gpt2.errors import UserError
-from gpt2.prompts import CHAT_HEADER, Chat, chat_format
 from gpt2.tokenizer import Tokenizer
 
 
@@ -63,6 +62,8 @@ def chat_template(args: argparse.Namespace, tokenizer: Tokenizer) -> ChatTemplat
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2.prompts import Chat, chat_format  # torch: only when the verb runs
+
     config = sampling_config(args)
     model, tokenizer = load_model_and_tokenizer(args)
     chat = Chat(chat_format(chat_template(args, tokenizer), args.system))

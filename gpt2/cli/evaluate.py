@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer
+from gpt2.config import PUBLISHED_SIZES
 from gpt2.errors import UserError
-from gpt2.evaluation import benchmarks, perplexity, report
+from gpt2.evaluation import perplexity
 from gpt2.evaluation.hub import HUB_DATASETS
-from gpt2.evaluation.scoring import Scorer
+
+if TYPE_CHECKING:
+    from gpt2.evaluation.scoring import Scorer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(rep, data=False)
     rep.add_argument("--suite", required=True, help="the suite file (see gpt2.evaluation.report)")
     rep.add_argument("--out", default=".", help="directory for report.md and report.json (default: .)")
-    rep.add_argument("--compare-with", choices=list(report.PUBLISHED_SIZES),
+    rep.add_argument("--compare-with", choices=list(PUBLISHED_SIZES),
                      help="show the published figures of this size (default: the size the model's shape "
                      "matches, if any)")
     rep.set_defaults(handler=run_report)
@@ -93,6 +97,8 @@ def _task_parser(
 
 def scorer_for(args: argparse.Namespace) -> Scorer:
     """Load the model and its tokenizer as the options say."""
+    from gpt2.evaluation.scoring import Scorer  # torch: only when the verb runs
+
     model, tokenizer = load_model_and_tokenizer(args)
     return Scorer(model, tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
 
@@ -117,6 +123,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
 
 def run_task(args: argparse.Namespace) -> int:
+    from gpt2.evaluation import benchmarks
+
     rows = benchmarks.task_rows(args.task, file=args.file, dataset=args.dataset)
     scorer = scorer_for(args)
     if args.task == "lambada":
@@ -130,6 +138,8 @@ def run_task(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from gpt2.evaluation import report
+
     entries = report.load_suite(args.suite)
     scorer = scorer_for(args)
 

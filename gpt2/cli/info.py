@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
-
-from gpt2.api import GPT2
 from gpt2.config import PRESETS, GPT2Config
 from gpt2.errors import UserError
+
+if TYPE_CHECKING:
+    from gpt2.api import GPT2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch  # only when the verb runs
+
+    from gpt2.api import GPT2
+
     if (args.model is None) == (args.preset is None):
         raise UserError("give either MODEL or --preset NAME")
     if args.preset:

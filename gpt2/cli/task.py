@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2 import prompts
 from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer, read_text_file
 
 
@@ -60,12 +59,16 @@ def _text(args: argparse.Namespace, path: Path | None = None) -> str:
 
 
 def run_summarize(args: argparse.Namespace) -> int:
+    from gpt2 import prompts  # torch: only when the verb runs
+
     model, tokenizer = load_model_and_tokenizer(args)
     print(prompts.summarize(model, tokenizer, _text(args), seed=args.seed))
     return 0
 
 
 def run_translate(args: argparse.Namespace) -> int:
+    from gpt2 import prompts  # torch: only when the verb runs
+
     examples = prompts.DEFAULT_EXAMPLES
     if args.examples:
         examples = prompts.read_pairs(_text(args, args.examples), str(args.examples))
@@ -75,6 +78,8 @@ def run_translate(args: argparse.Namespace) -> int:
 
 
 def run_answer(args: argparse.Namespace) -> int:
+    from gpt2 import prompts  # torch: only when the verb runs
+
     history = []
     if args.history:
         history = prompts.read_pairs(_text(args, args.history), str(args.history), "question = answer")

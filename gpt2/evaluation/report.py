@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from gpt2.atomic import write_atomic
-from gpt2.config import PRESETS, GPT2Config, read_settings
+from gpt2.config import PRESETS, PUBLISHED_SIZES, GPT2Config, read_settings
 from gpt2.errors import UserError
 from gpt2.evaluation.benchmarks import evaluate_cbt, evaluate_hellaswag, evaluate_lambada, task_rows
 from gpt2.evaluation.perplexity import evaluate_perplexity, get_corpus, hub_text, read_text
@@ -31,7 +31,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PUBLISHED_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 @dataclass(frozen=True)
