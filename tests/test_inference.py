@@ -123,34 +123,33 @@ def _subparser(parser, names: list[str]):
     return parser
 
 
-def test_gpt2_help_lists_every_verb_without_importing_torch() -> None:
+def _help(*verb: str) -> tuple[str, str]:
+    """``gpt2 [VERB] --help`` in a fresh interpreter: whether it imported torch ("True"/"False"), and
+    what it printed."""
     code = (
         "import sys, contextlib, io\nfrom gpt2.cli import main\nout = io.StringIO()\n"
-        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n    main(['--help'])\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        f"    main([*{list(verb)!r}, '--help'])\n"
         "print('torch' in sys.modules)\nprint(out.getvalue())"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded, _, text = result.stdout.partition("\n")
+    return loaded, text
+
+
+def test_gpt2_help_lists_every_verb_without_importing_torch() -> None:
+    loaded, text = _help()
     assert loaded == "False"
     assert all(verb in text for verb in VERBS)
 
 
 # detect's and prepare's options show defaults of modules that import torch (the detector, the loader)
 _TORCH_HELP = {"detect", "prepare"}
-
-
 _KNOWN = pytest.mark.xfail(strict=True, reason="its help imports torch")
 
 
 @pytest.mark.parametrize("verb", [pytest.param(v, marks=_KNOWN) if v in _TORCH_HELP else v for v in VERBS])
 def test_every_verbs_help_returns_without_importing_torch(verb: str) -> None:
-    code = (
-        "import sys, contextlib, io\nfrom gpt2.cli import main\nout = io.StringIO()\n"
-        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
-        f"    main([{verb!r}, '--help'])\n"
-        "print('torch' in sys.modules)\nprint(out.getvalue())"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded, _, text = result.stdout.partition("\n")
+    loaded, text = _help(verb)
     assert text.startswith(f"usage: gpt2 {verb}")
     assert loaded == "False", f"gpt2 {verb} --help imports torch"

@@ -32,7 +32,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-
 @dataclass(frozen=True)
 class Benchmark:
     """A row group of the table: which evaluation runs and which of its results fill which metric
