@@ -27,15 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from gpt2.errors import UserError
-from gpt2.evaluation.scoring import Scorer
-from gpt2.model import Transformer
-from gpt2.sampling import GenerationConfig, generate
+from gpt2.generation_config import GenerationConfig
 from gpt2.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch and the model are imported by the Detector: ``gpt2 detect --help`` does without
+    import torch
+
+    from gpt2.model import Transformer
 
 # Where people's text (below) and top-k 40 samples (above) parted on the Shakespeare demo model
 # (benchmarks/detect.py): calibrate on your own texts for error rates you can quote.
@@ -113,6 +116,8 @@ class Detector:
         stride: int | None = None,
         batch_size: int = 8,
     ) -> None:
+        from gpt2.evaluation.scoring import Scorer
+
         if not math.isfinite(threshold):
             raise UserError(f"the threshold must be a finite number, got {threshold}")
         self.scorer = Scorer(model, tokenizer, batch_size=batch_size)
@@ -125,6 +130,8 @@ class Detector:
 
     def detect_ids(self, ids: Sequence[int]) -> Detection:
         """The statistics of the token ids ``ids``."""
+        import torch
+
         if len(ids) < 2:
             raise UserError(f"a text of {len(ids)} token(s) is too short to judge; give at least a sentence")
         stats = [_token_stats(logits, torch.tensor(targets, device=logits.device)) for logits, targets
@@ -156,6 +163,10 @@ class Detector:
         (default: plain sampling with seed 0; its length and logit bias are set here), and set
         ``self.threshold`` to the lowest value that calls at most ``max_false_positive`` of the
         passages generated."""
+        import torch
+
+        from gpt2.sampling import generate
+
         lengths = {len(p) for p in passages}
         if len(passages) < 2 or len(lengths) != 1:
             raise UserError("calibration needs at least 2 passages of people's text, all of one length")

@@ -11,7 +11,7 @@ optimiser: ``state_dict`` / ``load_state_dict``, as nanochat's checkpoint manage
 loop and ``finish`` the end; ``train`` runs ``setup``, ``fit`` and ``finish``.
 
 Distributed runs start under ``torchrun``: each rank reads its own part of the data (see
-``gpt2.data.ShardLoader``) and DistributedDataParallel averages the gradients (NCCL on GPUs, gloo on
+``gpt2.loader.ShardLoader``) and DistributedDataParallel averages the gradients (NCCL on GPUs, gloo on
 CPUs). With ``--fsdp`` the weights, gradients and optimiser state are sharded over the processes
 instead (PyTorch's FSDP2, as torchtitan), for models that do not fit one GPU; checkpoints gather them
 into the same files. Rank 0 writes the run directory, which must be on a file system every rank sees
@@ -51,10 +51,10 @@ from gpt2.atomic import replace_dir, write_atomic
 from gpt2.chat_data import read_chat_info
 from gpt2.checkpoints import LATEST, find_adapter
 from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
-from gpt2.data import Batch, ShardLoader
 from gpt2.errors import UserError
 from gpt2.generation_config import GenerationConfig
 from gpt2.inference import check_device, default_device
+from gpt2.loader import Batch, ShardLoader
 from gpt2.loss import IGNORE
 from gpt2.memory import check_fits, physical_memory
 from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics

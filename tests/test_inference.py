@@ -143,12 +143,7 @@ def test_gpt2_help_lists_every_verb_without_importing_torch() -> None:
     assert all(verb in text for verb in VERBS)
 
 
-# detect's and prepare's options show defaults of modules that import torch (the detector, the loader)
-_TORCH_HELP = {"detect", "prepare"}
-_KNOWN = pytest.mark.xfail(strict=True, reason="its help imports torch")
-
-
-@pytest.mark.parametrize("verb", [pytest.param(v, marks=_KNOWN) if v in _TORCH_HELP else v for v in VERBS])
+@pytest.mark.parametrize("verb", VERBS)
 def test_every_verbs_help_returns_without_importing_torch(verb: str) -> None:
     loaded, text = _help(verb)
     assert text.startswith(f"usage: gpt2 {verb}")
