@@ -154,11 +154,10 @@ class Engine:
 
 def tensor_bytes(model: Any) -> int:
     """Bytes of a torch model's parameters and buffers, each storage once (the tied embedding), and of
-    the int8 layers' weights that fbgemm holds packed, outside any tensor."""
-    from gpt2.quantization import Int8Linear
-
+    the weights held outside any of them (``weight_bytes``: fbgemm's packed int8 weights, oneDNN's
+    blocked bf16 ones)."""
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
-    packed = sum(m.weight_bytes for m in model.modules() if isinstance(m, Int8Linear))
+    packed = sum(getattr(m, "weight_bytes", 0) for m in model.modules())
     return packed + sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -235,8 +235,9 @@ def stream_tokens(
         raise UserError("stop strings need a tokenizer to decode with; pass decode_bytes (or a tokenizer)")
     config.check_vocabulary(model.config.vocab_size)
     input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, model.config.n_positions)
-    rows, dtype = len(input_ids) * config.num_samples, model.dtype
-    KVCache.check_fits(model.config, rows, _cache_len(model, input_ids, config), dtype)  # before any buffer
+    rows = len(input_ids) * config.num_samples
+    KVCache.check_fits(model.config, rows, _cache_len(model, input_ids, config), model.cache_dtype,
+                       model.attention_dtype)  # before any buffer
     if config.num_samples > 1:
         input_ids = input_ids.repeat_interleave(config.num_samples, dim=0)
         if attention_mask is not None:
@@ -265,7 +266,8 @@ def _steps(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: T
     config, window = rows.config, model.config.n_positions
     new = config.max_new_tokens
     cache = KVCache(model.config, len(input_ids), _cache_len(model, input_ids, config),
-                    device=input_ids.device, dtype=model.cache_dtype, attention_dtype=model.dtype)
+                    device=input_ids.device, dtype=model.cache_dtype,
+                    attention_dtype=model.attention_dtype)
     logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
     for step in range(new):
         token = rows.choose(logits, step)

@@ -1,7 +1,8 @@
 """The reduced precisions against fp32 on a trained tiny model (random weights would hide what
 rounding does to a model that predicts something): the held-out loss each precision gives, the
 logits, and greedy tokens; int8 and int4 hold their weights in 8 and 4 bits, the tied embedding
-once, and load the same from a checkpoint as from a model in memory."""
+once, and load the same from a checkpoint as from a model in memory; bf16's blocked weights give the
+plain ones' values."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from gpt2 import GPT2, UserError
 from gpt2.inference import load_for_inference
+from gpt2.model import KVCache, _BlockedLinear
 from gpt2.quantization import Int4Linear, Int8Embedding, Int8Linear
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "her", "dog", "ran"]
@@ -97,6 +99,37 @@ def test_quantising_a_loaded_model_equals_quantising_while_loading(trained: Path
     ids = ids_of("the cat sat on a mat")[None]
     with torch.inference_mode():
         assert torch.equal(in_memory(ids), streamed(ids))
+
+
+def test_bf16_on_the_cpu_multiplies_blocked_weights_with_the_plain_weights_values(trained: Path) -> None:
+    model = load_for_inference(trained, precision="bf16", device="cpu")
+    plain = GPT2.from_pretrained(trained, dtype=torch.bfloat16).eval()
+    layers = [name for name, m in plain.named_modules() if type(m) is nn.Linear]
+    assert len(layers) == 4 * model.config.n_layer + 1  # the blocks' and the LM head
+    x = torch.randn(3, 5, 4 * model.config.n_embd).bfloat16()
+    with torch.inference_mode():
+        for name in layers:
+            blocked, linear = model.get_submodule(name), plain.get_submodule(name)
+            assert type(blocked) is _BlockedLinear
+            rows = x[..., : linear.in_features]
+            expected = linear(rows)  # the same sums, rounded to bfloat16 from another order at most
+            spread = float(expected.abs().max())
+            torch.testing.assert_close(blocked(rows), expected, atol=0.01 * spread, rtol=0.01)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16  # the embedding keeps its plain rows
+    assert model.cache_dtype == torch.bfloat16 and model.attention_dtype == torch.float32
+
+
+def test_the_cache_estimate_counts_the_float32_room_of_a_bfloat16_cache() -> None:
+    config = random_model(n_layer=4, n_head=2, n_embd=64).config
+
+    def estimate(**attention: torch.dtype) -> float:
+        with pytest.raises(UserError, match="needs about") as refused:
+            KVCache.check_fits(config, 10**9, 64, torch.bfloat16, **attention)
+        return float(str(refused.value).split("needs about ")[1].split(" GiB")[0].replace(",", ""))
+
+    # one layer of float32 keys and values is two layers of bfloat16 ones: 4 layers read as 6
+    assert estimate(attention_dtype=torch.float32) / estimate() == pytest.approx(6 / 4, rel=1e-3)
+    assert estimate(attention_dtype=torch.bfloat16) == estimate()
 
 
 def test_int4_needs_a_width_in_groups_of_32(tmp_path: Path) -> None:

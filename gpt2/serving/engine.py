@@ -226,7 +226,7 @@ class Engine:
         self.observers: list[Callable[[str, float], None]] = []  # told each timing (module docstring)
         # Rows start at different positions: attention always uses the cache's key mask.
         cache = KVCache(model.config, max_batch_size, device=model.device, dtype=model.cache_dtype,
-                        padded=True, attention_dtype=model.dtype)
+                        padded=True, attention_dtype=model.attention_dtype)
         self._slots = _Slots(cache)
         self.prefix_cache = None if prefix_cache_tokens < BLOCK else PrefixCache(
             model.config, prefix_cache_tokens, device=model.device, dtype=model.cache_dtype)
