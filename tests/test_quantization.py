@@ -132,6 +132,20 @@ def test_the_cache_estimate_counts_the_float32_room_of_a_bfloat16_cache() -> Non
     assert estimate(attention_dtype=torch.bfloat16) == estimate()
 
 
+def test_int4_prompts_multiply_the_unpacked_weight_with_tinygemms_values() -> None:
+    torch.manual_seed(0)
+    layer = Int4Linear(torch.randn(192, 96) * 0.02, torch.randn(192) * 0.01)  # 192: three blocks of 64
+    few, many = torch.randn(1, 8, 96), torch.randn(1, 256, 96)  # tinygemm's rows, and a prompt's
+    with torch.inference_mode():
+        x = few[0].bfloat16()
+        tinygemm = torch._weight_int4pack_mm_for_cpu(x, layer.weight, 32, layer.scales_and_zeros)
+        torch.testing.assert_close(F.linear(x, layer.unpacked()), tinygemm, atol=1e-2, rtol=1e-2)
+        prompt = layer(many)
+        by_rows = torch.cat([layer(many[:, i : i + 8]) for i in range(0, 256, 8)], dim=1)
+    assert prompt.dtype == torch.float32 and prompt.shape == (1, 256, 192)
+    torch.testing.assert_close(prompt, by_rows, atol=1e-2, rtol=1e-2)
+
+
 def test_int4_needs_a_width_in_groups_of_32(tmp_path: Path) -> None:
     random_model(n_embd=48, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"int4 needs .* a multiple of 32, not 48"):
