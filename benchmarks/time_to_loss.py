@@ -3,7 +3,7 @@ for the same wall-clock training budget, measured in the same run.
 
 Every engine trains the demo's model (preset ``tiny``: 4 layers, 256 wide, context 256; micro-batch
 8 x 256 tokens per step) on Shakespeare (``gpt2.corpora.shakespeare``) from the same seed, over the same
-batches in the same order (``gpt2.data.ShardLoader``, seed 1337), with each of two vocabularies: 4,096
+batches in the same order (``gpt2.loader.ShardLoader``, seed 1337), with each of two vocabularies: 4,096
 tokens trained on the corpus (as ``gpt2 prepare shakespeare --vocab-size 4096``, the demo) and GPT-2's
 own 50,257 (``$GPT2_SHARED_DATA/gpt2.tiktoken``). For ``--budget`` minutes of training time each:
 
@@ -183,7 +183,7 @@ def run_transformers(data: Path, vocab: int, spec: dict[str, Any]) -> dict[str, 
     import torch
     import torch.nn.functional as F
 
-    from gpt2.data import ShardLoader
+    from gpt2.loader import ShardLoader
     from gpt2.optimizers import lr_factor
     from gpt2.shards import find_shards
     from gpt2.train_config import TrainConfig

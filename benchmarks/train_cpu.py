@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from gpt2.data import Corpus, ShardLoader, prepare
+from gpt2.data import Corpus, prepare
+from gpt2.loader import ShardLoader
 from gpt2.metrics import read_metrics
 from gpt2.shards import find_shards
 from gpt2.train_config import load_config

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
-from gpt2.data import ShardLoader
+from gpt2.loader import ShardLoader
 from gpt2.metrics import read_metrics
 from gpt2.shards import find_shards, write_shard
 from gpt2.train_config import load_config
