@@ -19,6 +19,7 @@ no float copy of the model is ever held.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 
@@ -117,19 +118,16 @@ class Int4Linear(nn.Module):
         self.bias = _bias(bias)
 
     def unpacked(self) -> Tensor:
-        """The weight (out, in) in bfloat16, as tinygemm's product dequantises it. Its CPU layout
-        (PyTorch 2.13) packs output channels in blocks of 64: byte ``(block, k, j)`` holds channel
-        ``j`` of the block in its low nibble and channel ``32 + j`` in its high one."""
+        """The weight (out, in) in bfloat16, as tinygemm's product dequantises it."""
         padded, k = len(self.weight), self.in_features
-        tiles = self.weight.view(padded // 64, k, 32)
-        q = torch.cat([tiles & 15, tiles >> 4], dim=2).transpose(1, 2).reshape(padded, k // GROUP, GROUP)
+        q = _unpack_int4(self.weight, k).view(padded, k // GROUP, GROUP)
         scales, zeros = self.scales_and_zeros.transpose(0, 1).unbind(dim=2)
-        w = (q.to(torch.bfloat16) - 8) * scales[..., None] + zeros[..., None]
+        w = q.to(torch.bfloat16).sub_(8).mul_(scales[..., None]).add_(zeros[..., None])  # in place: one copy
         return w.view(padded, k)[: self.out_features]
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).bfloat16()
-        if len(rows) >= _UNPACK_ROWS and len(self.weight) % 64 == 0:
+        if len(rows) >= _UNPACK_ROWS and len(self.weight) % 64 == 0 and _unpacking_matches():
             y = F.linear(rows, self.unpacked())
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, GROUP, self.scales_and_zeros)
@@ -138,6 +136,23 @@ class Int4Linear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         # bfloat16 + a float32 bias is float32 already: one pass over the output
         return y.float() if self.bias is None else torch.add(y, self.bias)
+
+
+def _unpack_int4(packed: Tensor, in_features: int) -> Tensor:
+    """tinygemm's packed int4 weight (out, in / 2) as uint8 values (out, in). Its CPU layout in
+    PyTorch 2.13, for a multiple of 64 output channels: blocks of 64 channels, byte ``(block, k, j)``
+    holding input ``k`` of channel ``j`` in its low nibble and of channel ``32 + j`` in its high one."""
+    tiles = packed.view(len(packed) // 64, in_features, 32)
+    return torch.cat([tiles & 15, tiles >> 4], dim=2).transpose(1, 2).reshape(len(packed), in_features)
+
+
+@functools.cache
+def _unpacking_matches() -> bool:
+    """Whether this PyTorch packs int4 weights as ``_unpack_int4`` reads them (checked once, on a
+    probe; where not, prompts stay on tinygemm's product)."""
+    q = torch.randint(0, 16, (128, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    return packed.shape == (128, 48) and torch.equal(_unpack_int4(packed, 96), q.to(torch.uint8))
 
 
 class Int8Embedding(nn.Module):
