@@ -116,6 +116,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", both)
         self.bias = _bias(bias)
+        self.unpackable = padded % 64 == 0 and _unpacking_matches()  # prompts may take ``unpacked``
 
     def unpacked(self) -> Tensor:
         """The weight (out, in) in bfloat16, as tinygemm's product dequantises it."""
@@ -127,7 +128,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).bfloat16()
-        if len(rows) >= _UNPACK_ROWS and len(self.weight) % 64 == 0 and _unpacking_matches():
+        if len(rows) >= _UNPACK_ROWS and self.unpackable:
             y = F.linear(rows, self.unpacked())
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, GROUP, self.scales_and_zeros)
