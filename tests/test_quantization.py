@@ -113,8 +113,13 @@ def test_bf16_on_the_cpu_multiplies_blocked_weights_with_the_plain_weights_value
             assert type(blocked) is _BlockedLinear
             rows = x[..., : linear.in_features]
             expected = linear(rows)  # the same sums, rounded to bfloat16 from another order at most
+            if name.endswith("mlp.c_fc"):  # which computes the MLP's GELU too
+                expected = F.gelu(linear(rows).float(), approximate="tanh").bfloat16()
             spread = float(expected.abs().max())
             torch.testing.assert_close(blocked(rows), expected, atol=0.01 * spread, rtol=0.01)
+        ids = ids_of("the cat sat on a mat")[None]
+        logits, expected = model(ids), plain(ids)
+        torch.testing.assert_close(logits, expected, atol=0.02 * float(expected.abs().max()), rtol=0.02)
     assert model.transformer.wte.weight.dtype == torch.bfloat16  # the embedding keeps its plain rows
     assert model.cache_dtype == torch.bfloat16 and model.attention_dtype == torch.float32
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BYTES, random_model
+from torch import nn
 
 from gpt2 import GPT2, GPT2Config, UserError
 from gpt2.inference import load_for_inference
@@ -405,7 +406,10 @@ def test_onednn_products_give_the_same_logits_and_tokens() -> None:
     assert not any(isinstance(m, _OneDNNLinear) for m in plain.modules())
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():  # autocast still applies
         assert model(ids).dtype == torch.bfloat16
-    model(ids).logsumexp(-1).mean().backward()  # still trainable: gradients flow as before
+    assert isinstance(model.transformer.h[0].mlp.act, nn.Identity)  # GELU is computed in c_fc's product
+    logits = model(ids)  # with gradients: PyTorch's products, and still the GELU
+    assert torch.allclose(logits, plain(ids), atol=1e-5, rtol=1e-4)
+    logits.logsumexp(-1).mean().backward()  # still trainable: gradients flow as before
     assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
 
 
