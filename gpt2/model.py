@@ -554,7 +554,8 @@ class _OneDNNLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *_post_op(self.gelu))
 
 
-def _intel_cpu() -> bool:
+def intel_cpu() -> bool:
+    """Whether this is an Intel CPU (whose MKL multiplies a row or two faster than oneDNN)."""
     try:
         with open("/proc/cpuinfo") as f:
             return "GenuineIntel" in f.read(4096)
@@ -569,7 +570,7 @@ def onednn_linears(model: nn.Module) -> None:
     25 us here) outweighs its faster product. Each MLP's GELU moves into its input layer's product."""
     if not torch.backends.mkldnn.is_available():
         return
-    mkl_rows = 2 if torch.backends.mkl.is_available() and _intel_cpu() else 0
+    mkl_rows = 2 if torch.backends.mkl.is_available() and intel_cpu() else 0
     for module in model.modules():
         weight = module.weight if type(module) is nn.Linear else None
         if weight is not None and weight.dtype == torch.float32 and weight.numel() >= 2**18:
@@ -582,39 +583,50 @@ def _fuse_gelu(model: nn.Module, product: type[nn.Module]) -> None:
     """Move each MLP's tanh-GELU into its input layer, where that is a ``product`` (a oneDNN layer
     with a ``gelu`` flag)."""
     for mlp in model.modules():
-        if isinstance(mlp, MLP) and isinstance(mlp.c_fc, product) and mlp.act.approximate == "tanh":
+        if isinstance(mlp, MLP) and isinstance(mlp.c_fc, product) and isinstance(mlp.act, nn.GELU) \
+                and mlp.act.approximate == "tanh":
             mlp.c_fc.gelu, mlp.act = True, nn.Identity()
 
 
 class _BlockedLinear(nn.Module):
-    """A bfloat16 linear layer for inference only: its weight reordered once into oneDNN's blocked
-    layout (what Inductor's freezing does to the weights it packs), the product computed by oneDNN on
-    it. The same products (summed in another order at most); measured on the 124M shape's weights
-    (AMD EPYC with bfloat16 instructions), those of one token take 9.6 ms rather than 17.3 at 1 row
-    and 12.4 rather than 20.4 at 8: on a plain bfloat16 weight they run at half the memory bandwidth.
-    The blocked weight is an opaque oneDNN tensor: it is not in the state dict and cannot be trained
-    or saved. ``gelu``: as ``_OneDNNLinear``'s."""
-
-    gelu = False
+    """A float32 or bfloat16 linear layer for inference only: its weight reordered once into oneDNN's
+    blocked layout (what Inductor's freezing does to the weights it packs), the product computed by
+    oneDNN on it. The same products (summed in another order at most), faster: measured on the 124M
+    shape's weights (AMD EPYC with bfloat16 instructions), those of one token take 9.6 ms rather
+    than 17.3 in bfloat16 at 1 row and 12.4 rather than 20.4 at 8 (on a plain bfloat16 weight they
+    run at half the memory bandwidth); float32 decoding ran 1.07x faster at batch 1 and 1.2x at 8.
+    The blocked weight is an opaque oneDNN tensor that cannot be trained; the state dict holds its
+    plain copy, made when asked for. ``gelu``: as ``_OneDNNLinear``'s."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.blocked = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = linear.bias
+        self.gelu = getattr(linear, "gelu", False)
         self.weight_bytes = linear.weight.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, *_post_op(self.gelu))
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.blocked.to_dense()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
-def blocked_linears(model: Transformer) -> None:
-    """Turn the bfloat16 linear layers of ``model`` (the LM head too, as a copy: the tied embedding
-    keeps its plain rows to look tokens up in) into ``_BlockedLinear``s, for inference only."""
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        if prefix + "weight" in state_dict:
+            weight = state_dict.pop(prefix + "weight").to(self.blocked.dtype)
+            self.blocked = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def blocked_linears(model: Transformer, head: bool = True) -> None:
+    """Turn the linear layers of ``model`` into ``_BlockedLinear``s, for inference only. ``head``: the
+    LM head too, as a copy (the tied embedding keeps its plain rows to look tokens up in)."""
     if not torch.backends.mkldnn.is_available():
         return
     names = [name for name, module in model.named_modules()
-             if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16]
+             if type(module) is nn.Linear and (head or name != "lm_head")]
     for name in names:  # by name: each plain weight is freed as soon as its blocked copy is made
         model.set_submodule(name, _BlockedLinear(model.get_submodule(name)))
     _fuse_gelu(model, _BlockedLinear)

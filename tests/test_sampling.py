@@ -15,7 +15,7 @@ from torch import nn
 
 from gpt2 import GPT2, GPT2Config, UserError
 from gpt2.inference import load_for_inference
-from gpt2.model import _OneDNNLinear
+from gpt2.model import _BlockedLinear, _OneDNNLinear, intel_cpu, onednn_linears
 from gpt2.sampling import (
     ContextWindowReached,
     GenerationConfig,
@@ -386,14 +386,9 @@ def test_default_preparation_changes_no_value_and_no_output(hf_and_ours, tmp_pat
     assert torch.equal(GPT2.from_pretrained(tmp_path).transformer.wte.weight, ours.transformer.wte.weight)
 
 
-def test_onednn_products_give_the_same_logits_and_tokens() -> None:
-    # Wide enough (256) that every product moves to oneDNN.
-    config = GPT2Config(vocab_size=1024, n_positions=64, n_embd=256, n_layer=2, n_head=4)
-    plain = GPT2(config).eval()  # the reference: PyTorch's own products, never prepared or generated with
-    model = GPT2(config)
-    model.load_state_dict(plain.state_dict())
-    load_for_inference(model, device="cpu")  # fp32 on the CPU: oneDNN's products
-    assert all(isinstance(m, _OneDNNLinear) for m in (model.lm_head, model.transformer.h[1].mlp.c_proj))
+def _same_logits_and_greedy_tokens(model: GPT2, plain: GPT2) -> torch.Tensor:
+    """Check ``model``'s logits and greedy tokens (of 3 and of 1 sequence) against ``plain``'s;
+    returns the prompts."""
     ids = torch.randint(0, 1024, (3, 11), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         assert torch.allclose(model(ids), plain(ids), atol=1e-5, rtol=1e-4)
@@ -403,6 +398,41 @@ def test_onednn_products_give_the_same_logits_and_tokens() -> None:
     assert torch.equal(model.generate(ids, max_new_tokens=12, temperature=0), expected)
     # one sequence: its products of one row run on MKL on Intel CPUs, on oneDNN elsewhere
     assert torch.equal(model.generate(ids[:1], max_new_tokens=12, temperature=0), expected[:1])
+    return ids
+
+
+def _wide_pair() -> tuple[GPT2, GPT2]:
+    """A model wide enough (256) that every product moves to oneDNN, and its copy."""
+    config = GPT2Config(vocab_size=1024, n_positions=64, n_embd=256, n_layer=2, n_head=4)
+    plain = GPT2(config).eval()  # the reference: PyTorch's own products, never prepared or generated with
+    model = GPT2(config)
+    model.load_state_dict(plain.state_dict())
+    return plain, model
+
+
+def test_fp32_inference_on_the_cpu_gives_the_same_logits_tokens_and_weights(tmp_path: Path) -> None:
+    plain, model = _wide_pair()
+    load_for_inference(model, device="cpu")  # fp32 on the CPU: oneDNN's products, blocked weights
+    blocks = _OneDNNLinear if intel_cpu() else _BlockedLinear
+    assert isinstance(model.lm_head, _OneDNNLinear) and isinstance(model.transformer.h[1].mlp.c_fc, blocks)
+    ids = _same_logits_and_greedy_tokens(model, plain)
+    state = model.state_dict()  # the blocked weights' plain copies, in the model's order
+    assert list(state) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), plain.state_dict().values(), strict=True))
+    model.save_pretrained(tmp_path)
+    assert torch.equal(GPT2.from_pretrained(tmp_path).transformer.h[0].attn.c_attn.weight,
+                       plain.transformer.h[0].attn.c_attn.weight)
+    other = GPT2(plain.config).eval()
+    model.load_state_dict(other.state_dict())  # loading reorders the new weights
+    with torch.inference_mode():
+        assert torch.allclose(model(ids), other(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_onednn_products_give_the_same_logits_and_tokens() -> None:
+    plain, model = _wide_pair()
+    onednn_linears(model)  # the plain weights' products on oneDNN (fp32's LM head; Intel CPUs' layers)
+    assert all(isinstance(m, _OneDNNLinear) for m in (model.lm_head, model.transformer.h[1].mlp.c_proj))
+    ids = _same_logits_and_greedy_tokens(model, plain)
     assert not any(isinstance(m, _OneDNNLinear) for m in plain.modules())
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():  # autocast still applies
         assert model(ids).dtype == torch.bfloat16
