@@ -64,7 +64,7 @@ class KVCache:
         # A cache in a lower precision than the activations is read into one layer's room of theirs.
         self.attention_dtype = attention_dtype or dtype
         self._scratch = None if self.attention_dtype == dtype else \
-            torch.empty(2, *shape, device=device, dtype=self.attention_dtype)
+            torch.empty(2, *shape, device=device, dtype=self.attention_dtype).unbind()
         self.key_mask = torch.ones(batch_size, self.max_len, device=device, dtype=torch.bool)
         self.next_position = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.slot = torch.zeros(1, device=device, dtype=torch.long)
@@ -108,10 +108,11 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write a chunk's keys and values (B, heads, T, head_dim) of ``layer`` at positions
         ``length`` to ``length + T``; returns the keys and values of every position up to there."""
-        B, end = k.shape[0], self.length + k.shape[2]
-        self.keys[layer][:B, :, self.length : end] = k
-        self.values[layer][:B, :, self.length : end] = v
-        return self._for_attention(self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end])
+        B, T, end = k.shape[0], k.shape[2], self.length + k.shape[2]
+        keys, values = _first_rows(self.keys[layer], B), _first_rows(self.values[layer], B)
+        keys.narrow(2, self.length, T).copy_(k)
+        values.narrow(2, self.length, T).copy_(v)
+        return self._for_attention(keys.narrow(2, 0, end), values.narrow(2, 0, end))
 
     def _for_attention(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """``keys`` and ``values`` (views of the cache) in the activations' dtype: themselves, or
@@ -119,10 +120,8 @@ class KVCache:
         which runs several times slower on CPUs without bfloat16 instructions)."""
         if self._scratch is None:
             return keys, values
-        room = self._scratch[:, : keys.shape[0], :, : keys.shape[2]]
-        room[0].copy_(keys)
-        room[1].copy_(values)
-        return room[0], room[1]
+        room = [_first_rows(t, keys.shape[0]).narrow(2, 0, keys.shape[2]) for t in self._scratch]
+        return room[0].copy_(keys), room[1].copy_(values)
 
     def update_at_slot(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write one position's keys and values (B, heads, 1, head_dim) of ``layer`` at ``slot``;
@@ -239,8 +238,9 @@ class CausalSelfAttention(nn.Module):
         self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, step: bool = False
     ) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3 * C) -> query, key and value, each (B, heads, T, head_dim): views, no copy
+        shape = (B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = self.c_attn(x).view(shape).permute(2, 0, 3, 1, 4).unbind()
         dtype = q.dtype
         if cache is not None:  # ``step``: one token at the cache's slot, attending over all its positions
             k, v = cache.update_at_slot(layer, k, v) if step else cache.update(layer, k, v)
