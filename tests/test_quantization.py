@@ -101,6 +101,16 @@ def test_quantising_a_loaded_model_equals_quantising_while_loading(trained: Path
         assert torch.equal(in_memory(ids), streamed(ids))
 
 
+@pytest.mark.slow
+def test_a_compiled_int4_model_generates_the_eager_ones_tokens(trained: Path) -> None:
+    eager = load_for_inference(trained, precision="int4", device="cpu")
+    compiled = load_for_inference(trained, precision="int4", device="cpu", compile=True)
+    prompts = torch.stack([ids_of("the cat sat"), ids_of("her dog ran")])
+    for rows in (prompts, prompts[1:]):  # a batch, then one sequence: the same compiled step
+        assert torch.equal(compiled.generate(rows, max_new_tokens=16, temperature=0),
+                           eager.generate(rows, max_new_tokens=16, temperature=0))
+
+
 def test_bf16_on_the_cpu_multiplies_blocked_weights_with_the_plain_weights_values(trained: Path) -> None:
     model = load_for_inference(trained, precision="bf16", device="cpu")
     plain = GPT2.from_pretrained(trained, dtype=torch.bfloat16).eval()
