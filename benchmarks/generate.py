@@ -395,8 +395,6 @@ def plan(precisions: list[str], work: Path, model: Path, args: argparse.Namespac
         rows.append(Row(f"ours {p}", p, "ours", ["ours", p, str(model)]))
         if args.compile:
             rows.append(Row(f"ours {p} + compile", p, "ours", ["ours", p, str(model), "--compile"]))
-            if p == "int8":
-                rows[-1].worker, rows[-1].note = None, "gpt2 refuses --compile with int8"
         for q in CT2_TYPES.get(p, []):
             row = Row(f"CTranslate2 {q}", p, "ctranslate2", ["ctranslate2", q, str(work / f"ct2-{q}")],
                       make=q)

@@ -12,7 +12,10 @@ every weight once per token, so fewer weight bytes is more tokens per second.
   time, by oneDNN. The LM head stays int8 (llama.cpp likewise keeps its output layer above 4 bits).
 
 The tied embedding and LM head is one ``Int8Linear`` that also keeps its int8 rows, from which
-``Int8Embedding`` looks tokens up (fbgemm's packed copy cannot be read a row at a time).
+``Int8Embedding`` looks tokens up (fbgemm's packed copy cannot be read a row at a time). Under
+``torch.compile`` an ``Int8Linear`` is the custom op ``gpt2::int8_linear``, which ``torch.compile`` can
+trace (fbgemm's packed weight is an object it cannot, and it would split the compiled step at every
+layer): the op finds its layer's packed weight by a key, so the step stays one graph.
 ``quantize_weights`` quantises a checkpoint tensor by tensor as it is read (``gpt2.inference``), so
 no float copy of the model is ever held.
 """
@@ -20,7 +23,9 @@ no float copy of the model is ever held.
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -55,6 +60,21 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
+_INT8_LAYERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+_INT8_KEYS = itertools.count()
+
+
+@torch.library.custom_op("gpt2::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, key: int, out_features: int) -> Tensor:
+    """``Int8Linear`` number ``key``'s product of ``x`` (float32), as ``torch.compile`` sees it."""
+    return torch.ops.quantized.linear_dynamic(x, _INT8_LAYERS[key].packed, True)
+
+
+@int8_linear.register_fake
+def _(x: Tensor, key: int, out_features: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class Int8Linear(nn.Module):
     """``y = x W^T + b``, W int8 with a scale per output channel, by fbgemm's dynamic int8 product,
     which adds the float32 bias itself (packed with the weight: one pass over the output, not two).
@@ -79,6 +99,8 @@ class Int8Linear(nn.Module):
         if rows:
             self.register_buffer("rows", q)
             self.register_buffer("scales", scales)
+        self.key = next(_INT8_KEYS)
+        _INT8_LAYERS[self.key] = self
 
     def pack_bias(self) -> None:
         """Move the bias, loaded after the layer was made, into fbgemm's packed weight."""
@@ -88,6 +110,8 @@ class Int8Linear(nn.Module):
         self.bias = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return int8_linear(x.float(), self.key, self.out_features)
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)  # True: 7-bit inputs (fbgemm)
 
 
