@@ -65,14 +65,14 @@ _INT8_KEYS = itertools.count()
 
 
 @torch.library.custom_op("gpt2::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, key: int, out_features: int) -> Tensor:
+def int8_linear(x: Tensor, key: int) -> Tensor:
     """``Int8Linear`` number ``key``'s product of ``x`` (float32), as ``torch.compile`` sees it."""
     return torch.ops.quantized.linear_dynamic(x, _INT8_LAYERS[key].packed, True)
 
 
 @int8_linear.register_fake
-def _(x: Tensor, key: int, out_features: int) -> Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
+def _(x: Tensor, key: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], _INT8_LAYERS[key].out_features)
 
 
 class Int8Linear(nn.Module):
@@ -111,7 +111,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            return int8_linear(x.float(), self.key, self.out_features)
+            return int8_linear(x.float(), self.key)
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)  # True: 7-bit inputs (fbgemm)
 
 
