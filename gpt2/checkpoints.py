@@ -291,7 +291,8 @@ def read_weights(
             _check_tied(tied)
         if name != LM_HEAD:
             seen.add(name)
-            yield name, tensor
+            handed, tensor = [tensor], None
+            yield name, handed.pop()  # the consumer's alone: it may free it before the next is read
         del tensor
         release_freed_memory()
     missing = [k for k in expected if k not in seen]

@@ -78,12 +78,11 @@ def _(x: Tensor, key: int) -> Tensor:
 class Int8Linear(nn.Module):
     """``y = x W^T + b``, W int8 with a scale per output channel, by fbgemm's dynamic int8 product,
     which adds the float32 bias itself (packed with the weight: one pass over the output, not two).
-    ``rows``: also keep the int8 rows and scales (for ``Int8Embedding``)."""
+    ``q`` and ``scales``: the weight's ``int8_rows``. ``rows``: also keep them (for ``Int8Embedding``)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, *, rows: bool = False) -> None:
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None, *, rows: bool = False) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        q, scales = int8_rows(weight)
+        self.out_features, self.in_features = q.shape
         zeros = torch.zeros(len(q), dtype=torch.long)
         with warnings.catch_warnings():  # torch announces that quantised tensors will move to torchao
             warnings.simplefilter("ignore", UserWarning)
@@ -194,7 +193,7 @@ class Int8Embedding(nn.Module):
 
 def quantize_linear(weight: Tensor, bias: Tensor | None, bits: int) -> nn.Module:
     """The quantised layer of a float ``weight`` (out, in) and ``bias``."""
-    return Int8Linear(weight, bias) if bits == 8 else Int4Linear(weight, bias)
+    return Int8Linear(*int8_rows(weight), bias) if bits == 8 else Int4Linear(weight, bias)
 
 
 def quantize_weights(model: Transformer, weights: Iterable[tuple[str, Tensor]], bits: int) -> None:
@@ -209,7 +208,9 @@ def quantize_weights(model: Transformer, weights: Iterable[tuple[str, Tensor]], 
             layer = model.get_submodule(layers[name])
             model.set_submodule(layers[name], quantize_linear(tensor, layer.bias, bits))
         elif name == "transformer.wte.weight":
-            head = Int8Linear(tensor, None, rows=True)
+            q, scales = int8_rows(tensor)
+            tensor = None  # the float embedding, the largest tensor, goes before fbgemm packs its rows
+            head = Int8Linear(q, scales, None, rows=True)
             model.lm_head, model.transformer.wte = head, Int8Embedding(head)
         elif name != "lm_head.weight":
             rest[name] = tensor.float()

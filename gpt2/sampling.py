@@ -315,8 +315,18 @@ def generate(
     input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, model.config.n_positions)
     steps = stream_tokens(model, input_ids, config, attention_mask=attention_mask, generator=generator,
                           decode_bytes=decode_bytes, pad_token_id=pad_token_id)
-    new = torch.stack([token for token, _ in steps], dim=1)
-    return torch.cat([input_ids.repeat_interleave(config.num_samples, dim=0), new], dim=1)
+    prompts = input_ids.repeat_interleave(config.num_samples, dim=0)
+    out = torch.empty(len(prompts), prompts.shape[1] + config.max_new_tokens, dtype=prompts.dtype,
+                      device=prompts.device)
+    out[:, : prompts.shape[1]] = prompts
+    end = prompts.shape[1]
+    # Each token goes straight into the output: a small tensor per step kept until the end would sit
+    # inside the heap's freed blocks, and glibc then takes fresh memory for the next step's logits
+    # (measured: up to 170 MB more at the peak of 128 steps at batch 8).
+    for token, _ in steps:
+        out[:, end] = token
+        end += 1
+    return out[:, :end].contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ plain ones' values."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,55 @@ def test_int4_needs_a_width_in_groups_of_32(tmp_path: Path) -> None:
         load_for_inference(tmp_path, precision="int4", device="cpu")
     with pytest.raises(UserError, match="int8 runs on the CPU only"):
         load_for_inference(tmp_path, precision="int8", device="meta")
+
+
+PEAK_OF_LOADING = """
+import re, sys
+from gpt2.inference import load_for_inference
+from gpt2.memory import release_freed_memory
+
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+model = load_for_inference(sys.argv[1], precision="int8", device="cpu")  # the kernels' code, loaded once
+del model
+release_freed_memory()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the high-water mark starts again from here
+before = status("VmRSS")
+model = load_for_inference(sys.argv[1], precision="int8", device="cpu")
+print(status("VmHWM") - before)
+"""
+
+
+def test_int8_loading_lets_the_float_embedding_go_before_packing_its_int8_copy(tmp_path: Path) -> None:
+    """The float32 embedding (the largest tensor by far here) is never held beside fbgemm's packed
+    copy: loading peaks at the float embedding and its int8 values (with a little room), not the float
+    one and three int8 ones."""
+    random_model(50257, n_layer=1, n_head=8, n_embd=512).save_pretrained(tmp_path)
+    float_bytes, int8_bytes = 50257 * 512 * 4, 50257 * 512
+    done = subprocess.run([sys.executable, "-c", PEAK_OF_LOADING, str(tmp_path)], capture_output=True,
+                          text=True, check=True)
+    peak = int(done.stdout.split()[-1])
+    assert peak < float_bytes + 2 * int8_bytes, f"loading peaked {peak / 2**20:.0f} MiB above its start"
+
+
+@pytest.mark.slow
+def test_every_model_compiled_in_a_process_gets_compiled_steps() -> None:
+    """torch.compile keeps at most ``recompile_limit`` graphs per code object (8; 2 here, so that two
+    models show it), and a model's step makes two (one row, several): had the models shared one code
+    object, the fifth model of a process (here the second) would silently run eager."""
+    from torch._dynamo.utils import counters
+
+    prompts = torch.stack([ids_of("the cat"), ids_of("her dog")])
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for seed in range(2):
+            eager = load_for_inference(random_model(n_layer=1, n_head=2, n_embd=64, seed=seed),
+                                       precision="int8", device="cpu")
+            compiled = load_for_inference(random_model(n_layer=1, n_head=2, n_embd=64, seed=seed),
+                                          precision="int8", device="cpu", compile=True)
+            counters.clear()
+            for rows in (prompts, prompts[1:]):
+                assert torch.equal(compiled.generate(rows, max_new_tokens=4, temperature=0),
+                                   eager.generate(rows, max_new_tokens=4, temperature=0))
+            assert counters["stats"]["unique_graphs"] == 2, f"model {seed + 1} ran eager"
