@@ -13,7 +13,7 @@ rest), each eager and with ``--compile``.
 
 Per row: tokens/s (the first steps left out: warm-up, compilation), MFU against this GPU's measured
 bfloat16 matmul peak (not the datasheet), and the peak GPU memory of the run
-(``torch.cuda.max_memory_allocated``, reset between engines). Runs in about 4 minutes on an H100.
+(``torch.cuda.max_memory_allocated``, reset between engines). Runs in about 2 minutes on an H200.
 ``--smoke`` runs the eager rows on the CPU instead (preset ``tiny`` with the 50,257 vocabulary,
 4 x 128 tokens, 3 steps; no GPU needed, no MFU or GPU memory; the compiled rows left out, as
 compiling takes minutes on a CPU), in about 30 s: the test's mode.

@@ -15,7 +15,7 @@ from test_training import NANO, data, losses  # noqa: F401  (data: the fixture)
 
 from gpt2 import GPT2, GPT2Config
 from gpt2.cli import main
-from gpt2.loss import IGNORE
+from gpt2.loss import GPU_CHUNKING, IGNORE, _ChunkedLoss
 from gpt2.optimizers import build_optimizers, lr_factor, muon_parameters
 from gpt2.train_config import TrainConfig
 from gpt2.training import DECAY_START_FILE
@@ -63,6 +63,28 @@ def test_the_chunked_loss_equals_the_plain_one_with_its_gradients(wide) -> None:
     (plain, plain_grads), (chunked, chunked_grads) = plain_and_chunked(model, idx, targets, segments=segments)
     assert torch.allclose(plain, chunked, rtol=1e-6, atol=1e-5)
     assert all(torch.allclose(g, chunked_grads[n], rtol=0, atol=1e-5) for n, g in plain_grads.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gpus_way_of_cutting_the_loss_padded_head_rows_gives_the_same_loss_and_gradients(dtype) -> None:
+    # A GPU pads the head's 50,257 rows to a multiple of 64 for cuBLAS's fast kernels: here on the CPU
+    # with that padding and chunks that do not divide the batch, against the plain loss.
+    _, pad_to = GPU_CHUNKING
+    torch.manual_seed(0)
+    hidden = torch.randn(70, 16, requires_grad=True)
+    weight = torch.randn(WIDE.vocab_size, 16, requires_grad=True)
+    targets = torch.randint(0, WIDE.vocab_size, (70,))
+    targets[:9] = IGNORE
+    plain = F.cross_entropy((hidden.to(dtype) @ weight.to(dtype).T).float(), targets, ignore_index=IGNORE,
+                            reduction="sum")
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    cut = _ChunkedLoss.apply(hidden, weight, targets, dtype, 32, pad_to)
+    cut_grads = torch.autograd.grad(cut, (hidden, weight))
+    rtol = 1e-5 if dtype == torch.float32 else 4e-3
+    assert cut.dtype == torch.float32 and torch.allclose(plain, cut, rtol=rtol)
+    for p, c in zip(plain_grads, cut_grads, strict=True):
+        assert c.shape == p.shape and c.dtype == p.dtype
+        assert (p - c).abs().max() < (1e-5 if dtype == torch.float32 else 0.02) * p.abs().max()
 
 
 def test_under_bfloat16_autocast_the_chunked_loss_is_within_its_rounding(wide) -> None:
