@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -192,6 +194,16 @@ def test_hub_names_go_through_huggingface_hub(tiny_hf_dir, tmp_path: Path, monke
     assert message.startswith("someone/no-such-model does not exist, and the Hugging Face hub could not")
     message = load_error("empty")
     assert message.startswith("empty holds no config.json") and "the Hugging Face hub could not" in message
+
+
+def test_loading_a_local_model_leaves_the_hub_client_unimported(tiny_hf_dir) -> None:
+    """huggingface_hub and its HTTP stack (12 MB resident) are imported only to download a model."""
+    directory, _ = tiny_hf_dir
+    code = ("import sys; from gpt2 import GPT2; GPT2.from_pretrained(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith(('huggingface_hub', 'httpx'))))")
+    done = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_tokenizer_travels_with_the_checkpoint(tmp_path: Path, gpt2_ranks_file: Path, capfd) -> None:
