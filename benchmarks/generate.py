@@ -19,7 +19,9 @@ machine used during it (busy jiffies of /proc/stat less this process's own CPU t
 one core makes it disturbed, and it is redone (up to 10 tries; then the least disturbed is kept and
 the figure marked ``*``). A figure is the median of ``--repeats`` runs. Also printed: this machine's
 memory bandwidth (a sum over a 512 MiB tensor) and the floor it sets at batch 1: every weight is read
-once per decode step, so tokens/s <= bandwidth / weight bytes (ours, counted from the loaded tensors).
+once per decode step, so tokens/s <= bandwidth / weight bytes (ours, counted from the loaded tensors);
+and in each row the bandwidth measured just before its worker ran, as it moves between minutes on a
+shared machine (engines measured minutes apart may have had different memory to work with).
 A row that cannot run says why: CTranslate2's CPU backend has no bfloat16 compute; llama.cpp runs only
 when llama-cpp-python is installed and ``gpt2 export`` works, and a llama.cpp build whose AMX kernels
 die of SIGILL on this machine is run again with its weights in plain CPU buffers (the row says so).
@@ -364,6 +366,7 @@ class Row:
     note: str = ""
     make: str = ""  # what the parent has to write first: a CTranslate2 quantization or a GGUF type
     result: dict[str, Any] | None = None
+    bandwidth: float = 0.0  # GB/s, measured just before its worker ran
 
 
 def make_weights(work: Path, shape: dict[str, int]) -> Path:
@@ -471,10 +474,11 @@ def write_spec(work: Path, settings: Settings) -> Path:
     return path
 
 
-def run_worker(row: Row, spec: Path, settings: Settings) -> None:
-    """Run ``row``'s worker in a fresh process; its figures land in ``row.result`` (or a note). A
-    llama.cpp worker killed by SIGILL (this machine's AMX kernels of llama.cpp) runs again with the
-    weights in plain CPU buffers."""
+def run_worker(row: Row, spec: Path, settings: Settings, bandwidth: Callable[[], float]) -> None:
+    """Run ``row``'s worker in a fresh process, the memory bandwidth measured just before; its figures
+    land in ``row.result`` (or a note). A llama.cpp worker killed by SIGILL (this machine's AMX
+    kernels of llama.cpp) runs again with the weights in plain CPU buffers."""
+    row.bandwidth = bandwidth()
     engine, precision, weights, *rest = row.worker
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--precision", precision,
                "--weights", weights, "--spec", str(spec), *rest]
@@ -489,7 +493,7 @@ def run_worker(row: Row, spec: Path, settings: Settings) -> None:
     if done.returncode == -signal.SIGILL and engine == "llama" and "--no-extra-buffers" not in rest:
         row.worker = [*row.worker, "--no-extra-buffers"]
         row.name += " (plain buffers)"
-        run_worker(row, spec, settings)
+        run_worker(row, spec, settings, bandwidth)
         if row.result:
             row.result["notes"].append(
                 "killed by SIGILL with llama.cpp's default weight buffers (its AMX kernels, which this "
@@ -507,8 +511,10 @@ def run_worker(row: Row, spec: Path, settings: Settings) -> None:
           f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
 
-def memory_bandwidth_gbs(spec: dict[str, Any]) -> float:
-    """Read bandwidth: summing a 512 MiB float32 tensor on the engines' threads, guarded like every run."""
+def bandwidth_meter(spec: dict[str, Any]) -> Callable[[], float]:
+    """A measure of read bandwidth (GB/s): summing a 512 MiB float32 tensor on the engines' threads,
+    guarded like every run. The parent keeps the tensor and measures before every worker, as this
+    machine's bandwidth moves between minutes (28-54 GB/s seen)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -520,7 +526,7 @@ def memory_bandwidth_gbs(spec: dict[str, Any]) -> float:
         x.sum()
         return x.numel() * 4 / (time.perf_counter() - start) / 1e9
 
-    return figure(run, spec | {"repeats": max(5, spec["repeats"])}).value
+    return lambda: figure(run, spec | {"repeats": max(5, spec["repeats"])}).value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -558,7 +564,7 @@ def comparisons(row: Row, rows: list[Row], floors: dict[str, float]) -> list[str
 
 
 COLUMNS = [("engine", 34), ("b1 tok/s", 11), ("b8 tok/s", 11), ("prefill 512 ms", 16), ("weights MB", 12),
-           ("peak MB", 9), ("same tokens", 13), ("b1 vs best", 12), ("b8 vs best", 12),
+           ("peak MB", 9), ("GB/s", 6), ("same tokens", 13), ("b1 vs best", 12), ("b8 vs best", 12),
            ("prefill vs best", 17), ("peak vs HF", 12), ("b1 of floor", 13)]
 
 
@@ -579,7 +585,7 @@ def table(rows: list[Row], floors: dict[str, float]) -> list[str]:
             same = f"{sum(a == b for a, b in pairs) / len(pairs):.0%}"
         name = row.name + (f" (= {r['info']})" if r["info"] and r["info"] != row.make else "")
         cells = [name, cell(r, "b1"), cell(r, "b8"), cell(r, "prefill_ms", 0),
-                 f"{r['weight_bytes'] / 2**20:.0f}", f"{r['peak_mb']:.0f}", same,
+                 f"{r['weight_bytes'] / 2**20:.0f}", f"{r['peak_mb']:.0f}", f"{row.bandwidth:.0f}", same,
                  *comparisons(row, rows, floors)]
         lines.append("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
                              for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS, strict=True))))
@@ -643,7 +649,7 @@ def report(rows: list[Row], bandwidth: float, settings: Settings) -> None:
           "peak vs HF: ours / transformers' (lower is better); b1 of floor: share of the bandwidth floor")
     print("peak MB: the worker's resident high-water mark after loading and generating (torch engines "
           "include torch's own ~220 MB); weights MB: ours and transformers' tensors, the other "
-          "engines' files")
+          "engines' files; GB/s: the memory's read bandwidth just before the row's worker ran")
     print("same tokens: greedy tokens equal to transformers' fp32 ones "
           f"({settings.agree_prompts} prompts x {settings.agree_new} tokens)")
     for row in rows:
@@ -684,10 +690,11 @@ def benchmark(args: argparse.Namespace) -> None:
         convert_ct2(rows, model)
         finish_exports(exports)
         spec = write_spec(work, settings)
-        bandwidth = memory_bandwidth_gbs(json.loads(spec.read_text()))
+        meter = bandwidth_meter(json.loads(spec.read_text()))
+        bandwidth = meter()
         print(f"  weights and conversions ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
         with ThreadPoolExecutor(settings.jobs) as pool:
-            list(pool.map(lambda row: run_worker(row, spec, settings), [r for r in rows if r.worker]))
+            list(pool.map(lambda row: run_worker(row, spec, settings, meter), [r for r in rows if r.worker]))
         report(rows, bandwidth, settings)
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import printed_table, shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ["b1 tok/s", "b8 tok/s", "prefill 512 ms", "weights MB", "peak MB", "same tokens"]
+FIGURES = ["b1 tok/s", "b8 tok/s", "prefill 512 ms", "weights MB", "peak MB", "GB/s", "same tokens"]
 
 
 def number(cell: str) -> float:
