@@ -4,6 +4,7 @@ precisions a model can be loaded in."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,12 @@ else:  # pragma: no cover
 GPT2_VOCAB_SIZE = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
 GPT2_CONTEXT = 1024
 MAX_PARAMETERS = 10**12  # far beyond gpt2-xl's 1.6e9: a shape past it is a typo, not a model
+
+
+def cache_dir() -> Path:
+    """Where what this package downloads or builds is kept: ``$GPT2_CACHE`` or ``~/.cache/gpt2``."""
+    return Path(os.environ.get("GPT2_CACHE", Path.home() / ".cache" / "gpt2"))
+
 
 # The precisions a model can be loaded in for inference (``gpt2.inference.load_for_inference``).
 PRECISIONS = {

