@@ -33,8 +33,8 @@ def cache_dir() -> Path:
 PRECISIONS = {
     "fp32": "the weights as published",
     "bf16": "bfloat16 weights and cache: half the memory, faster on GPUs and on CPUs with AVX512-BF16",
-    "int8": "int8 weights with a scale per output channel, inputs quantised to 8 bits on the fly (fbgemm; "
-            "CPU): a quarter of the weight memory, outputs differ slightly",
+    "int8": "int8 weights with a scale per output channel, inputs quantised to 8 bits on the fly "
+            "(CPU): a quarter of the weight memory, outputs differ slightly",
     "int4": "4-bit weights in groups of 32 (a scale and a zero each), the tied embedding in int8 (CPU): "
             "the fewest bytes per token, outputs differ more",
 }

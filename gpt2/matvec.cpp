@@ -1,11 +1,13 @@
 // Decoding's products, by hand: a few rows of x (one per sequence) times a weight that is read once for
 // all of them, at the speed memory delivers it. gpt2/matvec.py builds this file once per machine (g++
 // -O3 -march=native -fopenmp) and calls it through ctypes; the threads are OpenMP's, the pool PyTorch's
-// own libgomp already runs. Every product: y[m, n] = x[m, :] . w[n, :] + bias[n], m < M <= 8.
+// own libgomp already runs. Every product: y[m, n] = x[m, :] . w[n, :] + bias[n]; M <= 8 rows of x for
+// float32 and bfloat16 (oneDNN multiplies more), any M for int8.
 #include <immintrin.h>
 #include <stdint.h>
+#include <vector>
 
-enum { FLOAT32 = 1, BFLOAT16 = 2 };  // what matvec_abilities() reports this build can do
+enum { FLOAT32 = 1, BFLOAT16 = 2, INT8 = 4 };  // what matvec_abilities() reports this build can do
 
 #ifdef __AVX512F__
 // The mask of the rows n.. of a block's vector of 16 that exist (the last block is padded to 64).
@@ -72,6 +74,56 @@ static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16
 }
 #endif
 
+#ifdef __AVX512VNNI__
+// Our blocked int8 weight (gpt2.matvec.int8_blocked): blocks of 64 output rows, the last one padded with
+// zeros, groups of 4 inputs side by side, as vpdpbusd takes them: w[N / 64][K / 4][64][4], with a float32
+// scale and the sum of the int8 values of each row. x arrives quantised to unsigned 8 bits per row
+// (xq = round(x / xs) + 128), so x . w = xs * scale * (xq . w - 128 * sum).
+template <int M>
+static inline void i8_block(const uint8_t* xq, const float* xs, const int8_t* w, const float* scales,
+                            const int32_t* sums, const float* bias, float* y, int64_t K, int64_t N, int64_t n0) {
+  __m512i acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_si512();
+  const int8_t* block = w + n0 * K;
+  for (int64_t k = 0; k < K; k += 4) {
+    __m512i wv[4];
+    for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_si512(block + k * 64 + 64 * v);
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_set1_epi32(*(const int32_t*)(xq + m * K + k));
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], xv, wv[v]);
+    }
+  }
+  for (int v = 0; v < 4; ++v) {
+    const int64_t n = n0 + 16 * v;
+    if (n >= N) break;
+    const __mmask16 mask = rows_mask(n, N);
+    const __m512i offset = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, sums + n), 7);  // 128 * sum
+    const __m512 scale = _mm512_maskz_loadu_ps(mask, scales + n);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][v], offset));
+      const __m512 out = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(xs[m])), b);
+      _mm512_mask_storeu_ps(y + m * N + n, mask, out);
+    }
+  }
+}
+
+// One row of x quantised: xs = max |x| / 127, xq = round(x / xs) + 128 (1 to 255); K a multiple of 16.
+static inline void quantise_row(const float* x, uint8_t* xq, float* xs, int64_t K) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const float largest = _mm512_reduce_max_ps(amax);
+  *xs = largest > 0.f ? largest / 127.f : 1.f;
+  const __m512 inverse = _mm512_set1_ps(1.f / *xs);
+  const __m512i middle = _mm512_set1_epi32(128);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inverse)), middle);
+    _mm_storeu_si128((__m128i*)(xq + k), _mm512_cvtepi32_epi8(q));
+  }
+}
+#endif
+
 // A whole block of 64 rows for up to 4 rows of x at once (M x 4 accumulators: half the registers);
 // rows 5 to 8 of x in a second pass, which reads the block from the cache.
 #define BLOCK(FN, M)                                                             \
@@ -107,6 +159,9 @@ extern "C" int matvec_abilities() {
 #ifdef __AVX512BF16__
   abilities |= BFLOAT16;
 #endif
+#ifdef __AVX512VNNI__
+  abilities |= INT8;
+#endif
   return abilities;
 }
 
@@ -123,5 +178,30 @@ extern "C" void matvec_bf16(const uint16_t* x, const uint16_t* w, const uint16_t
                             int64_t K, int64_t N, int threads) {
 #ifdef __AVX512BF16__
   BY_ROWS(bf16_block)
+#endif
+}
+
+// x (M, K) float32 times our blocked int8 w (N rows, K inputs; see i8_block) into y (M, N) float32, for
+// any M: each block of w is read from memory once and multiplied by 4 rows of x at a time (from the
+// cache after the first 4). K a multiple of 16.
+extern "C" void matvec_i8(const float* x, const int8_t* w, const float* scales, const int32_t* sums,
+                          const float* bias, float* y, int64_t M, int64_t K, int64_t N, int threads) {
+#ifdef __AVX512VNNI__
+  std::vector<uint8_t> xq(M * K);
+  std::vector<float> xs(M);
+#pragma omp parallel for schedule(static) num_threads(threads) if (M >= 16)
+  for (int64_t m = 0; m < M; ++m) quantise_row(x + m * K, xq.data() + m * K, xs.data() + m, K);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n0 = 0; n0 < N; n0 += 64)
+    for (int64_t m = 0; m < M; m += 4) {
+      const uint8_t* q = xq.data() + m * K;
+      float* out = y + m * N;
+      switch (M - m) {
+        case 1: i8_block<1>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
+        case 2: i8_block<2>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
+        case 3: i8_block<3>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
+        default: i8_block<4>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
+      }
+    }
 #endif
 }

@@ -1,20 +1,23 @@
 """Decoding's products, written by hand (``matvec.cpp``): up to ``MAX_ROWS`` rows of x (one per
 sequence) times a float32 or bfloat16 weight in oneDNN's blocked layout, the one ``gpt2.model``'s
-blocked layers hold, read once for all rows.
+blocked layers hold, read once for all rows; and any number of rows times an int8 weight in a blocked
+layout of ours (``gpt2.quantization``'s int8 layers), each row quantised to 8 bits.
 
 Why by hand: a decoding step reads every weight once for a row or a few, so its speed is the speed
 at which the products stream their weights. Measured on the 124M shape's 49 products of a token (AMD
-EPYC, 2 threads, the same blocked weights): oneDNN's own product streams them at 18-25 GB/s at 1 row;
-this one, reading each block of 64 rows input by input and multiplying 16 rows per instruction (no
-sums across a vector), at 26-45 GB/s: 1.3-1.9x at 1 row, 1.5x at 4 and 1.15-1.3x at 8 rows, in
-float32 and in bfloat16. No PyTorch kernel streams a row through a weight faster on this CPU
-(MKL, oneDNN plain and blocked, Inductor's generated products were measured).
+EPYC, 2 threads, the same weights): oneDNN's own product on the blocked weights streams them at 18-25
+GB/s at 1 row; this one, reading each block of 64 rows input by input and multiplying 16 rows per
+instruction (no sums across a vector), at 26-45 GB/s: 1.3-1.9x at 1 row, 1.5x at 4 and 1.15-1.3x at
+8 rows, in float32 and in bfloat16. In int8 (vpdpbusd on the same kind of blocks) it is 1.35x
+fbgemm's product at 1 row, 1.6x at 4, 1.25x at 8 and 0.85x at 512 (a prompt). No PyTorch kernel
+streams a row through a weight faster on this CPU (MKL, oneDNN plain and blocked, fbgemm, tinygemm
+and Inductor's generated products were measured).
 
 The source is compiled once per machine by the system's C++ compiler (``-march=native``) into
 ``cache_dir() / "kernels"`` and loaded with ctypes; its threads are the OpenMP pool PyTorch runs.
 Where there is no compiler or no AVX-512, or a weight's blocked layout is not the one the kernel
-reads (each layer is checked against oneDNN's product when it is made), the layers keep oneDNN's.
-``GPT2_MATVEC=0`` turns it off.
+reads (each float layer is checked against oneDNN's product when it is made), the layers keep
+oneDNN's and fbgemm's products. ``GPT2_MATVEC=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,7 +41,7 @@ from gpt2.config import cache_dir
 SOURCE = Path(__file__).with_name("matvec.cpp")
 MAX_ROWS = 8  # rows of x a product takes; decoding's batches of up to 8 sequences
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_ABILITIES = {torch.float32: 1, torch.bfloat16: 2}  # matvec_abilities()'s bits
+_ABILITIES = {torch.float32: 1, torch.bfloat16: 2, torch.int8: 4}  # matvec_abilities()'s bits
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest output, against oneDNN's
 
 
@@ -57,6 +61,8 @@ def library() -> ctypes.CDLL | None:
     for name in ("matvec_f32", "matvec_bf16"):
         getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = None
+    lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int]
+    lib.matvec_i8.restype = None
     return lib
 
 
@@ -109,4 +115,46 @@ def product(x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> T
     kernel = library().matvec_f32 if x.dtype == torch.float32 else library().matvec_bf16
     kernel(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), y.data_ptr(),
            x.numel() // x.shape[-1], x.shape[-1], out_features, torch.get_num_threads())
+    return y
+
+
+def int8_kernel(in_features: int) -> bool:
+    """Whether the int8 kernel (AVX512-VNNI) multiplies weights of ``in_features`` inputs here."""
+    lib = library()
+    return lib is not None and bool(lib.matvec_abilities() & _ABILITIES[torch.int8]) and in_features % 16 == 0
+
+
+def int8_blocked(q: Tensor) -> Tensor:
+    """int8 rows ``q`` (out, in) in the int8 kernel's layout: blocks of 64 rows (the last padded with
+    zeros), groups of 4 inputs side by side, (out / 64, in / 4, 64, 4)."""
+    out_features, in_features = q.shape
+    blocked = q.new_zeros(-(-out_features // 64), in_features // 4, 64, 4)
+    whole = out_features // 64 * 64  # written in place: no padded copy of q beside the blocked one
+    blocked[: whole // 64] = q[:whole].view(-1, 64, in_features // 4, 4).transpose(1, 2)
+    if whole < out_features:
+        blocked[-1, :, : out_features - whole] = q[whole:].view(-1, in_features // 4, 4).transpose(0, 1)
+    return blocked
+
+
+def row_sums(q: Tensor) -> Tensor:
+    """Each row's sum of int8 values ``q`` (out, in), int32. By numpy, which converts a few thousand
+    values at a time: torch converts all of its input first (the LM head's: 4x its int8 bytes), and
+    chunk by chunk its freed temporaries stayed resident (97 MB for a 50,257 x 512 head)."""
+    return torch.from_numpy(q.numpy().sum(axis=1, dtype=np.int32))
+
+
+def int8_rows(blocked: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` (any shape) of an ``int8_blocked`` weight, as int8 (*idx.shape, in)."""
+    return blocked[idx // 64, :, idx % 64].flatten(-2)
+
+
+def int8_product(x: Tensor, blocked: Tensor, scales: Tensor, sums: Tensor, bias: Tensor | None,
+                 out_features: int) -> Tensor:
+    """``x @ W.T + bias`` for W = ``int8_blocked`` rows times a float32 scale each (``sums``: each row's
+    sum of int8 values, int32), x float32 (..., in) of any number of rows, each quantised to 8 bits."""
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], out_features)
+    library().matvec_i8(x.data_ptr(), blocked.data_ptr(), scales.data_ptr(), sums.data_ptr(),
+                        None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1],
+                        x.shape[-1], out_features, torch.get_num_threads())
     return y

@@ -115,3 +115,30 @@ print(layer.address)
 """
     assert _in_a_fresh_process(code, tmp_path, GPT2_MATVEC="0").split()[::2] == ["None", "None"]
     assert not (tmp_path / "kernels").exists()
+
+
+needs_vnni = pytest.mark.skipif(not _avx512("avx512_vnni"), reason="the int8 kernel needs AVX512-VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(100, 64), (130, 192), (768, 96)])
+def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple) -> None:
+    """Each row of x is quantised to 8 bits (x / (max |x| / 127), rounded half to even) and multiplied
+    by the int8 weight exactly; only the float32 scaling rounds."""
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, shape, dtype=torch.int8)
+    scales, bias = torch.rand(shape[0]) / 100, torch.randn(shape[0])
+    assert matvec.int8_kernel(shape[1])
+    blocked, sums = matvec.int8_blocked(q), matvec.row_sums(q)
+    assert torch.equal(sums, q.long().sum(dim=1).int())
+    idx = torch.tensor([[0, shape[0] - 1], [shape[0] // 2, 63]])
+    assert torch.equal(matvec.int8_rows(blocked, idx), q[idx])
+    for rows in [*range(1, 10), 37]:
+        x = torch.randn(rows, shape[1])
+        xs = x.abs().amax(dim=1, keepdim=True) / 127
+        dots = torch.round(x / xs).double() @ q.double().T
+        expected = dots * xs.double() * scales.double() + bias.double()
+        got = matvec.int8_product(x, blocked, scales, sums, bias, shape[0])
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        no_bias = matvec.int8_product(x, blocked, scales, sums, None, shape[0])
+        torch.testing.assert_close(no_bias.double(), expected - bias.double(), rtol=1e-5, atol=1e-5)

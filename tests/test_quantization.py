@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import BYTES, random_model, random_words
 from torch import nn
 
-from gpt2 import GPT2, UserError
+from gpt2 import GPT2, UserError, matvec
 from gpt2.inference import load_for_inference
 from gpt2.model import KVCache, _BlockedLinear
 from gpt2.quantization import Int4Linear, Int8Embedding, Int8Linear
@@ -78,6 +78,22 @@ def test_each_precision_stays_close_to_fp32_on_a_trained_model(trained: Path, pr
     assert same.float().mean() >= 0.9
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_without_the_hand_kernels_int8_layers_run_on_fbgemm_as_close_to_fp32(
+        trained: Path, precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPT2_MATVEC", "0")
+    matvec.library.cache_clear()
+    try:
+        model = load_for_inference(trained, precision=precision, device="cpu")
+    finally:
+        monkeypatch.undo()
+        matvec.library.cache_clear()
+    assert model.lm_head.packed is not None  # fbgemm's packed weight, not the hand kernel's layout
+    fp32 = load_for_inference(trained, device="cpu")
+    text = ids_of(random_words(WORDS, 1500, seed=1))
+    assert held_out_loss(model, text) <= held_out_loss(fp32, text) * (1 + LOSS_TOLERANCE[precision])
+
+
 @pytest.mark.parametrize(("precision", "layer"), [("int8", Int8Linear), ("int4", Int4Linear)])
 def test_quantised_models_hold_low_bit_weights_and_the_embedding_once(
     trained: Path, precision: str, layer: type
@@ -87,7 +103,7 @@ def test_quantised_models_hold_low_bit_weights_and_the_embedding_once(
     blocks = [m for m in model.transformer.h.modules() if isinstance(m, (Int8Linear, Int4Linear))]
     assert len(blocks) == 4 * model.config.n_layer and all(type(m) is layer for m in blocks)
     assert isinstance(model.transformer.wte, Int8Embedding) and model.transformer.wte.head[0] is model.lm_head
-    assert model.lm_head.rows.dtype == torch.int8 and model.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.int8 and model.dtype == torch.float32
     assert model.cache_dtype == torch.bfloat16  # a 16-bit KV cache, as llama.cpp's
     fp32_bytes = 4 * GPT2.from_pretrained(trained).num_parameters()
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
