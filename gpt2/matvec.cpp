@@ -7,7 +7,7 @@
 #include <stdint.h>
 #include <vector>
 
-enum { FLOAT32 = 1, BFLOAT16 = 2, INT8 = 4 };  // what matvec_abilities() reports this build can do
+enum { FLOAT32 = 1, BFLOAT16 = 2, INT8 = 4, INT4 = 8 };  // what matvec_abilities() reports this build can do
 
 #ifdef __AVX512F__
 // The mask of the rows n.. of a block's vector of 16 that exist (the last block is padded to 64).
@@ -124,6 +124,81 @@ static inline void quantise_row(const float* x, uint8_t* xq, float* xs, int64_t 
 }
 #endif
 
+#ifdef __AVX512VNNI__
+// Our blocked int4 weight (gpt2.matvec.int4_blocked), one stream of bytes: blocks of 64 output rows (the
+// last one padded with zeros), each a run of groups of 32 inputs, each group 1280 bytes: 4 steps of 8
+// inputs, each 4 vectors of 16 rows x 4 bytes (byte b of a row holds input 8j + b in its low nibble and
+// 8j + 4 + b in its high one), then the group's 64 scales and 64 lows, bfloat16 (w = q * scale + low).
+// x arrives quantised to signed 8 bits per row (xq = round(x / xs)) with each group's sum of x (float32),
+// so a group adds scale * xs * (q . xq) + low * sum(x).
+static inline __m512 bf16_vector(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+template <int M>
+static inline void i4_block(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w,
+                            const float* bias, float* y, int64_t K, int64_t N, int64_t n0) {
+  const __m512i nibble = _mm512_set1_epi8(15);
+  const int64_t groups = K / 32;
+  __m512 out[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < 4; ++v) out[m][v] = _mm512_setzero_ps();
+  const uint8_t* block = w + n0 / 64 * groups * 1280;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* group = block + g * 1280;
+    const uint16_t* scales = (const uint16_t*)(group + 1024);
+    __m512i acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* step = group + j * 256;
+      __m512i low[4], high[4];
+      for (int v = 0; v < 4; ++v) {
+        const __m512i packed = _mm512_loadu_si512(step + 64 * v);
+        low[v] = _mm512_and_si512(packed, nibble);
+        high[v] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      }
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = xq + m * K + g * 32 + j * 8;
+        const __m512i x0 = _mm512_set1_epi32(*(const int32_t*)x), x1 = _mm512_set1_epi32(*(const int32_t*)(x + 4));
+        for (int v = 0; v < 4; ++v)
+          acc[m][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[m][v], low[v], x0), high[v], x1);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      const __m512 scale = bf16_vector(scales + 16 * v, 0xffff);
+      const __m512 lowest = bf16_vector(scales + 64 + 16 * v, 0xffff);
+      for (int m = 0; m < M; ++m) {
+        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][v]), _mm512_set1_ps(xs[m]));
+        out[m][v] = _mm512_fmadd_ps(lowest, _mm512_set1_ps(xsum[m * groups + g]), _mm512_fmadd_ps(dot, scale, out[m][v]));
+      }
+    }
+  }
+  for (int v = 0; v < 4; ++v) {
+    const int64_t n = n0 + 16 * v;
+    if (n >= N) break;
+    const __mmask16 mask = rows_mask(n, N);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, _mm512_add_ps(out[m][v], b));
+  }
+}
+
+// One row of x quantised to signed 8 bits: xs = max |x| / 127, xq = round(x / xs); and each group's sum.
+static inline void quantise_signed_row(const float* x, int8_t* xq, float* xs, float* xsum, int64_t K) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const float largest = _mm512_reduce_max_ps(amax);
+  *xs = largest > 0.f ? largest / 127.f : 1.f;
+  const __m512 inverse = _mm512_set1_ps(1.f / *xs);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    _mm_storeu_si128((__m128i*)(xq + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inverse))));
+  }
+  for (int64_t g = 0; g < K / 32; ++g)
+    xsum[g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x + 32 * g), _mm512_loadu_ps(x + 32 * g + 16)));
+}
+#endif
+
 // A whole block of 64 rows for up to 4 rows of x at once (M x 4 accumulators: half the registers);
 // rows 5 to 8 of x in a second pass, which reads the block from the cache.
 #define BLOCK(FN, M)                                                             \
@@ -160,7 +235,7 @@ extern "C" int matvec_abilities() {
   abilities |= BFLOAT16;
 #endif
 #ifdef __AVX512VNNI__
-  abilities |= INT8;
+  abilities |= INT8 | INT4;
 #endif
   return abilities;
 }
@@ -202,6 +277,28 @@ extern "C" void matvec_i8(const float* x, const int8_t* w, const float* scales, 
         case 3: i8_block<3>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
         default: i8_block<4>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
       }
+    }
+#endif
+}
+
+// x (M, K) float32 times our blocked int4 w (N rows, K inputs; see i4_block) into y (M, N) float32, for
+// any M, 2 rows of x at a time. K a multiple of 32.
+extern "C" void matvec_i4(const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t K,
+                          int64_t N, int threads) {
+#ifdef __AVX512VNNI__
+  const int64_t groups = K / 32;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M), xsum(M * groups);
+#pragma omp parallel for schedule(static) num_threads(threads) if (M >= 16)
+  for (int64_t m = 0; m < M; ++m)
+    quantise_signed_row(x + m * K, xq.data() + m * K, xs.data() + m, xsum.data() + m * groups, K);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n0 = 0; n0 < N; n0 += 64)
+    for (int64_t m = 0; m < M; m += 2) {
+      if (M - m == 1)
+        i4_block<1>(xq.data() + m * K, xs.data() + m, xsum.data() + m * groups, w, bias, y + m * N, K, N, n0);
+      else
+        i4_block<2>(xq.data() + m * K, xs.data() + m, xsum.data() + m * groups, w, bias, y + m * N, K, N, n0);
     }
 #endif
 }

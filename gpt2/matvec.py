@@ -41,7 +41,9 @@ from gpt2.config import cache_dir
 SOURCE = Path(__file__).with_name("matvec.cpp")
 MAX_ROWS = 8  # rows of x a product takes; decoding's batches of up to 8 sequences
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_ABILITIES = {torch.float32: 1, torch.bfloat16: 2, torch.int8: 4}  # matvec_abilities()'s bits
+_ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8}  # matvec_abilities()'s bits
+_MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32}  # of the inputs, that each kernel needs
+_FLOATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest output, against oneDNN's
 
 
@@ -62,7 +64,8 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = None
     lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int]
-    lib.matvec_i8.restype = None
+    lib.matvec_i4.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
+    lib.matvec_i8.restype = lib.matvec_i4.restype = None
     return lib
 
 
@@ -91,11 +94,19 @@ def _cpu_flags() -> str:
     return "\n".join(line for line in lines[:40] if line.startswith(("model name", "flags")))
 
 
+def kernel(precision: str, in_features: int) -> bool:
+    """Whether the kernel for ``precision`` (fp32, bf16, int8 or int4) runs here, for weights of
+    ``in_features`` inputs (fp32 and bf16 need AVX-512 and its BF16 instructions; int8 and int4 VNNI)."""
+    lib = library()
+    return lib is not None and bool(lib.matvec_abilities() & _ABILITIES[precision]) \
+        and in_features % _MULTIPLE[precision] == 0
+
+
 def blocked_weight(blocked: Tensor, out_features: int, in_features: int) -> int | None:
     """The address of oneDNN's blocked ``blocked`` (from ``torch.ops.mkldnn._reorder_linear_weight``)
     when the kernels can multiply it, checked against oneDNN's own product; None where they cannot."""
-    lib, dtype = library(), blocked.dtype
-    if lib is None or not lib.matvec_abilities() & _ABILITIES.get(dtype, 0) or in_features % 2:
+    dtype = blocked.dtype
+    if dtype not in _FLOATS or not kernel(_FLOATS[dtype], in_features):
         return None
     padded = -(-out_features // 64) * 64 * in_features * blocked.element_size()
     if torch.ops.mkldnn._nbytes(blocked) != padded:  # not the layout read here
@@ -116,12 +127,6 @@ def product(x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> T
     kernel(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), y.data_ptr(),
            x.numel() // x.shape[-1], x.shape[-1], out_features, torch.get_num_threads())
     return y
-
-
-def int8_kernel(in_features: int) -> bool:
-    """Whether the int8 kernel (AVX512-VNNI) multiplies weights of ``in_features`` inputs here."""
-    lib = library()
-    return lib is not None and bool(lib.matvec_abilities() & _ABILITIES[torch.int8]) and in_features % 16 == 0
 
 
 def int8_blocked(q: Tensor) -> Tensor:
@@ -157,4 +162,31 @@ def int8_product(x: Tensor, blocked: Tensor, scales: Tensor, sums: Tensor, bias:
     library().matvec_i8(x.data_ptr(), blocked.data_ptr(), scales.data_ptr(), sums.data_ptr(),
                         None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1],
                         x.shape[-1], out_features, torch.get_num_threads())
+    return y
+
+
+def int4_blocked(q: Tensor, scales: Tensor, lows: Tensor) -> Tensor:
+    """4-bit values ``q`` (out, in; 0 to 15, any integer dtype; out a multiple of 64) with a scale and a
+    low per 32 inputs of a row (``scales``, ``lows``: (out, in / 32); w = q * scale + low) in the int4
+    kernel's layout, one stream of bytes: blocks of 64 rows, each a run of groups of 32 inputs, each
+    group 4 steps of 8 inputs (4 vectors of 16 rows x 4 bytes, byte b of a row holding inputs b and
+    4 + b in its low and high nibbles), then its 64 scales and 64 lows in bfloat16:
+    (out / 64, in / 32, 1280) uint8."""
+    out_features, in_features = q.shape
+    groups = in_features // 32
+    pairs = q.to(torch.uint8).view(out_features, in_features // 8, 2, 4)
+    packed = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(-1, 4, 16, groups, 4, 4)
+    steps = packed.permute(0, 3, 4, 1, 2, 5).reshape(-1, groups, 1024)
+    both = [t.bfloat16().view(-1, 64, groups).transpose(1, 2).contiguous() for t in (scales, lows)]
+    return torch.cat([steps, *(t.view(torch.uint8) for t in both)], dim=2)
+
+
+def int4_product(x: Tensor, blocked: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """``x @ W.T + bias`` for W = an ``int4_blocked`` weight, x float32 (..., in) of any number of rows,
+    each quantised to 8 bits."""
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], out_features)
+    library().matvec_i4(x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(),
+                        y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], out_features,
+                        torch.get_num_threads())
     return y

@@ -128,7 +128,7 @@ def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple) 
     torch.manual_seed(0)
     q = torch.randint(-127, 128, shape, dtype=torch.int8)
     scales, bias = torch.rand(shape[0]) / 100, torch.randn(shape[0])
-    assert matvec.int8_kernel(shape[1])
+    assert matvec.kernel("int8", shape[1])
     blocked, sums = matvec.int8_blocked(q), matvec.row_sums(q)
     assert torch.equal(sums, q.long().sum(dim=1).int())
     idx = torch.tensor([[0, shape[0] - 1], [shape[0] // 2, 63]])
@@ -142,3 +142,25 @@ def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple) 
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
         no_bias = matvec.int8_product(x, blocked, scales, sums, None, shape[0])
         torch.testing.assert_close(no_bias.double(), expected - bias.double(), rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(128, 64), (192, 96), (64, 768)])
+def test_the_int4_product_is_the_8_bit_rows_times_each_groups_values_scale_and_low(shape: tuple) -> None:
+    """Per group of 32 inputs: scale * (8-bit x . 4-bit q) * x's scale + low * the group's sum of x; the
+    scales and lows in bfloat16."""
+    torch.manual_seed(0)
+    (out, width), groups = shape, shape[1] // 32
+    q = torch.randint(0, 16, shape)
+    scales, lows = (torch.rand(out, groups) / 10).bfloat16(), (torch.randn(out, groups) / 5).bfloat16()
+    assert matvec.kernel("int4", width)
+    blocked, bias = matvec.int4_blocked(q, scales, lows), torch.randn(out)
+    for rows in [1, 2, 3, 8, 33]:
+        x = torch.randn(rows, width)
+        xs = x.abs().amax(dim=1, keepdim=True) / 127
+        dots = torch.einsum("mgk,ngk->mng", torch.round(x / xs).double().view(rows, groups, 32),
+                            q.double().view(out, groups, 32))
+        sums = x.double().view(rows, groups, 32).sum(dim=2)
+        expected = (dots * xs.double()[:, :, None] * scales.double()).sum(dim=2) + sums @ lows.double().T
+        got = matvec.int4_product(x, blocked, bias, out)
+        torch.testing.assert_close(got.double(), expected + bias.double(), rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,17 +79,23 @@ def test_each_precision_stays_close_to_fp32_on_a_trained_model(trained: Path, pr
     assert same.float().mean() >= 0.9
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_without_the_hand_kernels_int8_layers_run_on_fbgemm_as_close_to_fp32(
-        trained: Path, precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def pytorch_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Layers made while ``gpt2.matvec``'s kernels are off (``GPT2_MATVEC=0``, as on a CPU they cannot
+    run on): fbgemm's and tinygemm's products."""
     monkeypatch.setenv("GPT2_MATVEC", "0")
     matvec.library.cache_clear()
-    try:
-        model = load_for_inference(trained, precision=precision, device="cpu")
-    finally:
-        monkeypatch.undo()
-        matvec.library.cache_clear()
+    yield
+    monkeypatch.undo()
+    matvec.library.cache_clear()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_without_the_hand_kernels_the_quantised_layers_run_on_pytorchs_as_close_to_fp32(
+        trained: Path, precision: str, pytorch_kernels: None) -> None:
+    model = load_for_inference(trained, precision=precision, device="cpu")
     assert model.lm_head.packed is not None  # fbgemm's packed weight, not the hand kernel's layout
+    assert all(not m.hand for m in model.modules() if isinstance(m, Int4Linear))
     fp32 = load_for_inference(trained, device="cpu")
     text = ids_of(random_words(WORDS, 1500, seed=1))
     assert held_out_loss(model, text) <= held_out_loss(fp32, text) * (1 + LOSS_TOLERANCE[precision])
@@ -176,7 +183,7 @@ def test_the_cache_estimate_counts_the_float32_room_of_a_bfloat16_cache() -> Non
     assert estimate(attention_dtype=torch.bfloat16) == estimate()
 
 
-def test_int4_prompts_multiply_the_unpacked_weight_with_tinygemms_values() -> None:
+def test_int4_prompts_multiply_the_unpacked_weight_with_tinygemms_values(pytorch_kernels: None) -> None:
     torch.manual_seed(0)
     layer = Int4Linear(torch.randn(192, 96) * 0.02, torch.randn(192) * 0.01)  # 192: three blocks of 64
     few, many = torch.randn(1, 8, 96), torch.randn(1, 256, 96)  # tinygemm's rows, and a prompt's
