@@ -5,9 +5,11 @@
 // float32 and bfloat16 (oneDNN multiplies more), any M for int8.
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
+#include <omp.h>
 #include <vector>
 
-enum { FLOAT32 = 1, BFLOAT16 = 2, INT8 = 4, INT4 = 8 };  // what matvec_abilities() reports this build can do
+enum { FLOAT32 = 1, BFLOAT16 = 2, INT8 = 4, INT4 = 8, ATTENTION = 16 };  // what matvec_abilities() reports this build can do
 
 #ifdef __AVX512F__
 // The mask of the rows n.. of a block's vector of 16 that exist (the last block is padded to 64).
@@ -199,6 +201,96 @@ static inline void quantise_signed_row(const float* x, int8_t* xq, float* xs, fl
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// A decoding step's attention, one call per layer (gpt2.model.KVCache.attend): each row's new key and
+// value written into the cache at position `length`, then its query attends over positions 0..length
+// (those `real` marks) of every head, the softmax in float32. Activations (qkv, out) and the cache are
+// float32 or bfloat16 (A and C), each widened to float32 as it is read.
+static inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 widen(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void narrow(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void narrow(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+// e^x to float32 precision: e^x = 2^k e^r, |r| <= ln 2 / 2, e^r by its Taylor series to r^7.
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  const float terms[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+  for (float t : terms) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(t));
+  return _mm512_scalef_ps(p, k);
+}
+
+template <typename A, typename C>
+static void attend_head(const A* q, C* keys, C* values, const bool* real, A* out, int64_t length, float* scores) {
+  // D = 64: a head's query, key and value rows are 4 vectors of 16
+  const __m512 q0 = widen(q), q1 = widen(q + 16), q2 = widen(q + 32), q3 = widen(q + 48);
+  float top = -INFINITY;
+  for (int64_t l = 0; l <= length; ++l) {
+    const C* k = keys + l * 64;
+    __m512 dot = _mm512_mul_ps(q0, widen(k));
+    dot = _mm512_fmadd_ps(q1, widen(k + 16), dot);
+    dot = _mm512_fmadd_ps(q2, widen(k + 32), dot);
+    dot = _mm512_fmadd_ps(q3, widen(k + 48), dot);
+    // 1 / sqrt(64); a padding query sees itself (else it would see nothing: a NaN row)
+    scores[l] = real[l] || l == length ? _mm512_reduce_add_ps(dot) * 0.125f : -INFINITY;
+    top = scores[l] > top ? scores[l] : top;
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t l = 0; l <= length; l += 16) {
+    const __mmask16 mask = length + 1 - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (length + 1 - l)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(mask, scores + l);
+    const __mmask16 live = _mm512_mask_cmp_ps_mask(mask, s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(top))));
+    _mm512_mask_storeu_ps(scores + l, mask, e);
+    total = _mm512_add_ps(total, e);
+  }
+  const float inverse = 1.f / _mm512_reduce_add_ps(total);
+  __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+  for (int64_t l = 0; l <= length; ++l) {
+    const __m512 p = _mm512_set1_ps(scores[l]);
+    const C* v = values + l * 64;
+    o0 = _mm512_fmadd_ps(p, widen(v), o0);
+    o1 = _mm512_fmadd_ps(p, widen(v + 16), o1);
+    o2 = _mm512_fmadd_ps(p, widen(v + 32), o2);
+    o3 = _mm512_fmadd_ps(p, widen(v + 48), o3);
+  }
+  const __m512 scale = _mm512_set1_ps(inverse);
+  narrow(out, _mm512_mul_ps(o0, scale));
+  narrow(out + 16, _mm512_mul_ps(o1, scale));
+  narrow(out + 32, _mm512_mul_ps(o2, scale));
+  narrow(out + 48, _mm512_mul_ps(o3, scale));
+}
+
+// qkv (B, 3 * H * 64) the step's queries, keys and values; keys and values (rows, H, max_len, 64) the
+// cache of one layer; real (rows, max_len); out (B, H * 64).
+template <typename A, typename C>
+static void attend(const A* qkv, C* keys, C* values, const bool* real, A* out, int64_t B, int64_t H,
+                   int64_t max_len, int64_t length, int threads) {
+  const int64_t width = H * 64;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      C* k = keys + ((b * H + h) * max_len + length) * 64;
+      C* v = values + ((b * H + h) * max_len + length) * 64;
+      for (int i = 0; i < 64; i += 16) {
+        narrow(k + i, widen(qkv + b * 3 * width + width + h * 64 + i));
+        narrow(v + i, widen(qkv + b * 3 * width + 2 * width + h * 64 + i));
+      }
+    }
+  std::vector<float> scores(threads * (max_len + 16));
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    attend_head(qkv + b * 3 * width + h * 64, keys + bh * max_len * 64, values + bh * max_len * 64,
+                real + b * max_len, out + b * width + h * 64, length, scores.data() + omp_get_thread_num() * (max_len + 16));
+  }
+}
+#endif
+
 // A whole block of 64 rows for up to 4 rows of x at once (M x 4 accumulators: half the registers);
 // rows 5 to 8 of x in a second pass, which reads the block from the cache.
 #define BLOCK(FN, M)                                                             \
@@ -236,6 +328,9 @@ extern "C" int matvec_abilities() {
 #endif
 #ifdef __AVX512VNNI__
   abilities |= INT8 | INT4;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  abilities |= ATTENTION;
 #endif
   return abilities;
 }
@@ -300,5 +395,20 @@ extern "C" void matvec_i4(const float* x, const uint8_t* w, const float* bias, f
       else
         i4_block<2>(xq.data() + m * K, xs.data() + m, xsum.data() + m * groups, w, bias, y + m * N, K, N, n0);
     }
+#endif
+}
+
+// A decoding step's attention (attend above); `activations` and `cache`: 4 for float32, 2 for bfloat16.
+extern "C" void matvec_attend(const void* qkv, void* keys, void* values, const bool* real, void* out, int64_t B,
+                              int64_t H, int64_t max_len, int64_t length, int activations, int cache, int threads) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  typedef const float* F;
+  typedef const uint16_t* H16;
+  if (activations == 4 && cache == 4)
+    attend((F)qkv, (float*)keys, (float*)values, real, (float*)out, B, H, max_len, length, threads);
+  else if (activations == 4)
+    attend((F)qkv, (uint16_t*)keys, (uint16_t*)values, real, (float*)out, B, H, max_len, length, threads);
+  else
+    attend((H16)qkv, (uint16_t*)keys, (uint16_t*)values, real, (uint16_t*)out, B, H, max_len, length, threads);
 #endif
 }

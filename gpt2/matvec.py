@@ -1,7 +1,8 @@
 """Decoding's products, written by hand (``matvec.cpp``): up to ``MAX_ROWS`` rows of x (one per
 sequence) times a float32 or bfloat16 weight in oneDNN's blocked layout, the one ``gpt2.model``'s
 blocked layers hold, read once for all rows; and any number of rows times an int8 weight in a blocked
-layout of ours (``gpt2.quantization``'s int8 layers), each row quantised to 8 bits.
+layout of ours (``gpt2.quantization``'s int8 and int4 layers), each row quantised to 8 bits; and a
+decoding step's attention (``attend``), read straight from a float32 or bfloat16 KV cache.
 
 Why by hand: a decoding step reads every weight once for a row or a few, so its speed is the speed
 at which the products stream their weights. Measured on the 124M shape's 49 products of a token (AMD
@@ -11,7 +12,10 @@ instruction (no sums across a vector), at 26-45 GB/s: 1.3-1.9x at 1 row, 1.5x at
 8 rows, in float32 and in bfloat16. In int8 (vpdpbusd on the same kind of blocks) it is 1.35x
 fbgemm's product at 1 row, 1.6x at 4, 1.25x at 8 and 0.85x at 512 (a prompt). No PyTorch kernel
 streams a row through a weight faster on this CPU (MKL, oneDNN plain and blocked, fbgemm, tinygemm
-and Inductor's generated products were measured).
+and Inductor's generated products were measured). In int4 (our layout: each group's scales beside
+its values, one stream), 2.1x tinygemm's at 1 row and 2.0-2.4x at 8 and 512. Attention by hand
+replaces, per layer and token, a float32 copy of the whole bfloat16 cache, the conversions around
+it and PyTorch's attention call over every position of the cache, written or not.
 
 The source is compiled once per machine by the system's C++ compiler (``-march=native``) into
 ``cache_dir() / "kernels"`` and loaded with ctypes; its threads are the OpenMP pool PyTorch runs.
@@ -41,8 +45,8 @@ from gpt2.config import cache_dir
 SOURCE = Path(__file__).with_name("matvec.cpp")
 MAX_ROWS = 8  # rows of x a product takes; decoding's batches of up to 8 sequences
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8}  # matvec_abilities()'s bits
-_MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32}  # of the inputs, that each kernel needs
+_ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()'s bits
+_MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs each needs
 _FLOATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest output, against oneDNN's
 
@@ -65,7 +69,8 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int]
     lib.matvec_i4.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
-    lib.matvec_i8.restype = lib.matvec_i4.restype = None
+    lib.matvec_attend.argtypes = [pointer] * 5 + [size] * 4 + [ctypes.c_int] * 3
+    lib.matvec_i8.restype = lib.matvec_i4.restype = lib.matvec_attend.restype = None
     return lib
 
 
@@ -190,3 +195,17 @@ def int4_product(x: Tensor, blocked: Tensor, bias: Tensor | None, out_features: 
                         y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], out_features,
                         torch.get_num_threads())
     return y
+
+
+def attend(qkv: Tensor, keys: Tensor, values: Tensor, real: Tensor, length: int) -> Tensor:
+    """A decoding step's attention for one layer: each row's key and value (in ``qkv`` (B, 1, 3 C),
+    float32 or bfloat16, after the queries) written at position ``length`` of the cache's ``keys`` and
+    ``values`` (rows, heads, max_len, 64; float32 or bfloat16), then its query attending over
+    positions 0 to ``length`` that ``real`` (rows, max_len) marks, softmax in float32; the output
+    (B, 1, C) in ``qkv``'s dtype."""
+    qkv = qkv.contiguous()
+    out = qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)
+    pointers = [t.data_ptr() for t in (qkv, keys, values, real, out)]
+    library().matvec_attend(*pointers, qkv.shape[0], keys.shape[1], keys.shape[2], length, qkv.element_size(),
+                            keys.element_size(), torch.get_num_threads())
+    return out

@@ -73,6 +73,12 @@ class KVCache:
         self.length = 0
         self.always_padded = padded
         self.padded = padded
+        # Decoding's attention by hand (``attend``): on the CPU, in float32, over a float32 or bfloat16
+        # cache, for heads of 64 (every GPT-2 size's): the (activations, cache) dtypes it takes
+        by_hand = self.keys[0].is_cpu and self.attention_dtype == torch.float32 and config.head_dim == 64
+        f32, bf16 = torch.float32, torch.bfloat16
+        pairs = {(f32, f32), (f32, bf16), (bf16, bf16)}
+        self._attends = pairs if by_hand and matvec.kernel("attention", 64) else set()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,6 +140,19 @@ class KVCache:
         keys.index_copy_(2, self.slot, k.to(keys.dtype))
         values.index_copy_(2, self.slot, v.to(values.dtype))
         return self._for_attention(keys, values)
+
+    def attends(self, qkv: Tensor) -> bool:
+        """Whether ``attend`` takes a decode step of these queries, keys and values (eager, not
+        compiled: a compiled step keeps attention in its graph)."""
+        return (qkv.dtype, self.dtype) in self._attends and self.length < self.max_len \
+            and not torch.compiler.is_compiling()
+
+    def attend(self, layer: int, qkv: Tensor) -> Tensor:
+        """A decode step's attention for ``layer`` by ``gpt2.matvec``'s kernel: the step's keys and
+        values (in ``qkv`` (B, 1, 3 C), after the queries) written at ``length``, each query attending
+        over the real positions written so far and its own, in float32 straight from the cache (no
+        float32 copy of it, no attention over the positions not yet written); returns (B, 1, C)."""
+        return matvec.attend(qkv, self.keys[layer], self.values[layer], self.key_mask, self.length)
 
     def step_mask(self, batch: int) -> Tensor:
         """The attention mask (batch, 1, 1, max_len) of a decode step at ``slot``: the real positions
@@ -240,9 +259,12 @@ class CausalSelfAttention(nn.Module):
         self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, step: bool = False
     ) -> Tensor:
         B, T, C = x.shape
+        qkv = self.c_attn(x)
+        if T == 1 and cache is not None and not self.training and cache.attends(qkv):
+            return self.resid_dropout(self.c_proj(cache.attend(layer, qkv)))
         # (B, T, 3 * C) -> query, key and value, each (B, heads, T, head_dim): views, no copy
         shape = (B, T, 3, self.n_head, C // self.n_head)
-        q, k, v = self.c_attn(x).view(shape).permute(2, 0, 3, 1, 4).unbind()
+        q, k, v = qkv.view(shape).permute(2, 0, 3, 1, 4).unbind()
         dtype = q.dtype
         if cache is not None:  # ``step``: one token at the cache's slot, attending over all its positions
             k, v = cache.update_at_slot(layer, k, v) if step else cache.update(layer, k, v)

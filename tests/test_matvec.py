@@ -18,7 +18,7 @@ from torch import nn
 
 from gpt2 import matvec
 from gpt2.inference import load_for_inference
-from gpt2.model import _BlockedLinear
+from gpt2.model import KVCache, _BlockedLinear
 
 
 def _avx512(flag: str) -> bool:
@@ -109,7 +109,7 @@ def test_the_library_is_built_once_into_the_cache_and_runs_on_pytorchs_openmp_th
 
 def test_GPT2_MATVEC_0_leaves_onednns_products(tmp_path) -> None:
     code = LOAD + """
-from gpt2.model import _BlockedLinear
+from gpt2.model import KVCache, _BlockedLinear
 layer = _BlockedLinear(torch.nn.Linear(64, 64).requires_grad_(False))
 print(layer.address)
 """
@@ -164,3 +164,31 @@ def test_the_int4_product_is_the_8_bit_rows_times_each_groups_values_scale_and_l
         expected = (dots * xs.double()[:, :, None] * scales.double()).sum(dim=2) + sums @ lows.double().T
         got = matvec.int4_product(x, blocked, bias, out)
         torch.testing.assert_close(got.double(), expected + bias.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=DTYPES[1].marks), "int8"])
+def test_a_padded_batch_decoded_by_the_hand_attention_gives_each_sequences_own_logits(precision: str) -> None:
+    """Heads of 64 (what the kernel takes): prompts of different lengths, left-padded in one cache and
+    decoded a token at a time, give the logits each sequence gets alone through the full forward pass
+    (PyTorch's attention, no cache)."""
+    model = load_for_inference(random_model(n_embd=128, n_head=2, seed=3), precision=precision, device="cpu")
+    torch.manual_seed(0)
+    lengths, steps = (5, 9), 6
+    rows = [torch.randint(0, 257, (n + steps,)) for n in lengths]
+    ids = torch.zeros(2, max(lengths), dtype=torch.long)
+    padding = torch.zeros(2, max(lengths), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, -n:], padding[row, -n:] = rows[row][:n], 1
+    cache = KVCache(model.config, 2, max(lengths) + steps, dtype=model.cache_dtype,
+                    attention_dtype=model.attention_dtype)
+    assert cache.attends(torch.empty(2, 1, 3 * 128, dtype=model.dtype))
+    tolerance = 1e-4 if precision == "fp32" else 3e-2  # bf16 and int8: a bfloat16 cache, rounded
+    with torch.inference_mode():
+        model(ids, attention_mask=padding, cache=cache)
+        for step in range(steps):
+            tokens = torch.stack([r[n + step] for r, n in zip(rows, lengths, strict=True)])[:, None]
+            stepped = model.decode_step(tokens, cache).float()
+            for row, n in enumerate(lengths):
+                alone = model(rows[row][None, : n + step + 1])[0, -1].float()
+                spread = alone.amax() - alone.amin()
+                assert (stepped[row] - alone).abs().max() <= tolerance * spread
