@@ -191,8 +191,9 @@ def printed_table(output: str, first: str) -> list[dict[str, str]]:
 
 def endless_model(n_positions: int = 96) -> GPT2:
     """A random 2-layer model over bytes whose <|endoftext|> logit is always about -6 below the rest:
-    it never ends a text by itself, so every length is known."""
-    model = random_model(n_layer=2, n_head=4, n_embd=64, n_positions=n_positions, tokenizer=BYTES).eval()
+    it never ends a text by itself, so every length is known. One head of 64: what decoding's attention
+    by hand (``KVCache.attend``) takes, so that the serving engine's batches run through it."""
+    model = random_model(n_layer=2, n_head=1, n_embd=64, n_positions=n_positions, tokenizer=BYTES).eval()
     with torch.no_grad():  # ln_f's output then always has a component b*1, which w_eot = -1 turns down
         model.transformer.ln_f.bias.fill_(0.1)
         model.transformer.wte.weight[BYTES.eot_token] = -1.0
