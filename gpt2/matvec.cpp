@@ -43,6 +43,20 @@ static inline void f32_block(const float* x, const float* w, const float* bias, 
     for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, _mm512_add_ps(acc[m][v], b));
   }
 }
+
+// A plain float32 weight w[N][K] (the tied LM head, whose rows the embedding looks up): R rows at a time,
+// each a dot product with the one row of x, summed across its vector at the end.
+template <int R>
+static inline void plain_f32_rows(const float* x, const float* w, const float* bias, float* y, int64_t K,
+                                  int64_t n) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (n + r) * K + k), xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(acc[r]) + (bias ? bias[n + r] : 0.f);
+}
 #endif
 
 #ifdef __AVX512BF16__
@@ -340,6 +354,17 @@ extern "C" void matvec_f32(const float* x, const float* w, const float* bias, fl
                            int64_t N, int threads) {
 #ifdef __AVX512F__
   BY_ROWS(f32_block)
+#endif
+}
+
+// One row x (K) float32 times a plain float32 w (N, K) into y (N); K a multiple of 16.
+extern "C" void matvec_plain_f32(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
+                                 int threads) {
+#ifdef __AVX512F__
+  const int64_t tiles = N / 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tiles; ++t) plain_f32_rows<8>(x, w, bias, y, K, t * 8);
+  for (int64_t n = tiles * 8; n < N; ++n) plain_f32_rows<1>(x, w, bias, y, K, n);
 #endif
 }
 

@@ -45,8 +45,8 @@ from gpt2.config import cache_dir
 SOURCE = Path(__file__).with_name("matvec.cpp")
 MAX_ROWS = 8  # rows of x a product takes; decoding's batches of up to 8 sequences
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()'s bits
-_MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs each needs
+_ABILITIES = {"fp32": 1, "plain": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()
+_MULTIPLE = {"fp32": 1, "plain": 16, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs
 _FLOATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest output, against oneDNN's
 
@@ -67,10 +67,12 @@ def library() -> ctypes.CDLL | None:
     for name in ("matvec_f32", "matvec_bf16"):
         getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = None
+    lib.matvec_plain_f32.argtypes = [pointer] * 4 + [size] * 2 + [ctypes.c_int]
     lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int]
     lib.matvec_i4.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
     lib.matvec_attend.argtypes = [pointer] * 5 + [size] * 4 + [ctypes.c_int] * 3
-    lib.matvec_i8.restype = lib.matvec_i4.restype = lib.matvec_attend.restype = None
+    lib.matvec_plain_f32.restype = lib.matvec_i8.restype = lib.matvec_i4.restype = None
+    lib.matvec_attend.restype = None
     return lib
 
 
@@ -131,6 +133,16 @@ def product(x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> T
     kernel = library().matvec_f32 if x.dtype == torch.float32 else library().matvec_bf16
     kernel(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), y.data_ptr(),
            x.numel() // x.shape[-1], x.shape[-1], out_features, torch.get_num_threads())
+    return y
+
+
+def plain_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` for one row x (..., in) and a plain contiguous float32 weight (out, in)
+    (``kernel("plain", in)``): the fp32 LM head, the tied embedding's own rows."""
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    library().matvec_plain_f32(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                               y.data_ptr(), weight.shape[1], weight.shape[0], torch.get_num_threads())
     return y
 
 

@@ -584,6 +584,7 @@ class _OneDNNLinear(nn.Linear):
 
     mkl_rows = 0
     gelu = False
+    by_hand = False  # one row by ``gpt2.matvec.plain_product`` (where MKL does not take it)
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_cpu or x.dtype != torch.float32 or torch.is_grad_enabled() \
@@ -592,6 +593,9 @@ class _OneDNNLinear(nn.Linear):
             return F.gelu(y, approximate="tanh") if self.gelu else y
         if torch.compiler.is_compiling():
             return _onednn_linear(x, self.weight, self.bias, self.gelu)
+        if self.by_hand and x.numel() == x.shape[-1] and self.weight.is_contiguous():  # one row: decoding
+            y = matvec.plain_product(x, self.weight, self.bias)
+            return torch.ops.aten.gelu_(y, approximate="tanh") if self.gelu else y
         # eager: the product itself (a custom op's first call imports torch._dynamo: 1.3 s, 70 MB)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, *_post_op(self.gelu))
 
@@ -618,6 +622,7 @@ def onednn_linears(model: nn.Module) -> None:
         if weight is not None and weight.dtype == torch.float32 and weight.numel() >= 2**18:
             module.__class__ = _OneDNNLinear
             module.mkl_rows = mkl_rows
+            module.by_hand = not mkl_rows and matvec.kernel("plain", module.in_features)
     _fuse_gelu(model, _OneDNNLinear)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from gpt2 import matvec
 from gpt2.inference import load_for_inference
-from gpt2.model import KVCache, _BlockedLinear
+from gpt2.model import KVCache, _BlockedLinear, _OneDNNLinear, intel_cpu
 
 
 def _avx512(flag: str) -> bool:
@@ -75,9 +75,22 @@ def test_a_blocked_layer_gives_the_plain_layers_outputs_at_every_batch_with_and_
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=DTYPES[1].marks)])
 def test_a_model_loaded_for_the_cpu_multiplies_with_the_hand_kernels(precision: str) -> None:
-    model = load_for_inference(random_model(), precision=precision, device="cpu")
+    model = load_for_inference(random_model(n_embd=64, vocab_size=5000), precision=precision, device="cpu")
     blocked = [m for m in model.modules() if isinstance(m, _BlockedLinear)]
     assert blocked and all(m.address is not None for m in blocked)
+    if precision == "fp32" and not intel_cpu():  # the LM head: the tied embedding's plain weight
+        assert type(model.lm_head) is _OneDNNLinear and model.lm_head.by_hand
+
+
+def test_the_plain_fp32_product_of_one_row_equals_torchs() -> None:
+    torch.manual_seed(0)
+    for out, width in [(50257, 64), (100, 96), (7, 16)]:  # rows past the last tile of 8: 1, 4, 7
+        weight, bias, x = torch.randn(out, width), torch.randn(out), torch.randn(1, 1, width)
+        assert matvec.kernel("plain", width)
+        torch.testing.assert_close(matvec.plain_product(x, weight, bias), F.linear(x, weight, bias),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(matvec.plain_product(x, weight, None), F.linear(x, weight), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def _in_a_fresh_process(code: str, cache: Path, **env: str) -> str:
@@ -109,7 +122,7 @@ def test_the_library_is_built_once_into_the_cache_and_runs_on_pytorchs_openmp_th
 
 def test_GPT2_MATVEC_0_leaves_onednns_products(tmp_path) -> None:
     code = LOAD + """
-from gpt2.model import KVCache, _BlockedLinear
+from gpt2.model import KVCache, _BlockedLinear, _OneDNNLinear, intel_cpu
 layer = _BlockedLinear(torch.nn.Linear(64, 64).requires_grad_(False))
 print(layer.address)
 """
