@@ -102,8 +102,9 @@ def _cpu_flags() -> str:
 
 
 def kernel(precision: str, in_features: int) -> bool:
-    """Whether the kernel for ``precision`` (fp32, bf16, int8 or int4) runs here, for weights of
-    ``in_features`` inputs (fp32 and bf16 need AVX-512 and its BF16 instructions; int8 and int4 VNNI)."""
+    """Whether the kernel for ``precision`` runs here, for ``in_features`` inputs: fp32 (oneDNN's
+    blocked weights) and plain (a plain fp32 weight) need AVX-512, bf16 its BF16 instructions, int8 and
+    int4 its VNNI ones, attention (heads of 64) AVX-512 with BF16."""
     lib = library()
     return lib is not None and bool(lib.matvec_abilities() & _ABILITIES[precision]) \
         and in_features % _MULTIPLE[precision] == 0
@@ -130,9 +131,9 @@ def product(x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> T
     float32 or bfloat16 as the weight, at most ``MAX_ROWS`` rows."""
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)
-    kernel = library().matvec_f32 if x.dtype == torch.float32 else library().matvec_bf16
-    kernel(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), y.data_ptr(),
-           x.numel() // x.shape[-1], x.shape[-1], out_features, torch.get_num_threads())
+    run = library().matvec_f32 if x.dtype == torch.float32 else library().matvec_bf16
+    run(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), y.data_ptr(),
+        x.numel() // x.shape[-1], x.shape[-1], out_features, torch.get_num_threads())
     return y
 
 
@@ -165,7 +166,7 @@ def row_sums(q: Tensor) -> Tensor:
     return torch.from_numpy(q.numpy().sum(axis=1, dtype=np.int32))
 
 
-def int8_rows(blocked: Tensor, idx: Tensor) -> Tensor:
+def int8_blocked_rows(blocked: Tensor, idx: Tensor) -> Tensor:
     """Rows ``idx`` (any shape) of an ``int8_blocked`` weight, as int8 (*idx.shape, in)."""
     return blocked[idx // 64, :, idx % 64].flatten(-2)
 

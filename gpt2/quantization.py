@@ -136,8 +136,9 @@ class Int8Linear(nn.Module):
 
     def rows_of(self, idx: Tensor) -> Tensor:
         """The float32 rows ``idx`` of W (for a layer made with ``rows``)."""
-        q = F.embedding(idx, self.weight) if self.packed is not None else matvec.int8_rows(self.weight, idx)
-        return q.float() * self.scales[idx, None]
+        if self.packed is None:
+            return matvec.int8_blocked_rows(self.weight, idx).float() * self.scales[idx, None]
+        return F.embedding(idx, self.weight).float() * self.scales[idx, None]
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():

@@ -145,7 +145,7 @@ def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple) 
     blocked, sums = matvec.int8_blocked(q), matvec.row_sums(q)
     assert torch.equal(sums, q.long().sum(dim=1).int())
     idx = torch.tensor([[0, shape[0] - 1], [shape[0] // 2, 63]])
-    assert torch.equal(matvec.int8_rows(blocked, idx), q[idx])
+    assert torch.equal(matvec.int8_blocked_rows(blocked, idx), q[idx])
     for rows in [*range(1, 10), 37]:
         x = torch.randn(rows, shape[1])
         xs = x.abs().amax(dim=1, keepdim=True) / 127
