@@ -17,6 +17,13 @@ static inline __mmask16 rows_mask(int64_t n, int64_t N) {
   return N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
 }
 
+#ifdef __AVX512BW__
+// 16 bfloat16 values (those `mask` marks; the others 0) widened to float32: their bits, 16 places up.
+static inline __m512 bf16_vector(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+#endif
+
 // oneDNN's blocked float32 weight, as torch.ops.mkldnn._reorder_linear_weight lays it out: blocks of 64
 // output rows, the last one padded with zeros, each block input-major: w[N / 64][K][64]. Vectors V0 to
 // V0 + NV - 1 (16 rows each) of the block at row n0: each input broadcast, multiplied by 16 rows at once.
@@ -81,9 +88,7 @@ static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16
     const int64_t n = n0 + 16 * (V0 + v);
     if (n >= N) break;
     const __mmask16 mask = rows_mask(n, N);
-    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n)), 16))
-                          : _mm512_setzero_ps();
+    const __m512 b = bias ? bf16_vector(bias + n, mask) : _mm512_setzero_ps();
     for (int m = 0; m < M; ++m)
       _mm256_mask_storeu_epi16(y + m * N + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][v], b)));
   }
@@ -147,9 +152,6 @@ static inline void quantise_row(const float* x, uint8_t* xq, float* xs, int64_t 
 // 8j + 4 + b in its high one), then the group's 64 scales and 64 lows, bfloat16 (w = q * scale + low).
 // x arrives quantised to signed 8 bits per row (xq = round(x / xs)) with each group's sum of x (float32),
 // so a group adds scale * xs * (q . xq) + low * sum(x).
-static inline __m512 bf16_vector(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
 
 template <int M>
 static inline void i4_block(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w,
@@ -221,9 +223,7 @@ static inline void quantise_signed_row(const float* x, int8_t* xq, float* xs, fl
 // (those `real` marks) of every head, the softmax in float32. Activations (qkv, out) and the cache are
 // float32 or bfloat16 (A and C), each widened to float32 as it is read.
 static inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 widen(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+static inline __m512 widen(const uint16_t* p) { return bf16_vector(p, 0xffff); }
 static inline void narrow(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 static inline void narrow(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
 
@@ -256,7 +256,7 @@ static void attend_head(const A* q, C* keys, C* values, const bool* real, A* out
   }
   __m512 total = _mm512_setzero_ps();
   for (int64_t l = 0; l <= length; l += 16) {
-    const __mmask16 mask = length + 1 - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (length + 1 - l)) - 1);
+    const __mmask16 mask = rows_mask(l, length + 1);
     const __m512 s = _mm512_maskz_loadu_ps(mask, scores + l);
     const __mmask16 live = _mm512_mask_cmp_ps_mask(mask, s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
     const __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(top))));

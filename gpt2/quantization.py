@@ -136,9 +136,9 @@ class Int8Linear(nn.Module):
 
     def rows_of(self, idx: Tensor) -> Tensor:
         """The float32 rows ``idx`` of W (for a layer made with ``rows``)."""
-        if self.packed is None:
-            return matvec.int8_blocked_rows(self.weight, idx).float() * self.scales[idx, None]
-        return F.embedding(idx, self.weight).float() * self.scales[idx, None]
+        blocked = self.packed is None  # else the plain rows kept beside fbgemm's packed copy
+        q = matvec.int8_blocked_rows(self.weight, idx) if blocked else F.embedding(idx, self.weight)
+        return q.float() * self.scales[idx, None]
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
