@@ -12,10 +12,34 @@
 enum { FLOAT32 = 1, BFLOAT16 = 2, INT8 = 4, INT4 = 8, ATTENTION = 16 };  // what matvec_abilities() reports this build can do
 
 #ifdef __AVX512F__
-// The mask of the rows n.. of a block's vector of 16 that exist (the last block is padded to 64).
+// The mask of the rows n.. of a block's vector of 16 that exist (the last block is padded to 64), of N.
 static inline __mmask16 rows_mask(int64_t n, int64_t N) {
-  return N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+  return N - n >= 16 ? (__mmask16)0xffff : N <= n ? (__mmask16)0 : (__mmask16)((1u << (N - n)) - 1);
 }
+
+// e^x to float32 precision: e^x = 2^k e^r, |r| <= ln 2 / 2, e^r by its Taylor series to r^7.
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  const float terms[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+  for (float t : terms) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(t));
+  return _mm512_scalef_ps(p, k);
+}
+
+// GPT-2's tanh-GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (e^2u + 1).
+static inline __m512 gelu_ps(__m512 x) {
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+  const __m512 e = exp_ps(_mm512_min_ps(_mm512_add_ps(u, u), _mm512_set1_ps(80.f)));
+  const __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.f), t));
+}
+
+// A product's output vector, with the GELU when `gelu` (an MLP's input layer).
+static inline __m512 activate(__m512 y, bool gelu) { return gelu ? gelu_ps(y) : y; }
 
 #ifdef __AVX512BW__
 // 16 bfloat16 values (those `mask` marks; the others 0) widened to float32: their bits, 16 places up.
@@ -100,23 +124,24 @@ static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16
 // zeros, groups of 4 inputs side by side, as vpdpbusd takes them: w[N / 64][K / 4][64][4], with a float32
 // scale and the sum of the int8 values of each row. x arrives quantised to unsigned 8 bits per row
 // (xq = round(x / xs) + 128), so x . w = xs * scale * (xq . w - 128 * sum).
-template <int M>
+template <int M, int V0 = 0, int NV = 4>
 static inline void i8_block(const uint8_t* xq, const float* xs, const int8_t* w, const float* scales,
-                            const int32_t* sums, const float* bias, float* y, int64_t K, int64_t N, int64_t n0) {
-  __m512i acc[M][4];
+                            const int32_t* sums, const float* bias, float* y, int64_t K, int64_t N, int64_t n0,
+                            bool gelu) {
+  __m512i acc[M][NV];
   for (int m = 0; m < M; ++m)
-    for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_si512();
-  const int8_t* block = w + n0 * K;
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_si512();
+  const int8_t* block = w + n0 * K + 64 * V0;
   for (int64_t k = 0; k < K; k += 4) {
-    __m512i wv[4];
-    for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_si512(block + k * 64 + 64 * v);
+    __m512i wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(block + k * 64 + 64 * v);
     for (int m = 0; m < M; ++m) {
       const __m512i xv = _mm512_set1_epi32(*(const int32_t*)(xq + m * K + k));
-      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], xv, wv[v]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], xv, wv[v]);
     }
   }
-  for (int v = 0; v < 4; ++v) {
-    const int64_t n = n0 + 16 * v;
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = n0 + 16 * (V0 + v);
     if (n >= N) break;
     const __mmask16 mask = rows_mask(n, N);
     const __m512i offset = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, sums + n), 7);  // 128 * sum
@@ -125,7 +150,7 @@ static inline void i8_block(const uint8_t* xq, const float* xs, const int8_t* w,
     for (int m = 0; m < M; ++m) {
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][v], offset));
       const __m512 out = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(xs[m])), b);
-      _mm512_mask_storeu_ps(y + m * N + n, mask, out);
+      _mm512_mask_storeu_ps(y + m * N + n, mask, activate(out, gelu));
     }
   }
 }
@@ -155,7 +180,7 @@ static inline void quantise_row(const float* x, uint8_t* xq, float* xs, int64_t 
 
 template <int M>
 static inline void i4_block(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w,
-                            const float* bias, float* y, int64_t K, int64_t N, int64_t n0) {
+                            const float* bias, float* y, int64_t K, int64_t N, int64_t n0, bool gelu) {
   const __m512i nibble = _mm512_set1_epi8(15);
   const int64_t groups = K / 32;
   __m512 out[M][4];
@@ -197,7 +222,7 @@ static inline void i4_block(const int8_t* xq, const float* xs, const float* xsum
     if (n >= N) break;
     const __mmask16 mask = rows_mask(n, N);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
-    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, _mm512_add_ps(out[m][v], b));
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, activate(_mm512_add_ps(out[m][v], b), gelu));
   }
 }
 
@@ -218,29 +243,25 @@ static inline void quantise_signed_row(const float* x, int8_t* xq, float* xs, fl
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-// A decoding step's attention, one call per layer (gpt2.model.KVCache.attend): each row's new key and
-// value written into the cache at position `length`, then its query attends over positions 0..length
-// (those `real` marks) of every head, the softmax in float32. Activations (qkv, out) and the cache are
+// Attention over the KV cache, one call per layer (gpt2.model.KVCache.attend): each row's new keys and
+// values (a decoding step's one, or a chunk's T) written into the cache from position `length`, then
+// each query attends over the positions up to its own (those `real` marks, and itself) of every head,
+// the softmax in float32. Activations (qkv, out) and the cache are
 // float32 or bfloat16 (A and C), each widened to float32 as it is read.
 static inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 widen(const uint16_t* p) { return bf16_vector(p, 0xffff); }
 static inline void narrow(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline float widen_one(const float* p) { return *p; }
+static inline float widen_one(const uint16_t* p) {
+  const uint32_t bits = (uint32_t)*p << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
 static inline void narrow(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
 
-// e^x to float32 precision: e^x = 2^k e^r, |r| <= ln 2 / 2, e^r by its Taylor series to r^7.
-static inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  const float terms[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
-  for (float t : terms) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(t));
-  return _mm512_scalef_ps(p, k);
-}
-
 template <typename A, typename C>
-static void attend_head(const A* q, C* keys, C* values, const bool* real, A* out, int64_t length, float* scores) {
+static void attend_head(const A* q, const C* keys, const C* values, const bool* real, A* out, int64_t length, float* scores) {
   // D = 64: a head's query, key and value rows are 4 vectors of 16
   const __m512 q0 = widen(q), q1 = widen(q + 16), q2 = widen(q + 32), q3 = widen(q + 48);
   float top = -INFINITY;
@@ -280,27 +301,123 @@ static void attend_head(const A* q, C* keys, C* values, const bool* real, A* out
   narrow(out + 48, _mm512_mul_ps(o3, scale));
 }
 
-// qkv (B, 3 * H * 64) the step's queries, keys and values; keys and values (rows, H, max_len, 64) the
-// cache of one layer; real (rows, max_len); out (B, H * 64).
-template <typename A, typename C>
-static void attend(const A* qkv, C* keys, C* values, const bool* real, A* out, int64_t B, int64_t H,
-                   int64_t max_len, int64_t length, int threads) {
-  const int64_t width = H * 64;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      C* k = keys + ((b * H + h) * max_len + length) * 64;
-      C* v = values + ((b * H + h) * max_len + length) * 64;
-      for (int i = 0; i < 64; i += 16) {
-        narrow(k + i, widen(qkv + b * 3 * width + width + h * 64 + i));
-        narrow(v + i, widen(qkv + b * 3 * width + 2 * width + h * 64 + i));
-      }
+// A chunk's attention, TILE queries at a time: their scores against 64 keys at a time from the head's
+// keys transposed into blocks of 64 (kt[l / 64][64 dims][64 keys], float32), each dimension of TILE
+// queries broadcast and multiplied by 16 keys per instruction; then each query's softmax; then its
+// output, the values' rows weighted by the probabilities, TILE queries per row read.
+enum { TILE = 6 };
+
+template <typename C>
+static void transpose_keys(const C* keys, int64_t n, float* kt) {
+  for (int64_t l = 0; l < (n + 63) / 64 * 64; ++l)
+    for (int d = 0; d < 64; ++d) kt[(l / 64) * 4096 + d * 64 + l % 64] = l < n ? widen_one(keys + l * 64 + d) : 0.f;
+}
+
+static inline void tile_scores(const float* qf, const float* kt, float* scores, int64_t stride) {
+  __m512 acc[TILE][4];
+  for (int q = 0; q < TILE; ++q)
+    for (int v = 0; v < 4; ++v) acc[q][v] = _mm512_setzero_ps();
+  for (int d = 0; d < 64; ++d) {
+    __m512 k[4];
+    for (int v = 0; v < 4; ++v) k[v] = _mm512_loadu_ps(kt + d * 64 + 16 * v);
+    for (int q = 0; q < TILE; ++q) {
+      const __m512 x = _mm512_set1_ps(qf[q * 64 + d]);
+      for (int v = 0; v < 4; ++v) acc[q][v] = _mm512_fmadd_ps(k[v], x, acc[q][v]);
     }
-  std::vector<float> scores(threads * (max_len + 16));
+  }
+  for (int q = 0; q < TILE; ++q)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(scores + q * stride + 16 * v, acc[q][v]);
+}
+
+// The keys l..l + 15 that the query at `position` sees: the real ones up to it, and itself.
+static inline __mmask16 seen_mask(const bool* real, int64_t l, int64_t position) {
+  const __mmask16 own = position >= l && position < l + 16 ? (__mmask16)(1u << (position - l)) : 0;
+  const __mmask16 upto = rows_mask(l, position + 1);
+  return _mm512_kor(own, _mm512_kand(upto, _mm_cmpneq_epi8_mask(_mm_maskz_loadu_epi8(upto, real + l),
+                                                                _mm_setzero_si128())));
+}
+
+// The query at `position`: its scores (0..position) turned into unnormalised probabilities, those after
+// it up to `n` zeroed; returns their sum.
+static float softmax_row(float* s, const bool* real, int64_t position, int64_t n) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t l = 0; l <= position; l += 16)
+    top = _mm512_mask_max_ps(top, seen_mask(real, l, position), top, _mm512_loadu_ps(s + l));
+  const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t l = 0; l < n; l += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(seen_mask(real, l, position),
+                                         exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + l), most)));
+    _mm512_mask_storeu_ps(s + l, rows_mask(l, n), e);
+    total = _mm512_add_ps(total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+template <typename A, typename C>
+static void tile_output(const float* p, const C* values, int64_t n, int64_t stride, const float* sums, A* out,
+                        int64_t width, int rows) {
+  __m512 o[TILE][4];
+  for (int q = 0; q < TILE; ++q)
+    for (int v = 0; v < 4; ++v) o[q][v] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < n; ++l) {
+    __m512 vv[4];
+    for (int v = 0; v < 4; ++v) vv[v] = widen(values + l * 64 + 16 * v);
+    for (int q = 0; q < TILE; ++q) {
+      const __m512 x = _mm512_set1_ps(p[q * stride + l]);
+      for (int v = 0; v < 4; ++v) o[q][v] = _mm512_fmadd_ps(x, vv[v], o[q][v]);
+    }
+  }
+  for (int q = 0; q < rows; ++q)
+    for (int v = 0; v < 4; ++v) narrow(out + q * width + 16 * v, _mm512_mul_ps(o[q][v], _mm512_set1_ps(1.f / sums[q])));
+}
+
+// One head of one row: T queries (rows `stride3` apart in qkv) at positions length..length + T - 1.
+template <typename A, typename C>
+static void attend_chunk(const A* q, int64_t stride3, const C* keys, const C* values, const bool* real, A* out,
+                         int64_t width, int64_t length, int64_t T, float* scratch) {
+  const int64_t n_all = length + T, stride = (n_all + 63) / 64 * 64;
+  float *kt = scratch, *scores = kt + stride * 64, *qf = scores + TILE * stride;
+  transpose_keys(keys, n_all, kt);
+  for (int64_t t0 = 0; t0 < T; t0 += TILE) {
+    const int rows = T - t0 < TILE ? (int)(T - t0) : TILE;
+    const int64_t n = length + t0 + rows;  // keys the tile's last query sees
+    for (int r = 0; r < TILE; ++r)
+      for (int d = 0; d < 64; ++d) qf[r * 64 + d] = r < rows ? 0.125f * widen_one(q + (t0 + r) * stride3 + d) : 0.f;
+    for (int64_t l = 0; l < n; l += 64) tile_scores(qf, kt + l * 64, scores + l, stride);
+    float sums[TILE];
+    for (int r = 0; r < TILE; ++r)
+      if (r < rows) sums[r] = softmax_row(scores + r * stride, real, length + t0 + r, n);
+      else for (int64_t l = 0; l < n; ++l) scores[r * stride + l] = 0.f;
+    tile_output(scores, values, n, stride, sums, out + t0 * width, width, rows);
+  }
+}
+
+// qkv (B, T, 3 * H * 64) the chunk's queries, keys and values; keys and values (rows, H, max_len, 64)
+// the cache of one layer; real (rows, max_len); out (B, T, H * 64). Chunks of fewer than TILE queries
+// take one query at a time.
+template <typename A, typename C>
+static void attend(const A* qkv, C* keys, C* values, const bool* real, A* out, int64_t B, int64_t T, int64_t H,
+                   int64_t max_len, int64_t length, int threads) {
+  const int64_t width = H * 64, room = (max_len + 63) / 64 * 64 * (64 + TILE) + TILE * 64 + 16;
+  std::vector<float> scratch(threads * room);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H, h = bh % H;
-    attend_head(qkv + b * 3 * width + h * 64, keys + bh * max_len * 64, values + bh * max_len * 64,
-                real + b * max_len, out + b * width + h * 64, length, scores.data() + omp_get_thread_num() * (max_len + 16));
+    C *k = keys + bh * max_len * 64, *v = values + bh * max_len * 64;
+    const A* q = qkv + b * T * 3 * width + h * 64;
+    for (int64_t t = 0; t < T; ++t)
+      for (int i = 0; i < 64; i += 16) {
+        narrow(k + (length + t) * 64 + i, widen(q + t * 3 * width + width + i));
+        narrow(v + (length + t) * 64 + i, widen(q + t * 3 * width + 2 * width + i));
+      }
+    float* mine = scratch.data() + omp_get_thread_num() * room;
+    if (T >= TILE) {
+      attend_chunk(q, 3 * width, k, v, real + b * max_len, out + b * T * width + h * 64, width, length, T, mine);
+      continue;
+    }
+    for (int64_t t = 0; t < T; ++t)
+      attend_head(q + t * 3 * width, k, v, real + b * max_len, out + (b * T + t) * width + h * 64, length + t, mine);
   }
 }
 #endif
@@ -380,31 +497,37 @@ extern "C" void matvec_bf16(const uint16_t* x, const uint16_t* w, const uint16_t
 // any M: each block of w is read from memory once and multiplied by 4 rows of x at a time (from the
 // cache after the first 4). K a multiple of 16.
 extern "C" void matvec_i8(const float* x, const int8_t* w, const float* scales, const int32_t* sums,
-                          const float* bias, float* y, int64_t M, int64_t K, int64_t N, int threads) {
+                          const float* bias, float* y, int64_t M, int64_t K, int64_t N, int gelu, int threads) {
 #ifdef __AVX512VNNI__
   std::vector<uint8_t> xq(M * K);
   std::vector<float> xs(M);
 #pragma omp parallel for schedule(static) num_threads(threads) if (M >= 16)
   for (int64_t m = 0; m < M; ++m) quantise_row(x + m * K, xq.data() + m * K, xs.data() + m, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n0 = 0; n0 < N; n0 += 64)
-    for (int64_t m = 0; m < M; m += 4) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    int64_t m = 0;
+    for (; M - m >= 8; m += 8) {
+      i8_block<8, 0, 2>(xq.data() + m * K, xs.data() + m, w, scales, sums, bias, y + m * N, K, N, n0, gelu);
+      i8_block<8, 2, 2>(xq.data() + m * K, xs.data() + m, w, scales, sums, bias, y + m * N, K, N, n0, gelu);
+    }
+    for (; m < M; m += 4) {
       const uint8_t* q = xq.data() + m * K;
       float* out = y + m * N;
       switch (M - m) {
-        case 1: i8_block<1>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
-        case 2: i8_block<2>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
-        case 3: i8_block<3>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
-        default: i8_block<4>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0); break;
+        case 1: i8_block<1>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0, gelu); break;
+        case 2: i8_block<2>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0, gelu); break;
+        case 3: i8_block<3>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0, gelu); break;
+        default: i8_block<4>(q, xs.data() + m, w, scales, sums, bias, out, K, N, n0, gelu); break;
       }
     }
+  }
 #endif
 }
 
 // x (M, K) float32 times our blocked int4 w (N rows, K inputs; see i4_block) into y (M, N) float32, for
 // any M, 2 rows of x at a time. K a multiple of 32.
 extern "C" void matvec_i4(const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t K,
-                          int64_t N, int threads) {
+                          int64_t N, int gelu, int threads) {
 #ifdef __AVX512VNNI__
   const int64_t groups = K / 32;
   std::vector<int8_t> xq(M * K);
@@ -416,24 +539,25 @@ extern "C" void matvec_i4(const float* x, const uint8_t* w, const float* bias, f
   for (int64_t n0 = 0; n0 < N; n0 += 64)
     for (int64_t m = 0; m < M; m += 2) {
       if (M - m == 1)
-        i4_block<1>(xq.data() + m * K, xs.data() + m, xsum.data() + m * groups, w, bias, y + m * N, K, N, n0);
+        i4_block<1>(xq.data() + m * K, xs.data() + m, xsum.data() + m * groups, w, bias, y + m * N, K, N, n0, gelu);
       else
-        i4_block<2>(xq.data() + m * K, xs.data() + m, xsum.data() + m * groups, w, bias, y + m * N, K, N, n0);
+        i4_block<2>(xq.data() + m * K, xs.data() + m, xsum.data() + m * groups, w, bias, y + m * N, K, N, n0, gelu);
     }
 #endif
 }
 
-// A decoding step's attention (attend above); `activations` and `cache`: 4 for float32, 2 for bfloat16.
+// Attention over the cache (attend above); `activations` and `cache`: 4 for float32, 2 for bfloat16.
 extern "C" void matvec_attend(const void* qkv, void* keys, void* values, const bool* real, void* out, int64_t B,
-                              int64_t H, int64_t max_len, int64_t length, int activations, int cache, int threads) {
+                              int64_t T, int64_t H, int64_t max_len, int64_t length, int activations, int cache,
+                              int threads) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   typedef const float* F;
   typedef const uint16_t* H16;
   if (activations == 4 && cache == 4)
-    attend((F)qkv, (float*)keys, (float*)values, real, (float*)out, B, H, max_len, length, threads);
+    attend((F)qkv, (float*)keys, (float*)values, real, (float*)out, B, T, H, max_len, length, threads);
   else if (activations == 4)
-    attend((F)qkv, (uint16_t*)keys, (uint16_t*)values, real, (float*)out, B, H, max_len, length, threads);
+    attend((F)qkv, (uint16_t*)keys, (uint16_t*)values, real, (float*)out, B, T, H, max_len, length, threads);
   else
-    attend((H16)qkv, (uint16_t*)keys, (uint16_t*)values, real, (uint16_t*)out, B, H, max_len, length, threads);
+    attend((H16)qkv, (uint16_t*)keys, (uint16_t*)values, real, (uint16_t*)out, B, T, H, max_len, length, threads);
 #endif
 }

@@ -68,9 +68,9 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
         getattr(lib, name).restype = None
     lib.matvec_plain_f32.argtypes = [pointer] * 4 + [size] * 2 + [ctypes.c_int]
-    lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int]
-    lib.matvec_i4.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
-    lib.matvec_attend.argtypes = [pointer] * 5 + [size] * 4 + [ctypes.c_int] * 3
+    lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int] * 2
+    lib.matvec_i4.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
+    lib.matvec_attend.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int] * 3
     lib.matvec_plain_f32.restype = lib.matvec_i8.restype = lib.matvec_i4.restype = None
     lib.matvec_attend.restype = None
     return lib
@@ -172,14 +172,15 @@ def int8_blocked_rows(blocked: Tensor, idx: Tensor) -> Tensor:
 
 
 def int8_product(x: Tensor, blocked: Tensor, scales: Tensor, sums: Tensor, bias: Tensor | None,
-                 out_features: int) -> Tensor:
+                 out_features: int, gelu: bool = False) -> Tensor:
     """``x @ W.T + bias`` for W = ``int8_blocked`` rows times a float32 scale each (``sums``: each row's
-    sum of int8 values, int32), x float32 (..., in) of any number of rows, each quantised to 8 bits."""
+    sum of int8 values, int32), x float32 (..., in) of any number of rows, each quantised to 8 bits;
+    then tanh-GELU when ``gelu``."""
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)
     library().matvec_i8(x.data_ptr(), blocked.data_ptr(), scales.data_ptr(), sums.data_ptr(),
                         None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1],
-                        x.shape[-1], out_features, torch.get_num_threads())
+                        x.shape[-1], out_features, gelu, torch.get_num_threads())
     return y
 
 
@@ -199,26 +200,27 @@ def int4_blocked(q: Tensor, scales: Tensor, lows: Tensor) -> Tensor:
     return torch.cat([steps, *(t.view(torch.uint8) for t in both)], dim=2)
 
 
-def int4_product(x: Tensor, blocked: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+def int4_product(x: Tensor, blocked: Tensor, bias: Tensor | None, out_features: int,
+                 gelu: bool = False) -> Tensor:
     """``x @ W.T + bias`` for W = an ``int4_blocked`` weight, x float32 (..., in) of any number of rows,
-    each quantised to 8 bits."""
+    each quantised to 8 bits; then tanh-GELU when ``gelu``."""
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)
     library().matvec_i4(x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(),
-                        y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], out_features,
+                        y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], out_features, gelu,
                         torch.get_num_threads())
     return y
 
 
 def attend(qkv: Tensor, keys: Tensor, values: Tensor, real: Tensor, length: int) -> Tensor:
-    """A decoding step's attention for one layer: each row's key and value (in ``qkv`` (B, 1, 3 C),
-    float32 or bfloat16, after the queries) written at position ``length`` of the cache's ``keys`` and
-    ``values`` (rows, heads, max_len, 64; float32 or bfloat16), then its query attending over
-    positions 0 to ``length`` that ``real`` (rows, max_len) marks, softmax in float32; the output
-    (B, 1, C) in ``qkv``'s dtype."""
+    """One layer's attention over a KV cache: each row's T keys and values (in ``qkv`` (B, T, 3 C),
+    float32 or bfloat16, after the queries) written from position ``length`` of the cache's ``keys``
+    and ``values`` (rows, heads, max_len, 64; float32 or bfloat16), then each query attending over the
+    positions up to its own that ``real`` (rows, max_len) marks, and itself, softmax in float32; the
+    output (B, T, C) in ``qkv``'s dtype."""
     qkv = qkv.contiguous()
     out = qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)
     pointers = [t.data_ptr() for t in (qkv, keys, values, real, out)]
-    library().matvec_attend(*pointers, qkv.shape[0], keys.shape[1], keys.shape[2], length, qkv.element_size(),
-                            keys.element_size(), torch.get_num_threads())
+    library().matvec_attend(*pointers, qkv.shape[0], qkv.shape[1], keys.shape[1], keys.shape[2], length,
+                            qkv.element_size(), keys.element_size(), torch.get_num_threads())
     return out

@@ -142,16 +142,17 @@ class KVCache:
         return self._for_attention(keys, values)
 
     def attends(self, qkv: Tensor) -> bool:
-        """Whether ``attend`` takes a decode step of these queries, keys and values (eager, not
-        compiled: a compiled step keeps attention in its graph)."""
-        return (qkv.dtype, self.dtype) in self._attends and self.length < self.max_len \
+        """Whether ``attend`` takes these queries, keys and values (eager, not compiled: a compiled
+        step keeps attention in its graph)."""
+        return (qkv.dtype, self.dtype) in self._attends and self.length + qkv.shape[1] <= self.max_len \
             and not torch.compiler.is_compiling()
 
     def attend(self, layer: int, qkv: Tensor) -> Tensor:
-        """A decode step's attention for ``layer`` by ``gpt2.matvec``'s kernel: the step's keys and
-        values (in ``qkv`` (B, 1, 3 C), after the queries) written at ``length``, each query attending
-        over the real positions written so far and its own, in float32 straight from the cache (no
-        float32 copy of it, no attention over the positions not yet written); returns (B, 1, C)."""
+        """A chunk's attention for ``layer`` by ``gpt2.matvec``'s kernel (a decode step's, or a
+        prompt's): its keys and values (in ``qkv`` (B, T, 3 C), after the queries) written from
+        ``length``, each query attending over the real positions before it and its own, in float32
+        straight from the cache (no float32 copy of it, no attention over the positions not yet
+        written); returns (B, T, C)."""
         return matvec.attend(qkv, self.keys[layer], self.values[layer], self.key_mask, self.length)
 
     def step_mask(self, batch: int) -> Tensor:
@@ -260,7 +261,7 @@ class CausalSelfAttention(nn.Module):
     ) -> Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x)
-        if T == 1 and cache is not None and not self.training and cache.attends(qkv):
+        if cache is not None and not self.training and cache.attends(qkv):
             return self.resid_dropout(self.c_proj(cache.attend(layer, qkv)))
         # (B, T, 3 * C) -> query, key and value, each (B, heads, T, head_dim): views, no copy
         shape = (B, T, 3, self.n_head, C // self.n_head)
@@ -623,12 +624,12 @@ def onednn_linears(model: nn.Module) -> None:
             module.__class__ = _OneDNNLinear
             module.mkl_rows = mkl_rows
             module.by_hand = not mkl_rows and matvec.kernel("plain", module.in_features)
-    _fuse_gelu(model, _OneDNNLinear)
+    fuse_gelu(model, _OneDNNLinear)
 
 
-def _fuse_gelu(model: nn.Module, product: type[nn.Module]) -> None:
-    """Move each MLP's tanh-GELU into its input layer, where that is a ``product`` (a oneDNN layer
-    with a ``gelu`` flag)."""
+def fuse_gelu(model: nn.Module, product: type[nn.Module] | tuple[type[nn.Module], ...]) -> None:
+    """Move each MLP's tanh-GELU into its input layer, where that is a ``product`` (a layer with a
+    ``gelu`` flag, computing it on the product's output as it is written)."""
     for mlp in model.modules():
         if isinstance(mlp, MLP) and isinstance(mlp.c_fc, product) and isinstance(mlp.act, nn.GELU) \
                 and mlp.act.approximate == "tanh":
@@ -686,4 +687,4 @@ def blocked_linears(model: Transformer, head: bool = True) -> None:
              if type(module) is nn.Linear and (head or name != "lm_head")]
     for name in names:  # by name: each plain weight is freed as soon as its blocked copy is made
         model.set_submodule(name, _BlockedLinear(model.get_submodule(name)))
-    _fuse_gelu(model, _BlockedLinear)
+    fuse_gelu(model, _BlockedLinear)

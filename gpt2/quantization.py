@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from gpt2 import matvec
 from gpt2.errors import UserError
-from gpt2.model import Transformer
+from gpt2.model import Transformer, fuse_gelu
 
 BITS = {"int8": 8, "int4": 4}  # the quantised precisions of gpt2.config.PRECISIONS
 GROUP = 32  # int4: inputs per scale and zero point (llama.cpp's Q4 blocks are 32 too)
@@ -94,6 +94,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.weight_bytes = 0  # bytes held outside the buffers: fbgemm's packed weight
         self.packed = None
+        self.gelu = False  # an MLP's input layer, computing its tanh-GELU too (``fuse_gelu``)
         if matvec.kernel("int8", self.in_features):
             self.register_buffer("weight", matvec.int8_blocked(q))
             self.register_buffer("sums", matvec.row_sums(q))
@@ -129,10 +130,12 @@ class Int8Linear(nn.Module):
         self.bias = None
 
     def product(self, x: Tensor) -> Tensor:
-        """The product of float32 ``x``."""
+        """The product of float32 ``x`` (and its GELU, for ``gelu``)."""
         if self.packed is None:
-            return matvec.int8_product(x, self.weight, self.scales, self.sums, self.bias, self.out_features)
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)  # True: 7-bit inputs (fbgemm)
+            return matvec.int8_product(x, self.weight, self.scales, self.sums, self.bias, self.out_features,
+                                       self.gelu)
+        y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # True: 7-bit inputs (fbgemm)
+        return torch.ops.aten.gelu_(y, approximate="tanh") if self.gelu else y
 
     def rows_of(self, idx: Tensor) -> Tensor:
         """The float32 rows ``idx`` of W (for a layer made with ``rows``)."""
@@ -147,13 +150,13 @@ class Int8Linear(nn.Module):
 
 
 @torch.library.custom_op("gpt2::int4_linear", mutates_args=())
-def int4_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+def int4_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, gelu: bool) -> Tensor:
     """The hand-written int4 product (``gpt2.matvec.int4_product``), as ``torch.compile`` sees it."""
-    return matvec.int4_product(x, weight, bias, out_features)
+    return matvec.int4_product(x, weight, bias, out_features, gelu)
 
 
 @int4_linear.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, gelu: bool) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -193,6 +196,7 @@ class Int4Linear(nn.Module):
             self.register_buffer("weight", packed)
             self.register_buffer("scales_and_zeros", both)
         self.bias = _bias(bias)
+        self.gelu = False  # as ``Int8Linear``'s
         self.unpackable = not self.hand and padded % 64 == 0 and _unpacking_matches()  # for ``unpacked``
 
     def unpacked(self) -> Tensor:
@@ -205,9 +209,15 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hand and torch.compiler.is_compiling():
-            return int4_linear(x.float(), self.weight, self.bias, self.out_features)
+            return int4_linear(x.float(), self.weight, self.bias, self.out_features, self.gelu)
         if self.hand:
-            return matvec.int4_product(x.float(), self.weight, self.bias, self.out_features)
+            return matvec.int4_product(x.float(), self.weight, self.bias, self.out_features, self.gelu)
+        y = self._tinygemm(x)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+    def _tinygemm(self, x: Tensor) -> Tensor:
+        """The product where the hand kernel does not run: tinygemm's, or for many rows bfloat16's on
+        the unpacked weight."""
         rows = x.reshape(-1, self.in_features).bfloat16()
         if len(rows) >= _UNPACK_ROWS and self.unpackable:
             y = F.linear(rows, self.unpacked())
@@ -288,3 +298,4 @@ def quantize_weights(model: Transformer, weights: Iterable[tuple[str, Tensor]], 
     for module in model.modules():
         if isinstance(module, Int8Linear) and module.bias is not None:
             module.pack_bias()
+    fuse_gelu(model, (Int8Linear, Int4Linear))

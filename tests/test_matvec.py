@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_model
-from torch import nn
+from torch import Tensor, nn
 
 from gpt2 import matvec
 from gpt2.inference import load_for_inference
@@ -205,3 +205,69 @@ def test_a_padded_batch_decoded_by_the_hand_attention_gives_each_sequences_own_l
                 alone = model(rows[row][None, : n + step + 1])[0, -1].float()
                 spread = alone.amax() - alone.amin()
                 assert (stepped[row] - alone).abs().max() <= tolerance * spread
+
+
+def _attention_by_definition(q: Tensor, keys: Tensor, values: Tensor, real: Tensor, length: int) -> Tensor:
+    """Softmax attention, in float64, of queries q (B, T, H, 64) at positions length.. over the keys and
+    values (B, H, L, 64) up to each query's own position that ``real`` (B, L) marks, and itself."""
+    B, T = q.shape[:2]
+    positions = torch.arange(length, length + T)
+    seen = torch.arange(keys.shape[2])[None, :] <= positions[:, None]
+    seen = (seen[None] & real[:, None, : keys.shape[2]]) | (torch.arange(keys.shape[2]) == positions[:, None])
+    scores = torch.einsum("bthd,bhld->bhtl", q.double(), keys.double()) / 8
+    p = scores.masked_fill(~seen[:, None], -torch.inf).softmax(dim=-1)
+    return torch.einsum("bhtl,bhld->bthd", p, values.double()).reshape(B, T, -1)
+
+
+@pytest.mark.skipif(not matvec.kernel("attention", 64), reason="needs AVX-512 with BF16")
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(("length", "T"),
+                         [(0, 1), (0, 3), (0, 4), (0, 70), (7, 1), (7, 5), (7, 6), (64, 17), (61, 67)])
+def test_the_hand_attention_of_a_chunk_is_softmax_attention_over_the_real_keys_up_to_each_query(
+        dtypes: tuple, length: int, T: int) -> None:
+    """Queries of a decoding step (T = 1) or of a chunk, after ``length`` cached positions, some of them
+    padding: the kernel writes the chunk's keys and values into the cache and gives each query the
+    softmax attention over the real keys up to its own position (and itself)."""
+    activations, cache = dtypes
+    B, H, max_len = 2, 3, 140
+    generator = torch.Generator().manual_seed(length * 1000 + T)
+    qkv = torch.randn(B, T, 3 * H * 64, generator=generator).to(activations)
+    keys = torch.randn(B, H, max_len, 64, generator=generator).to(cache)
+    values = torch.randn(B, H, max_len, 64, generator=generator).to(cache)
+    real = torch.rand(B, max_len, generator=generator) < 0.7
+    got = matvec.attend(qkv, keys, values, real, length)
+    q, k, v = qkv.view(B, T, 3, H, 64).unbind(2)
+    written = slice(length, length + T)
+    assert torch.equal(keys[:, :, written], k.transpose(1, 2).to(cache))
+    assert torch.equal(values[:, :, written], v.transpose(1, 2).to(cache))
+    expected = _attention_by_definition(q, keys[:, :, : length + T], values[:, :, : length + T], real, length)
+    tolerance = 1e-5 if dtypes == (torch.float32, torch.float32) else 2e-2
+    assert got.dtype == activations
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not matvec.kernel("int8", 64), reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_quantised_products_with_gelu_give_the_tanh_gelu_of_the_product(bits: int) -> None:
+    """An MLP's input layer computes GELU on its output as it writes it: the same as torch's tanh-GELU of
+    the plain product, for 1 row (decoding) and many (a prompt), over the GELU's whole range."""
+    out, width = 192, 96
+    generator = torch.Generator().manual_seed(bits)
+    q = torch.randint(-127 if bits == 8 else 0, 128 if bits == 8 else 16, (out, width), generator=generator)
+    scales, bias = torch.rand(out, generator=generator) / 50, torch.randn(out, generator=generator)
+    if bits == 8:
+        q = q.to(torch.int8)
+        weight = (matvec.int8_blocked(q), scales, matvec.row_sums(q))
+        def product(x: Tensor, gelu: bool) -> Tensor:
+            return matvec.int8_product(x, *weight, bias, out, gelu)
+    else:
+        group_scales = scales[:, None].expand(out, width // 32)
+        blocked = matvec.int4_blocked(q, group_scales, -8 * group_scales)
+        def product(x: Tensor, gelu: bool) -> Tensor:
+            return matvec.int4_product(x, blocked, bias, out, gelu)
+    for rows in [1, 300]:
+        x = 10 * torch.randn(rows, width, generator=generator)
+        plain = product(x, False)
+        assert plain.abs().max() > 8  # both tails of the GELU are exercised
+        torch.testing.assert_close(product(x, True), F.gelu(plain, approximate="tanh"), rtol=1e-5, atol=1e-5)
