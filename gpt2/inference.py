@@ -12,7 +12,7 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
   half the bytes per token (logits are processed in fp32). On the CPU the weights are reordered
   into oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.7x faster products),
   read when decoding by ``gpt2.matvec``'s kernel (1.6x faster tokens at batch 1).
-- decoding's attention on the CPU reads the KV cache by hand too (``KVCache.attend``).
+- attention on the CPU (decoding's and prompts') reads the KV cache by hand too (``KVCache.attend``).
 - ``int8``, ``int4``: quantisation (``gpt2.quantization``; CPU only): the linear layers' weights in 8
   or 4 bits, quantised tensor by tensor as the checkpoint is read (no float copy of the model is
   ever held), float32 activations, a bfloat16 KV cache.

@@ -494,8 +494,9 @@ extern "C" void matvec_bf16(const uint16_t* x, const uint16_t* w, const uint16_t
 }
 
 // x (M, K) float32 times our blocked int8 w (N rows, K inputs; see i8_block) into y (M, N) float32, for
-// any M: each block of w is read from memory once and multiplied by 4 rows of x at a time (from the
-// cache after the first 4). K a multiple of 16.
+// any M: each block of w is read from memory once and multiplied by 8 rows of x at a time, half a block
+// (32 outputs) at a time so that it stays in the L1 cache (1.2x faster for a prompt than whole blocks
+// by 4 rows), the last rows by 4 (from the cache after the first rows). K a multiple of 16.
 extern "C" void matvec_i8(const float* x, const int8_t* w, const float* scales, const int32_t* sums,
                           const float* bias, float* y, int64_t M, int64_t K, int64_t N, int gelu, int threads) {
 #ifdef __AVX512VNNI__

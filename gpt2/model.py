@@ -73,8 +73,8 @@ class KVCache:
         self.length = 0
         self.always_padded = padded
         self.padded = padded
-        # Decoding's attention by hand (``attend``): on the CPU, in float32, over a float32 or bfloat16
-        # cache, for heads of 64 (every GPT-2 size's): the (activations, cache) dtypes it takes
+        # Attention by hand (``attend``: decoding's and prompts'): on the CPU, in float32, over a float32
+        # or bfloat16 cache, for heads of 64 (every GPT-2 size's): the (activations, cache) dtypes it takes
         by_hand = self.keys[0].is_cpu and self.attention_dtype == torch.float32 and config.head_dim == 64
         f32, bf16 = torch.float32, torch.bfloat16
         pairs = {(f32, f32), (f32, bf16), (bf16, bf16)}

@@ -82,7 +82,7 @@ class Int8Linear(nn.Module):
     """``y = x W^T + b``, W int8 with a scale per output channel (``q`` and ``scales``: the weight's
     ``int8_rows``). Where ``gpt2.matvec``'s int8 kernel runs (AVX512-VNNI), W is held in its blocked
     layout and multiplied by it, each input row quantised to 8 bits (measured on the 124M shape's
-    products against fbgemm's: 1.35x faster at 1 row, 1.6x at 4, 1.25x at 8, 0.85x at 512). Elsewhere
+    products against fbgemm's: 1.35x faster at 1 row, 1.6x at 4, 1.25x at 8, 1.1-1.25x at 512). Elsewhere
     fbgemm's dynamic int8 product multiplies it, adding the float32 bias itself (packed with the weight:
     one pass over the output, not two). ``rows``: the layer is the tied LM head, whose rows
     ``Int8Embedding`` looks tokens up in (fbgemm's packed copy cannot be read a row at a time, so its
