@@ -53,7 +53,7 @@ static inline __m512 bf16_vector(const uint16_t* p, __mmask16 mask) {
 // V0 + NV - 1 (16 rows each) of the block at row n0: each input broadcast, multiplied by 16 rows at once.
 template <int M, int V0, int NV>
 static inline void f32_block(const float* x, const float* w, const float* bias, float* y, int64_t K,
-                             int64_t N, int64_t n0) {
+                             int64_t N, int64_t n0, bool gelu) {
   __m512 acc[M][NV];
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -71,7 +71,7 @@ static inline void f32_block(const float* x, const float* w, const float* bias, 
     if (n >= N) break;
     const __mmask16 mask = rows_mask(n, N);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
-    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, _mm512_add_ps(acc[m][v], b));
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, activate(_mm512_add_ps(acc[m][v], b), gelu));
   }
 }
 
@@ -95,7 +95,7 @@ static inline void plain_f32_rows(const float* x, const float* w, const float* b
 // them: w[N / 64][K / 2][64][2]. x, bias and y bfloat16; the sums float32, rounded once at the end.
 template <int M, int V0, int NV>
 static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y,
-                              int64_t K, int64_t N, int64_t n0) {
+                              int64_t K, int64_t N, int64_t n0, bool gelu) {
   __m512 acc[M][NV];
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -114,7 +114,7 @@ static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16
     const __mmask16 mask = rows_mask(n, N);
     const __m512 b = bias ? bf16_vector(bias + n, mask) : _mm512_setzero_ps();
     for (int m = 0; m < M; ++m)
-      _mm256_mask_storeu_epi16(y + m * N + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][v], b)));
+      _mm256_mask_storeu_epi16(y + m * N + n, mask, (__m256i)_mm512_cvtneps_pbh(activate(_mm512_add_ps(acc[m][v], b), gelu)));
   }
 }
 #endif
@@ -426,10 +426,10 @@ static void attend(const A* qkv, C* keys, C* values, const bool* real, A* out, i
 // rows 5 to 8 of x in a second pass, which reads the block from the cache.
 #define BLOCK(FN, M)                                                             \
   if (M <= 4) {                                                                  \
-    FN<M, 0, 4>(x, w, bias, y, K, N, n0);                                        \
+    FN<M, 0, 4>(x, w, bias, y, K, N, n0, gelu);                                        \
   } else {                                                                       \
-    FN<4, 0, 4>(x, w, bias, y, K, N, n0);                                        \
-    FN<(M > 4 ? M - 4 : 1), 0, 4>(x + 4 * K, w, bias, y + 4 * N, K, N, n0);      \
+    FN<4, 0, 4>(x, w, bias, y, K, N, n0, gelu);                                        \
+    FN<(M > 4 ? M - 4 : 1), 0, 4>(x + 4 * K, w, bias, y + 4 * N, K, N, n0, gelu);      \
   }
 
 // The blocks split evenly among the threads.
@@ -468,7 +468,7 @@ extern "C" int matvec_abilities() {
 
 // x (M, K) float32 times oneDNN's blocked float32 w (N rows, K inputs) into y (M, N); bias may be null.
 extern "C" void matvec_f32(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
-                           int64_t N, int threads) {
+                           int64_t N, int gelu, int threads) {
 #ifdef __AVX512F__
   BY_ROWS(f32_block)
 #endif
@@ -487,7 +487,7 @@ extern "C" void matvec_plain_f32(const float* x, const float* w, const float* bi
 
 // The same in bfloat16 (x, w, bias, y as uint16 bit patterns).
 extern "C" void matvec_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M,
-                            int64_t K, int64_t N, int threads) {
+                            int64_t K, int64_t N, int gelu, int threads) {
 #ifdef __AVX512BF16__
   BY_ROWS(bf16_block)
 #endif

@@ -67,7 +67,7 @@ def library() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name in ("matvec_f32", "matvec_bf16"):
-        getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
+        getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
         getattr(lib, name).restype = None
     lib.matvec_plain_f32.argtypes = [pointer] * 4 + [size] * 2 + [ctypes.c_int]
     lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int] * 2
@@ -128,14 +128,14 @@ def blocked_weight(blocked: Tensor, out_features: int, in_features: int) -> int 
     return address if error <= _TOLERANCE[dtype] * expected.abs().max() else None
 
 
-def product(x: Tensor, weight: int, bias: Tensor | None, out_features: int) -> Tensor:
+def product(x: Tensor, weight: int, bias: Tensor | None, out_features: int, gelu: bool = False) -> Tensor:
     """``x @ W.T + bias`` for the blocked weight at address ``weight`` (``blocked_weight``), x (..., in)
-    float32 or bfloat16 as the weight, at most ``MAX_ROWS`` rows."""
+    float32 or bfloat16 as the weight, at most ``MAX_ROWS`` rows; then tanh-GELU when ``gelu``."""
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)
     run = library().matvec_f32 if x.dtype == torch.float32 else library().matvec_bf16
     run(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), y.data_ptr(),
-        x.numel() // x.shape[-1], x.shape[-1], out_features, torch.get_num_threads())
+        x.numel() // x.shape[-1], x.shape[-1], out_features, gelu, torch.get_num_threads())
     return y
 
 

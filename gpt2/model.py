@@ -665,8 +665,7 @@ class _BlockedLinear(nn.Module):
         if self.address is None or x.numel() > matvec.MAX_ROWS * self.in_features \
                 or torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, *_post_op(self.gelu))
-        y = matvec.product(x, self.address, self.bias, self.out_features)
-        return torch.ops.aten.gelu_(y, approximate="tanh") if self.gelu else y
+        return matvec.product(x, self.address, self.bias, self.out_features, self.gelu)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.blocked.to_dense()
