@@ -53,7 +53,7 @@ static inline __m512 bf16_vector(const uint16_t* p, __mmask16 mask) {
 // V0 + NV - 1 (16 rows each) of the block at row n0: each input broadcast, multiplied by 16 rows at once.
 template <int M, int V0, int NV>
 static inline void f32_block(const float* x, const float* w, const float* bias, float* y, int64_t K,
-                             int64_t N, int64_t n0, bool gelu) {
+                             int64_t N, int64_t ldy, int64_t n0, bool gelu) {
   __m512 acc[M][NV];
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -71,23 +71,10 @@ static inline void f32_block(const float* x, const float* w, const float* bias, 
     if (n >= N) break;
     const __mmask16 mask = rows_mask(n, N);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
-    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * N + n, mask, activate(_mm512_add_ps(acc[m][v], b), gelu));
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, mask, activate(_mm512_add_ps(acc[m][v], b), gelu));
   }
 }
 
-// A plain float32 weight w[N][K] (the tied LM head, whose rows the embedding looks up): R rows at a time,
-// each a dot product with the one row of x, summed across its vector at the end.
-template <int R>
-static inline void plain_f32_rows(const float* x, const float* w, const float* bias, float* y, int64_t K,
-                                  int64_t n) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (n + r) * K + k), xv, acc[r]);
-  }
-  for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(acc[r]) + (bias ? bias[n + r] : 0.f);
-}
 #endif
 
 #ifdef __AVX512BF16__
@@ -95,7 +82,7 @@ static inline void plain_f32_rows(const float* x, const float* w, const float* b
 // them: w[N / 64][K / 2][64][2]. x, bias and y bfloat16; the sums float32, rounded once at the end.
 template <int M, int V0, int NV>
 static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y,
-                              int64_t K, int64_t N, int64_t n0, bool gelu) {
+                              int64_t K, int64_t N, int64_t ldy, int64_t n0, bool gelu) {
   __m512 acc[M][NV];
   for (int m = 0; m < M; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -114,7 +101,7 @@ static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16
     const __mmask16 mask = rows_mask(n, N);
     const __m512 b = bias ? bf16_vector(bias + n, mask) : _mm512_setzero_ps();
     for (int m = 0; m < M; ++m)
-      _mm256_mask_storeu_epi16(y + m * N + n, mask, (__m256i)_mm512_cvtneps_pbh(activate(_mm512_add_ps(acc[m][v], b), gelu)));
+      _mm256_mask_storeu_epi16(y + m * ldy + n, mask, (__m256i)_mm512_cvtneps_pbh(activate(_mm512_add_ps(acc[m][v], b), gelu)));
   }
 }
 #endif
@@ -422,32 +409,35 @@ static void attend(const A* qkv, C* keys, C* values, const bool* real, A* out, i
 }
 #endif
 
-// A whole block of 64 rows for up to 4 rows of x at once (M x 4 accumulators: half the registers);
+// A whole block of 64 outputs for up to 4 rows of x at once (M x 4 accumulators: half the registers);
 // rows 5 to 8 of x in a second pass, which reads the block from the cache.
-#define BLOCK(FN, M)                                                             \
-  if (M <= 4) {                                                                  \
-    FN<M, 0, 4>(x, w, bias, y, K, N, n0, gelu);                                        \
-  } else {                                                                       \
-    FN<4, 0, 4>(x, w, bias, y, K, N, n0, gelu);                                        \
-    FN<(M > 4 ? M - 4 : 1), 0, 4>(x + 4 * K, w, bias, y + 4 * N, K, N, n0, gelu);      \
+#define BLOCK(FN, M)                                                                   \
+  if (M <= 4) {                                                                        \
+    FN<M, 0, 4>(xm, w, bias, ym, K, N, ldy, n0, gelu);                                 \
+  } else {                                                                             \
+    FN<4, 0, 4>(xm, w, bias, ym, K, N, ldy, n0, gelu);                                 \
+    FN<(M > 4 ? M - 4 : 1), 0, 4>(xm + 4 * K, w, bias, ym + 4 * ldy, K, N, ldy, n0, gelu); \
   }
 
-// The blocks split evenly among the threads.
-#define PRODUCT(FN, M)                                                  \
-  _Pragma("omp parallel for schedule(static) num_threads(threads)")    \
-  for (int64_t n0 = 0; n0 < N; n0 += 64) { BLOCK(FN, M) }
-
-#define BY_ROWS(FN)                       \
-  switch (M) {                            \
-    case 1: PRODUCT(FN, 1) break;         \
-    case 2: PRODUCT(FN, 2) break;         \
-    case 3: PRODUCT(FN, 3) break;         \
-    case 4: PRODUCT(FN, 4) break;         \
-    case 5: PRODUCT(FN, 5) break;         \
-    case 6: PRODUCT(FN, 6) break;         \
-    case 7: PRODUCT(FN, 7) break;         \
-    default: PRODUCT(FN, 8) break;        \
-  }
+// The blocks split evenly among the threads; each block multiplied by 8 rows of x at a time (read from
+// memory for the first 8, from the cache for the others).
+#define BY_ROWS(FN)                                                   \
+  _Pragma("omp parallel for schedule(static) num_threads(threads)")  \
+  for (int64_t n0 = 0; n0 < N; n0 += 64)                             \
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {                          \
+      const auto* xm = x + m0 * K;                                   \
+      auto* ym = y + m0 * ldy;                                       \
+      switch (M - m0 < 8 ? M - m0 : 8) {                             \
+        case 1: BLOCK(FN, 1) break;                                  \
+        case 2: BLOCK(FN, 2) break;                                  \
+        case 3: BLOCK(FN, 3) break;                                  \
+        case 4: BLOCK(FN, 4) break;                                  \
+        case 5: BLOCK(FN, 5) break;                                  \
+        case 6: BLOCK(FN, 6) break;                                  \
+        case 7: BLOCK(FN, 7) break;                                  \
+        default: BLOCK(FN, 8) break;                                 \
+      }                                                              \
+    }
 
 extern "C" int matvec_abilities() {
   int abilities = 0;
@@ -466,28 +456,18 @@ extern "C" int matvec_abilities() {
   return abilities;
 }
 
-// x (M, K) float32 times oneDNN's blocked float32 w (N rows, K inputs) into y (M, N); bias may be null.
+// x (M, K) float32 times oneDNN's blocked float32 w (N rows, K inputs) into y (M rows `ldy` apart, N
+// outputs); bias may be null.
 extern "C" void matvec_f32(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
-                           int64_t N, int gelu, int threads) {
+                           int64_t N, int64_t ldy, int gelu, int threads) {
 #ifdef __AVX512F__
   BY_ROWS(f32_block)
 #endif
 }
 
-// One row x (K) float32 times a plain float32 w (N, K) into y (N); K a multiple of 16.
-extern "C" void matvec_plain_f32(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
-                                 int threads) {
-#ifdef __AVX512F__
-  const int64_t tiles = N / 8;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < tiles; ++t) plain_f32_rows<8>(x, w, bias, y, K, t * 8);
-  for (int64_t n = tiles * 8; n < N; ++n) plain_f32_rows<1>(x, w, bias, y, K, n);
-#endif
-}
-
 // The same in bfloat16 (x, w, bias, y as uint16 bit patterns).
 extern "C" void matvec_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t M,
-                            int64_t K, int64_t N, int gelu, int threads) {
+                            int64_t K, int64_t N, int64_t ldy, int gelu, int threads) {
 #ifdef __AVX512BF16__
   BY_ROWS(bf16_block)
 #endif

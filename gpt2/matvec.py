@@ -47,8 +47,8 @@ from gpt2.config import cache_dir
 SOURCE = Path(__file__).with_name("matvec.cpp")
 MAX_ROWS = 8  # rows of x a product takes; decoding's batches of up to 8 sequences
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_ABILITIES = {"fp32": 1, "plain": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()
-_MULTIPLE = {"fp32": 1, "plain": 16, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs
+_ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()
+_MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs
 _FLOATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest output, against oneDNN's
 
@@ -67,13 +67,12 @@ def library() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name in ("matvec_f32", "matvec_bf16"):
-        getattr(lib, name).argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
+        getattr(lib, name).argtypes = [pointer] * 4 + [size] * 4 + [ctypes.c_int] * 2
         getattr(lib, name).restype = None
-    lib.matvec_plain_f32.argtypes = [pointer] * 4 + [size] * 2 + [ctypes.c_int]
     lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int] * 2
     lib.matvec_i4.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
     lib.matvec_attend.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int] * 3
-    lib.matvec_plain_f32.restype = lib.matvec_i8.restype = lib.matvec_i4.restype = None
+    lib.matvec_i8.restype = lib.matvec_i4.restype = None
     lib.matvec_attend.restype = None
     return lib
 
@@ -105,8 +104,8 @@ def _cpu_flags() -> str:
 
 def kernel(precision: str, in_features: int) -> bool:
     """Whether the kernel for ``precision`` runs here, for ``in_features`` inputs: fp32 (oneDNN's
-    blocked weights) and plain (a plain fp32 weight) need AVX-512, bf16 its BF16 instructions, int8 and
-    int4 its VNNI ones, attention (heads of 64) AVX-512 with BF16."""
+    blocked weights) needs AVX-512, bf16 its BF16 instructions, int8 and int4 its VNNI ones,
+    attention (heads of 64) AVX-512 with BF16."""
     lib = library()
     return lib is not None and bool(lib.matvec_abilities() & _ABILITIES[precision]) \
         and in_features % _MULTIPLE[precision] == 0
@@ -130,23 +129,33 @@ def blocked_weight(blocked: Tensor, out_features: int, in_features: int) -> int 
 
 def product(x: Tensor, weight: int, bias: Tensor | None, out_features: int, gelu: bool = False) -> Tensor:
     """``x @ W.T + bias`` for the blocked weight at address ``weight`` (``blocked_weight``), x (..., in)
-    float32 or bfloat16 as the weight, at most ``MAX_ROWS`` rows; then tanh-GELU when ``gelu``."""
+    float32 or bfloat16 as the weight, any number of rows (from the cache after the first 8); then
+    tanh-GELU when ``gelu``."""
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)
-    run = library().matvec_f32 if x.dtype == torch.float32 else library().matvec_bf16
-    run(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), y.data_ptr(),
-        x.numel() // x.shape[-1], x.shape[-1], out_features, gelu, torch.get_num_threads())
+    _multiply(x, weight, bias, y, 0, out_features, gelu)
     return y
 
 
-def plain_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight.T + bias`` for one row x (..., in) and a plain contiguous float32 weight (out, in)
-    (``kernel("plain", in)``): the fp32 LM head, the tied embedding's own rows."""
+def split_product(x: Tensor, parts: list[tuple[int, int]], out_features: int) -> Tensor:
+    """``x @ W.T`` for a weight held as blocked parts of consecutive rows, (address, rows) each."""
     x = x.contiguous()
-    y = x.new_empty(*x.shape[:-1], weight.shape[0])
-    library().matvec_plain_f32(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                               y.data_ptr(), weight.shape[1], weight.shape[0], torch.get_num_threads())
+    y = x.new_empty(*x.shape[:-1], out_features)
+    first = 0
+    for address, rows in parts:
+        if rows:
+            _multiply(x, address, None, y, first, rows, False)
+        first += rows
     return y
+
+
+def _multiply(x: Tensor, weight: int, bias: Tensor | None, y: Tensor, first: int, rows: int,
+              gelu: bool) -> None:
+    """Outputs ``first`` to ``first + rows`` of ``y`` (..., out) for x (..., in), contiguous both."""
+    run = library().matvec_f32 if x.dtype == torch.float32 else library().matvec_bf16
+    out = y.data_ptr() + first * y.element_size()
+    run(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), out, x.numel() // x.shape[-1],
+        x.shape[-1], rows, y.shape[-1], gelu, torch.get_num_threads())
 
 
 def int8_blocked(q: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gpt2 import matvec
 from gpt2.inference import load_for_inference
-from gpt2.model import KVCache, _BlockedLinear, _OneDNNLinear, intel_cpu
+from gpt2.model import KVCache, _BlockedEmbedding, _BlockedHead, _BlockedLinear, intel_cpu
 
 
 def _avx512(flag: str) -> bool:
@@ -78,19 +78,32 @@ def test_a_model_loaded_for_the_cpu_multiplies_with_the_hand_kernels(precision: 
     model = load_for_inference(random_model(n_embd=64, vocab_size=5000), precision=precision, device="cpu")
     blocked = [m for m in model.modules() if isinstance(m, _BlockedLinear)]
     assert blocked and all(m.address is not None for m in blocked)
-    if precision == "fp32" and not intel_cpu():  # the LM head: the tied embedding's plain weight
-        assert type(model.lm_head) is _OneDNNLinear and model.lm_head.by_hand
+    if precision == "bf16" or not intel_cpu():  # the tied LM head and embedding: blocked in place
+        assert type(model.lm_head) is _BlockedHead
 
 
-def test_the_plain_fp32_product_of_one_row_equals_torchs() -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [5000, 4992])  # a last block of 8 rows; whole blocks only
+def test_the_blocked_head_gives_the_plain_weights_logits_and_rows_from_the_embeddings_own_memory(
+        dtype: torch.dtype, vocab: int) -> None:
+    """The tied LM head reordered in place: its products (1, 8 and 37 rows) equal the plain weight's,
+    the embedding looks up the same rows, the state dict holds the plain weight, and the blocks live in
+    the memory the plain weight had (no second copy)."""
     torch.manual_seed(0)
-    for out, width in [(50257, 64), (100, 96), (7, 16)]:  # rows past the last tile of 8: 1, 4, 7
-        weight, bias, x = torch.randn(out, width), torch.randn(out), torch.randn(1, 1, width)
-        assert matvec.kernel("plain", width)
-        torch.testing.assert_close(matvec.plain_product(x, weight, bias), F.linear(x, weight, bias),
-                                   rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(matvec.plain_product(x, weight, None), F.linear(x, weight), rtol=1e-5,
-                                   atol=1e-5)
+    plain = torch.randn(vocab, 96).to(dtype)
+    weight = plain.clone()
+    memory = weight.untyped_storage().data_ptr()
+    head = _BlockedHead(weight)
+    assert head.blocks.untyped_storage().data_ptr() == memory
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in [1, 8, 37]:
+        x = torch.randn(rows, 96).to(dtype)
+        expected = x.float() @ plain.float().T
+        torch.testing.assert_close(head(x).float(), expected, rtol=tolerance,
+                                   atol=tolerance * expected.abs().max().item())
+    idx = torch.tensor([[0, 63, 64, vocab - 9], [vocab - 8, vocab - 1, 4991, 17]])
+    assert torch.equal(_BlockedEmbedding(head)(idx), plain[idx])
+    assert torch.equal(head.state_dict()["weight"], plain)
 
 
 def _in_a_fresh_process(code: str, cache: Path, **env: str) -> str:
