@@ -1,6 +1,6 @@
 """What fits in this machine's memory: a size that is legal but would not fit is refused up front,
 with the estimate, instead of running the machine out of memory part way. And handing freed memory
-back to the system while loading a model."""
+back to the system while loading a model, and moving a model's weights onto 2 MB pages."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import os
 from gpt2.errors import UserError
 
 GIB = 2**30
+_HUGE_PAGE = 2 << 20
+_MADV_COLLAPSE = 25  # Linux 6.1's madvise: collapse a range's pages into 2 MB pages now
 
 
 def physical_memory() -> int | None:
@@ -51,3 +53,19 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def huge_pages(regions: dict[int, int]) -> None:
+    """Move the memory of ``regions`` (address -> bytes) onto 2 MB pages, in place: the 2 MB pages each
+    covers wholly (Linux's MADV_COLLAPSE; nothing where the kernel or its settings refuse). Streaming
+    a large tensor from 4 KB pages pays a page walk every 4 KB: measured on the 124M shape's weights
+    (AMD EPYC, 2 threads), a decode step 1.2x faster in fp32 and bf16 from 2 MB pages, 1.06x in int8,
+    for about 2 s per GB when the model is loaded."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return
+    for address, size in regions.items():
+        start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+        end = (address + size) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_COLLAPSE))

@@ -19,7 +19,7 @@ from torch import nn
 
 from gpt2 import GPT2, UserError, matvec
 from gpt2.inference import load_for_inference
-from gpt2.model import KVCache, _BlockedLinear
+from gpt2.model import KVCache, _BlockedHead, _BlockedLinear
 from gpt2.quantization import Int4Linear, Int8Embedding, Int8Linear
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "her", "dog", "ran"]
@@ -156,7 +156,7 @@ def test_bf16_on_the_cpu_multiplies_blocked_weights_with_the_plain_weights_value
     with torch.inference_mode():
         for name in layers:
             blocked, linear = model.get_submodule(name), plain.get_submodule(name)
-            assert type(blocked) is _BlockedLinear
+            assert type(blocked) is (_BlockedHead if name == "lm_head" else _BlockedLinear)
             rows = x[..., : linear.in_features]
             expected = linear(rows)  # the same sums, rounded to bfloat16 from another order at most
             if name.endswith("mlp.c_fc"):  # which computes the MLP's GELU too
@@ -166,7 +166,8 @@ def test_bf16_on_the_cpu_multiplies_blocked_weights_with_the_plain_weights_value
         ids = ids_of("the cat sat on a mat")[None]
         logits, expected = model(ids), plain(ids)
         torch.testing.assert_close(logits, expected, atol=0.02 * float(expected.abs().max()), rtol=0.02)
-    assert model.transformer.wte.weight.dtype == torch.bfloat16  # the embedding keeps its plain rows
+        # the embedding reads the head's rows: the same bfloat16 values
+        assert torch.equal(model.transformer.wte(ids), plain.transformer.wte(ids))
     assert model.cache_dtype == torch.bfloat16 and model.attention_dtype == torch.float32
 
 
