@@ -7,12 +7,16 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
 - ``fp32``: the published weights as they are. On the CPU the blocks' weights are reordered into
   oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.2x faster decoding at
   batch 8), which ``gpt2.matvec``'s hand-written kernel reads when decoding (up to 8 rows: 1.3x
-  faster tokens at batch 1), and the LM head runs on oneDNN (``gpt2.model.onednn_linears``).
+  faster tokens at batch 1), and the tied LM head into the same layout in the embedding's own
+  memory (``gpt2.model.blocked_head``); on Intel CPUs the weights stay plain (MKL for a row or two,
+  measured faster there; oneDNN beyond, ``gpt2.model.onednn_linears``).
 - ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision:
   half the bytes per token (logits are processed in fp32). On the CPU the weights are reordered
   into oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.7x faster products),
-  read when decoding by ``gpt2.matvec``'s kernel (1.6x faster tokens at batch 1).
-- attention on the CPU (decoding's and prompts') reads the KV cache by hand too (``KVCache.attend``).
+  read when decoding by ``gpt2.matvec``'s kernel (1.6x faster tokens at batch 1), the LM head as
+  fp32's.
+- attention on the CPU (decoding's and prompts') reads the KV cache by hand too (``KVCache.attend``),
+  and the weights move onto 2 MB pages (``gpt2.memory.huge_pages``: 1.2x faster tokens).
 - ``int8``, ``int4``: quantisation (``gpt2.quantization``; CPU only): the linear layers' weights in 8
   or 4 bits, quantised tensor by tensor as the checkpoint is read (no float copy of the model is
   ever held), float32 activations, a bfloat16 KV cache.
@@ -103,17 +107,16 @@ def load_for_inference(
 
 
 def _cpu_products(model: GPT2, precision: str, compile: bool) -> None:
-    """The faster CPU products: oneDNN on blocked weights (not when compiling, which blocks them
-    itself), but for fp32's LM head (the tied embedding's plain weight: a blocked copy would hold the
-    embedding twice, 154 MB more for the 124M shape) and on Intel CPUs, where fp32 stays on the plain
-    weights (MKL for a row or two, measured faster there)."""
+    """The faster CPU products: the hand kernels and oneDNN on blocked weights, the tied LM head
+    blocked in place (not when compiling, which blocks the weights itself, nor for fp32 on Intel
+    CPUs, where it stays on the plain weights: MKL for a row or two, measured faster there)."""
     if precision == "fp32":
         if not compile and not intel_cpu():
-            blocked_linears(model, head=False)
+            blocked_linears(model)
             blocked_head(model)
         onednn_linears(model)
     elif precision == "bf16" and not compile:
-        blocked_linears(model, head=False)
+        blocked_linears(model)
         blocked_head(model)
 
 

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <omp.h>
+#include <memory>
 #include <vector>
 
 enum { FLOAT32 = 1, BFLOAT16 = 2, INT8 = 4, INT4 = 8, ATTENTION = 16 };  // what matvec_abilities() reports this build can do
@@ -386,8 +387,10 @@ static void attend_chunk(const A* q, int64_t stride3, const C* keys, const C* va
 template <typename A, typename C>
 static void attend(const A* qkv, C* keys, C* values, const bool* real, A* out, int64_t B, int64_t T, int64_t H,
                    int64_t max_len, int64_t length, int threads) {
-  const int64_t width = H * 64, room = (max_len + 63) / 64 * 64 * (64 + TILE) + TILE * 64 + 16;
-  std::vector<float> scratch(threads * room);
+  // each thread's scratch: a decoding step's scores, or a chunk's transposed keys, scores and queries
+  const int64_t width = H * 64, positions = (max_len + 63) / 64 * 64;
+  const int64_t room = T >= TILE ? positions * (64 + TILE) + TILE * 64 : positions;
+  const std::unique_ptr<float[]> scratch(new float[threads * room]);  // not zeroed: every use writes first
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H, h = bh % H;
@@ -398,7 +401,7 @@ static void attend(const A* qkv, C* keys, C* values, const bool* real, A* out, i
         narrow(k + (length + t) * 64 + i, widen(q + t * 3 * width + width + i));
         narrow(v + (length + t) * 64 + i, widen(q + t * 3 * width + 2 * width + i));
       }
-    float* mine = scratch.data() + omp_get_thread_num() * room;
+    float* mine = scratch.get() + omp_get_thread_num() * room;
     if (T >= TILE) {
       attend_chunk(q, 3 * width, k, v, real + b * max_len, out + b * T * width + h * 64, width, length, T, mine);
       continue;

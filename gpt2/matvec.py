@@ -1,8 +1,9 @@
-"""Decoding's products, written by hand (``matvec.cpp``): up to ``MAX_ROWS`` rows of x (one per
-sequence) times a float32 or bfloat16 weight in oneDNN's blocked layout, the one ``gpt2.model``'s
-blocked layers hold, read once for all rows; and any number of rows times an int8 weight in a blocked
-layout of ours (``gpt2.quantization``'s int8 and int4 layers), each row quantised to 8 bits; and a
-decoding step's or a prompt's attention (``attend``), read straight from a float32 or bfloat16 KV cache.
+"""Inference's products, written by hand (``matvec.cpp``): rows of x (decoding's, one per sequence:
+up to ``MAX_ROWS`` for the blocks, any number for the LM head) times a float32 or bfloat16 weight in
+oneDNN's blocked layout, the one ``gpt2.model``'s blocked layers and head hold, read from memory once
+for 8 rows; and any number of rows times an int8 weight in a blocked layout of ours
+(``gpt2.quantization``'s int8 and int4 layers), each row quantised to 8 bits; and a decoding step's or
+a prompt's attention (``attend``), read straight from a float32 or bfloat16 KV cache.
 
 Why by hand: a decoding step reads every weight once for a row or a few, so its speed is the speed
 at which the products stream their weights. Measured on the 124M shape's 49 products of a token (AMD
@@ -45,7 +46,7 @@ from torch import Tensor
 from gpt2.config import cache_dir
 
 SOURCE = Path(__file__).with_name("matvec.cpp")
-MAX_ROWS = 8  # rows of x a product takes; decoding's batches of up to 8 sequences
+MAX_ROWS = 8  # rows of x the blocks' layers give the kernel (decoding's batches); oneDNN's beyond
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()
 _MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs
