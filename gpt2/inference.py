@@ -22,9 +22,9 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
   ever held), float32 activations, a bfloat16 KV cache.
 - ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``), fp32's products
   autotuned against Inductor's generated C++ kernels. Faster on a GPU; on a CPU with AVX-512, eager
-  decoding on ``gpt2.matvec``'s kernels is the faster one at every precision (generate.py, batch 1:
-  fp32 40.5 against 29.3 tok/s compiled, bf16 94.9 against 42.4, int8 140.1 against 109.5, int4
-  182.5 against 150.4), as the compiled step keeps Inductor's products and attention.
+  decoding on ``gpt2.matvec``'s kernels is faster (generate.py, batch 1: fp32 52.9 against 30.5
+  tok/s compiled, bf16 90.3 against 46.7, int8 125.1 against 114.1; int4 even, 152.6 against 159.5),
+  as the compiled step keeps Inductor's products and attention, and holds 200+ MB more.
 - ``adapter``: a LoRA adapter (``gpt2.lora``) is folded into its base's weights in float32 first
   (``load_merged``), so that every precision and path above runs the merged model at the base's speed.
 """
