@@ -8,8 +8,8 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
   oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.2x faster decoding at
   batch 8), which ``gpt2.matvec``'s hand-written kernel reads when decoding (up to 8 rows: 1.3x
   faster tokens at batch 1), and the tied LM head into the same layout in the embedding's own
-  memory (``gpt2.model.blocked_head``); on Intel CPUs the weights stay plain (MKL for a row or two,
-  measured faster there; oneDNN beyond, ``gpt2.model.onednn_linears``).
+  memory (``gpt2.model.blocked_head``, which ``blocked_linears`` calls); on Intel CPUs the weights
+  stay plain (MKL for a row or two, measured faster there; oneDNN beyond, ``onednn_linears``).
 - ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision:
   half the bytes per token (logits are processed in fp32). On the CPU the weights are reordered
   into oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.7x faster products),
@@ -41,7 +41,7 @@ from gpt2.config import PRECISIONS
 from gpt2.errors import UserError
 from gpt2.lora import load_adapter, merge_lora, read_adapter_config
 from gpt2.memory import huge_pages
-from gpt2.model import blocked_head, blocked_linears, intel_cpu, onednn_linears, weight_memory
+from gpt2.model import blocked_linears, intel_cpu, onednn_linears, weight_memory
 from gpt2.quantization import BITS, quantize_weights
 from gpt2.tokenizer import Tokenizer, find_tokenizer_files
 
@@ -113,11 +113,9 @@ def _cpu_products(model: GPT2, precision: str, compile: bool) -> None:
     if precision == "fp32":
         if not compile and not intel_cpu():
             blocked_linears(model)
-            blocked_head(model)
         onednn_linears(model)
     elif precision == "bf16" and not compile:
         blocked_linears(model)
-        blocked_head(model)
 
 
 def load_merged(

@@ -743,15 +743,21 @@ class _BlockedHead(nn.Module):
             missing_keys.append(prefix + "weight")
 
 
-class _BlockedEmbedding(nn.Module):
-    """The token embedding tied to a ``_BlockedHead``: its rows gathered from the head's blocks."""
+class TiedEmbedding(nn.Module):
+    """The token embedding tied to an LM head that holds the weight in a layout of its own (blocked,
+    quantised): a token's row is the head's ``rows``."""
 
-    def __init__(self, head: _BlockedHead) -> None:
+    def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self.head = [head]  # a list: not a submodule, so its buffers are counted once
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.head[0].rows(idx)
+
+
+class _BlockedEmbedding(TiedEmbedding):
+    """The token embedding tied to a ``_BlockedHead``: its rows gathered from the head's blocks; the
+    state dict holds the plain weight, as ``nn.Embedding``'s."""
 
     @property
     def weight(self) -> Tensor:
@@ -790,8 +796,8 @@ def weight_memory(model: nn.Module) -> dict[int, int]:
 
 
 def blocked_linears(model: Transformer) -> None:
-    """Turn the blocks' linear layers of ``model`` into ``_BlockedLinear``s, for inference only (the
-    tied LM head is ``blocked_head``'s)."""
+    """Turn the blocks' linear layers of ``model`` into ``_BlockedLinear``s and its tied LM head into a
+    ``_BlockedHead`` (``blocked_head``), for inference only."""
     if not torch.backends.mkldnn.is_available():
         return
     names = [name for name, module in model.named_modules()
@@ -799,3 +805,4 @@ def blocked_linears(model: Transformer) -> None:
     for name in names:  # by name: each plain weight is freed as soon as its blocked copy is made
         model.set_submodule(name, _BlockedLinear(model.get_submodule(name)))
     fuse_gelu(model, _BlockedLinear)
+    blocked_head(model)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from gpt2 import matvec
 from gpt2.errors import UserError
-from gpt2.model import Transformer, fuse_gelu
+from gpt2.model import TiedEmbedding, Transformer, fuse_gelu
 
 BITS = {"int8": 8, "int4": 4}  # the quantised precisions of gpt2.config.PRECISIONS
 GROUP = 32  # int4: inputs per scale and zero point (llama.cpp's Q4 blocks are 32 too)
@@ -137,7 +137,7 @@ class Int8Linear(nn.Module):
         y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # True: 7-bit inputs (fbgemm)
         return torch.ops.aten.gelu_(y, approximate="tanh") if self.gelu else y
 
-    def rows_of(self, idx: Tensor) -> Tensor:
+    def rows(self, idx: Tensor) -> Tensor:
         """The float32 rows ``idx`` of W (for a layer made with ``rows``)."""
         blocked = self.packed is None  # else the plain rows kept beside fbgemm's packed copy
         q = matvec.int8_blocked_rows(self.weight, idx) if blocked else F.embedding(idx, self.weight)
@@ -258,15 +258,8 @@ def _unpacking_matches() -> bool:
     return packed.shape == (128, 48) and torch.equal(_unpack_int4(packed, 96), q.to(torch.uint8))
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(TiedEmbedding):
     """The token embedding tied to an ``Int8Linear`` LM head: a row is its int8 values times its scale."""
-
-    def __init__(self, head: Int8Linear) -> None:
-        super().__init__()
-        self.head = [head]  # a list: not a submodule, so its buffers are counted once
-
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.head[0].rows_of(idx)
 
 
 def quantize_linear(weight: Tensor, bias: Tensor | None, bits: int) -> nn.Module:
