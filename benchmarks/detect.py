@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from gpt2.detection import STATISTICS, Detector, split_passages
-from gpt2.inference import load_for_inference
-from gpt2.sampling import GenerationConfig
-from gpt2.shards import read_shard
+from gpt2.data.shards import read_shard
+from gpt2.evaluation.detection import STATISTICS, Detector, split_passages
+from gpt2.generation.sampling import GenerationConfig
+from gpt2.inference.load import load_for_inference
 
 WAYS = {
     "top-k 40": GenerationConfig(top_k=40, seed=1),

@@ -18,7 +18,7 @@ import torch
 from gpt2 import GPT2, GPT2Config, Tokenizer
 from gpt2.config import PRESETS
 from gpt2.evaluation import Scorer
-from gpt2.inference import load_for_inference
+from gpt2.inference.load import load_for_inference
 
 
 def transformers_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, int]:

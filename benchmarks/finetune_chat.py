@@ -37,11 +37,11 @@ import torch
 from safetensors import safe_open
 
 from gpt2 import GPT2, GPT2Config, Tokenizer
-from gpt2.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
-from gpt2.generation_config import GenerationConfig
-from gpt2.inference import load_for_inference
-from gpt2.metrics import read_metrics
-from gpt2.sampling import generate_text
+from gpt2.generation.config import GenerationConfig
+from gpt2.generation.sampling import generate_text
+from gpt2.inference.load import load_for_inference
+from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
+from gpt2.training.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from instructions import DRILL_TEMPLATE, drills, write_sets

@@ -178,8 +178,8 @@ def torch_engine(kind: str, weights: str, precision: str, compile: bool, threads
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                   min_new_tokens=n, do_sample=False, pad_token_id=0)
     else:
-        from gpt2.inference import load_for_inference
-        from gpt2.sampling import GenerationConfig, generate
+        from gpt2.generation.sampling import GenerationConfig, generate
+        from gpt2.inference.load import load_for_inference
 
         model = load_for_inference(weights, precision=precision, device="cpu", compile=compile)
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.config import PRECISIONS
-from gpt2.inference import load_for_inference
-from gpt2.shards import find_shards, read_shard
+from gpt2.data.shards import find_shards, read_shard
+from gpt2.inference.load import load_for_inference
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import GGUF_TYPES, use_plain_llama_buffers

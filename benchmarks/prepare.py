@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gpt2 import corpora
+from gpt2.data import corpora
 
 THREADS = (1, 2)
 CHILD = r"""

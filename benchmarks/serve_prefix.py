@@ -23,8 +23,8 @@ import time
 import torch
 
 from gpt2 import GPT2, GPT2Config, Tokenizer
-from gpt2.inference import load_for_inference
-from gpt2.sampling import GenerationConfig
+from gpt2.generation.sampling import GenerationConfig
+from gpt2.inference.load import load_for_inference
 from gpt2.serving.engine import PREFIX_CACHE_TOKENS, Engine, SequenceRequest
 
 PATTERNS = ("one by one", "all at once")

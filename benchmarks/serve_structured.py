@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from gpt2 import GPT2, GPT2Config, Tokenizer
-from gpt2.inference import load_for_inference
-from gpt2.sampling import GenerationConfig
+from gpt2.generation.sampling import GenerationConfig
+from gpt2.inference.load import load_for_inference
 from gpt2.serving.engine import Engine, SequenceRequest
 from gpt2.serving.structured import Grammar, StructuredOutputs, allowed_tokens, grammar_of, json_grammar
 

@@ -2,8 +2,8 @@
 for the same wall-clock training budget, measured in the same run.
 
 Every engine trains the demo's model (preset ``tiny``: 4 layers, 256 wide, context 256; micro-batch
-8 x 256 tokens per step) on Shakespeare (``gpt2.corpora.shakespeare``) from the same seed, over the same
-batches in the same order (``gpt2.loader.ShardLoader``, seed 1337), with each of two vocabularies: 4,096
+8 x 256 tokens per step) on Shakespeare (``gpt2.data.corpora.shakespeare``) from the same seed, over the same
+batches in the same order (``gpt2.data.loader.ShardLoader``, seed 1337), with each of two vocabularies: 4,096
 tokens trained on the corpus (as ``gpt2 prepare shakespeare --vocab-size 4096``, the demo) and GPT-2's
 own 50,257 (``$GPT2_SHARED_DATA/gpt2.tiktoken``). For ``--budget`` minutes of training time each:
 
@@ -23,7 +23,7 @@ own 50,257 (``$GPT2_SHARED_DATA/gpt2.tiktoken``). For ``--budget`` minutes of tr
 
 Validation: every ``15 s`` of training time and at the end, the loss per token of the same first
 32,768 held-out tokens (16 batches of the validation split, in order), on each side in its own
-precision (ours is told when by wrapping ``gpt2.training.validate``). Only training counts on the clock,
+precision (ours is told when by wrapping ``gpt2.training.trainer.validate``). Only training counts on the clock,
 on both sides: ``gpt2 train`` takes validations and checkpoints off its own (its time limit and
 schedule run on training time), and theirs stops its clock around them. Set-up (building the model, reading
 the shards) counts on neither.
@@ -121,7 +121,7 @@ SMOKE = Settings("nano", 64, 4, eval_every_s=1.0, eval_tokens=512, vocab_size=51
 
 
 def validation_batches(settings: dict[str, Any], samples: int) -> int:
-    """Batches per validation: ``eval_tokens`` worth, at most the split (``gpt2.training``'s rule)."""
+    """Batches per validation: ``eval_tokens`` worth, at most the split (``gpt2.training.trainer``'s rule)."""
     per_batch = settings["micro_batch"] * settings["seq_len"]
     return max(1, min(math.ceil(settings["eval_tokens"] / per_batch), samples // settings["micro_batch"]))
 
@@ -183,10 +183,10 @@ def run_transformers(data: Path, vocab: int, spec: dict[str, Any]) -> dict[str, 
     import torch
     import torch.nn.functional as F
 
-    from gpt2.loader import ShardLoader
-    from gpt2.optimizers import lr_factor
-    from gpt2.shards import find_shards
-    from gpt2.train_config import TrainConfig
+    from gpt2.data.loader import ShardLoader
+    from gpt2.data.shards import find_shards
+    from gpt2.training.config import TrainConfig
+    from gpt2.training.optimizers import lr_factor
 
     s, budget = spec["settings"], spec["budget_min"] * 60
     torch.manual_seed(SEED)
@@ -195,7 +195,7 @@ def run_transformers(data: Path, vocab: int, spec: dict[str, Any]) -> dict[str, 
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": NANOGPT["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=NANOGPT["lr"], betas=(NANOGPT["beta1"], NANOGPT["beta2"]))
-    schedule = TrainConfig(**NANOGPT)  # gpt2.optimizers.lr_factor: the same warm-up and cosine as ours
+    schedule = TrainConfig(**NANOGPT)  # gpt2.training.optimizers.lr_factor: the same warm-up and cosine as ours
     train = ShardLoader(find_shards(data, "train"), s["micro_batch"], s["seq_len"], seed=SEED)
     val = ShardLoader(find_shards(data, "val"), s["micro_batch"], s["seq_len"], shuffle=False)
     batches = validation_batches(s, val.num_samples)
@@ -228,9 +228,9 @@ def run_transformers(data: Path, vocab: int, spec: dict[str, Any]) -> dict[str, 
 
 @contextlib.contextmanager
 def training_clock(clock: Clock, every_s: float, budget_s: float) -> Iterator[None]:
-    """Within: ``gpt2.training`` validates every ``every_s`` of training time and at the end (it is told
+    """Within: ``gpt2.training.trainer`` validates every ``every_s`` of training time and at the end (it is told
     to consider it after every step; ``gpt2 train`` itself takes validations off its clock)."""
-    import gpt2.training as training
+    import gpt2.training.trainer as training
 
     validate = training.validate
     due = [every_s]
@@ -255,9 +255,9 @@ def run_ours(data: Path, run: Path, options: dict[str, Any], spec: dict[str, Any
     """``gpt2 train`` (load_config + train) with ``options``, for the budget of training time."""
     import torch
 
-    from gpt2.metrics import read_metrics
-    from gpt2.train_config import load_config
-    from gpt2.training import autocast_dtype, train
+    from gpt2.training.config import load_config
+    from gpt2.training.metrics import read_metrics
+    from gpt2.training.trainer import autocast_dtype, train
 
     s, budget = spec["settings"], spec["budget_min"]
     cfg = load_config(data=str(data), out=str(run), preset=s["preset"], seq_len=s["seq_len"],
@@ -293,7 +293,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def smoke_files() -> list[Path]:
     """A few of Shakespeare's shortest works (the very shortest, 2 kB, left out)."""
-    from gpt2.corpora import shakespeare
+    from gpt2.data.corpora import shakespeare
 
     return sorted(shakespeare(), key=lambda p: p.stat().st_size)[1 : 1 + SMOKE.files]
 
@@ -302,8 +302,8 @@ def prepare_data(work: Path, vocabs: list[str], settings: Settings, ranks: Path)
     """Shards of each vocabulary (``trained``: one of ``settings.vocab_size`` trained on the corpus,
     ``gpt2``: GPT-2's) in ``work``, kept there: a later run with the same ``--work`` reuses them. The
     directories and the vocabularies' sizes."""
-    from gpt2.data import Corpus, prepare
-    from gpt2.tokenizer import Tokenizer
+    from gpt2.data.prepare import Corpus, prepare
+    from gpt2.tokenizer.bpe import Tokenizer
 
     corpus = Corpus([str(p) for p in smoke_files()] if settings.files else ["shakespeare"])
     dirs, sizes = {}, {}

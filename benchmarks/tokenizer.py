@@ -18,8 +18,8 @@ from pathlib import Path
 
 import tiktoken
 
-from gpt2 import corpora
-from gpt2.tokenizer import ENDOFTEXT, GPT2_PATTERN, Tokenizer, train_tokenizer, trainer_merges
+from gpt2.data import corpora
+from gpt2.tokenizer.bpe import ENDOFTEXT, GPT2_PATTERN, Tokenizer, train_tokenizer, trainer_merges
 
 REPEATS = 5
 RUN_LENGTHS = (30_000, 100_000)  # characters of the one-character training corpus

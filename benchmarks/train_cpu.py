@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from gpt2.data import Corpus, prepare
-from gpt2.loader import ShardLoader
-from gpt2.metrics import read_metrics
-from gpt2.shards import find_shards
-from gpt2.train_config import load_config
-from gpt2.training import autocast_dtype, train
+from gpt2.data.loader import ShardLoader
+from gpt2.data.prepare import Corpus, prepare
+from gpt2.data.shards import find_shards
+from gpt2.training.config import load_config
+from gpt2.training.metrics import read_metrics
+from gpt2.training.trainer import autocast_dtype, train
 
 PRESET, SEQ, BATCH, VOCAB = "tiny", 256, 8, 4096
 OPTIMISER = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}

@@ -42,11 +42,18 @@ import numpy as np
 import torch
 
 from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
-from gpt2.loader import ShardLoader
-from gpt2.metrics import read_metrics
-from gpt2.shards import find_shards, write_shard
-from gpt2.train_config import load_config
-from gpt2.training import autocast_dtype, fit, flops_per_token, init_distributed, measure_matmul_flops, setup
+from gpt2.data.loader import ShardLoader
+from gpt2.data.shards import find_shards, write_shard
+from gpt2.training.config import load_config
+from gpt2.training.metrics import read_metrics
+from gpt2.training.trainer import (
+    autocast_dtype,
+    fit,
+    flops_per_token,
+    init_distributed,
+    measure_matmul_flops,
+    setup,
+)
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -91,7 +98,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def ours(data: Path, run: Path, s: Setting, optimizer: str = "adamw", compile: bool = False) -> float:
-    """Tokens/s of `gpt2 train` (its ``setup`` and ``fit``, as ``gpt2.training.train`` runs them; the
+    """Tokens/s of `gpt2 train` (its ``setup`` and ``fit``, as ``gpt2.training.trainer.train`` runs them; the
     final checkpoint and plot left out) between the end of step ``warmup`` and the last step."""
     cfg = load_config(data=str(data), out=str(run), preset=s.preset, seq_len=s.seq_len, dropout=0.0,
                       micro_batch=s.micro_batch, max_steps=s.steps, lr=LR, warmup_steps=0, min_lr_ratio=1.0,

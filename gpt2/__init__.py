@@ -11,13 +11,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 from gpt2.config import PRESETS, GPT2Config
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
     from gpt2.api import GPT2
-    from gpt2.tokenizer import Tokenizer
+    from gpt2.tokenizer.bpe import Tokenizer
 
-_LAZY = {"GPT2": "gpt2.api", "Tokenizer": "gpt2.tokenizer"}
+_LAZY = {"GPT2": "gpt2.api", "Tokenizer": "gpt2.tokenizer.bpe"}
 
 __all__ = ["GPT2", "PRESETS", "GPT2Config", "Tokenizer", "UserError"]
 __version__ = "0.1.0"

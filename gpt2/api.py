@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gpt2 import checkpoints, sampling
+from gpt2 import checkpoints
+from gpt2.generation import sampling
+from gpt2.generation.sampling import GenerationConfig
 from gpt2.model import Transformer
-from gpt2.sampling import GenerationConfig
-from gpt2.tokenizer import Tokenizer
+from gpt2.tokenizer.bpe import Tokenizer
 
 
 class GPT2(Transformer):
@@ -56,13 +57,13 @@ class GPT2(Transformer):
     ) -> Tensor:
         """Continue the prompts ``input_ids`` (B, T) (or (T,)): a LongTensor (B * num_samples, T + new).
 
-        ``config`` says what to generate and how (``gpt2.sampling.GenerationConfig``); ``settings``
+        ``config`` says what to generate and how (``gpt2.generation.sampling.GenerationConfig``); ``settings``
         are its fields given by keyword instead (``max_new_tokens=50, temperature=0.8, top_k=40,
         seed=0``...), applied on top of ``config``. ``temperature`` 0 is greedy decoding. Prompts of
         different lengths go left-padded, with ``attention_mask`` (1 = token, 0 = padding). Rows that
         stop early are filled with ``pad_token_id`` (default: the tokenizer's ``<|endoftext|>``, else
         0). The model itself is left as it is; the options that trade exactness or start-up time for
-        speed (bf16, int8, compile) are chosen when loading it (``gpt2.inference.load_for_inference``).
+        speed (bf16, int8, compile) are chosen when loading it (``gpt2.inference.load.load_for_inference``).
         """
         ids, options = self._generation_inputs(input_ids, pad_token_id)
         return sampling.generate(self, ids, _config(config, settings), attention_mask=attention_mask,
@@ -79,7 +80,7 @@ class GPT2(Transformer):
         **settings: Any,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """``generate`` step by step: yields ``(tokens, live)`` per step, each (B * num_samples,);
-        ``live`` is False for the rows that have stopped (see ``gpt2.sampling.stream_tokens``)."""
+        ``live`` is False for the rows that have stopped (see ``gpt2.generation.sampling.stream_tokens``)."""
         ids, options = self._generation_inputs(input_ids, pad_token_id)
         return sampling.stream_tokens(self, ids, _config(config, settings), attention_mask=attention_mask,
                                       generator=generator, **options)

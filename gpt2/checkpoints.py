@@ -8,7 +8,7 @@ Every file is written atomically, so a crash never leaves a half-written checkpo
 
 Read top to bottom: loading (``load_model``; ``resolve``, which finds the directory a name means;
 ``read_config`` and the tensor readers), then saving (``save_model``, ``hf_config``). A training
-run directory (see gpt2.training) holds several checkpoints and a ``latest`` file naming the newest
+run directory (see gpt2.training.trainer) holds several checkpoints and a ``latest`` file naming the newest
 complete one: ``LATEST``, ``latest_checkpoint`` and ``write_latest`` are that file's one definition,
 read here by ``resolve`` and by the trainer's ``--resume``, written by the trainer.
 """
@@ -27,12 +27,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gpt2.atomic import write_atomic
 from gpt2.config import GPT2Config
-from gpt2.errors import UserError
-from gpt2.memory import release_freed_memory
 from gpt2.model import Transformer
-from gpt2.tokenizer import Tokenizer, find_tokenizer_files
+from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files
+from gpt2.util.atomic import write_atomic
+from gpt2.util.errors import UserError
+from gpt2.util.memory import release_freed_memory
 
 M = TypeVar("M", bound=Transformer)
 
@@ -67,7 +67,7 @@ FIXED_OPTIONS = {
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
 HF_DROPOUT = 0.1  # Hugging Face's default for the three *_pdrop keys
 LATEST = "latest"  # in a training run directory: names its newest complete checkpoint
-ADAPTER_CONFIG = "adapter_config.json"  # a LoRA run's checkpoint holds an adapter instead (gpt2.lora)
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA run's checkpoint holds an adapter instead (gpt2.adapters.lora)
 # What writing a checkpoint raises when the disk is full or failing: torch.save reports it as a
 # RuntimeError, safetensors as its own error.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -133,7 +133,7 @@ def resolve(name_or_path: str | Path) -> Path:
         return path
     if find_adapter(path) is not None:
         raise UserError(f"{path} holds a LoRA adapter, not a whole model; load it on its base with --adapter "
-                        "(gpt2.inference.load_for_inference(adapter=...)), or merge them with `gpt2 merge`")
+                        "(gpt2.inference.load.load_for_inference(adapter=...)), or merge them with `gpt2 merge`")
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +29,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPT2_CACHE", Path.home() / ".cache" / "gpt2"))
 
 
-# The precisions a model can be loaded in for inference (``gpt2.inference.load_for_inference``).
+# The precisions a model can be loaded in for inference (``gpt2.inference.load.load_for_inference``).
 PRECISIONS = {
     "fp32": "the weights as published",
     "bf16": "bfloat16 weights and cache: half the memory, faster on GPUs and on CPUs with AVX512-BF16",

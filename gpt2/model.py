@@ -1,7 +1,7 @@
 """The GPT-2 network (Radford et al. 2019), read top to bottom: the KV cache and its operations,
 attention, MLP, block, model (its forward pass and its fixed-shape decode step); then the oneDNN
 products that make fp32 and bf16 inference on the CPU faster (``onednn_linears`` and
-``blocked_linears``, applied by ``gpt2.inference.load_for_inference``).
+``blocked_linears``, applied by ``gpt2.inference.load.load_for_inference``).
 
 Module and parameter names follow the published checkpoints (``transformer.h.0.attn.c_attn``...),
 but every projection is a plain ``nn.Linear`` (the published Conv1D weights are the transpose;
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2 import matvec
 from gpt2.config import GPT2Config
-from gpt2.errors import UserError
+from gpt2.inference import kernels
 from gpt2.loss import lm_loss
-from gpt2.memory import check_fits
+from gpt2.util.errors import UserError
+from gpt2.util.memory import check_fits
 
 
 class KVCache:
@@ -79,7 +79,7 @@ class KVCache:
         by_hand = self.keys[0].is_cpu and self.attention_dtype == torch.float32 and config.head_dim == 64
         f32, bf16 = torch.float32, torch.bfloat16
         pairs = {(f32, f32), (f32, bf16), (bf16, bf16)}
-        self._attends = pairs if by_hand and matvec.kernel("attention", 64) else set()
+        self._attends = pairs if by_hand and kernels.kernel("attention", 64) else set()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -149,12 +149,12 @@ class KVCache:
             and not torch.compiler.is_compiling()
 
     def attend(self, layer: int, qkv: Tensor) -> Tensor:
-        """A chunk's attention for ``layer`` by ``gpt2.matvec``'s kernel (a decode step's, or a
+        """A chunk's attention for ``layer`` by ``gpt2.inference.kernels``'s kernel (a decode step's, or a
         prompt's): its keys and values (in ``qkv`` (B, T, 3 C), after the queries) written from
         ``length``, each query attending over the real positions before it and its own, in float32
         straight from the cache (no float32 copy of it, no attention over the positions not yet
         written); returns (B, T, C)."""
-        return matvec.attend(qkv, self.keys[layer], self.values[layer], self.key_mask, self.length)
+        return kernels.attend(qkv, self.keys[layer], self.values[layer], self.key_mask, self.length)
 
     def step_mask(self, batch: int) -> Tensor:
         """The attention mask (batch, 1, 1, max_len) of a decode step at ``slot``: the real positions
@@ -346,7 +346,7 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype: the weights' too, unless they are quantised (``gpt2.quantization``)."""
+        """The activations' dtype: the weights' too, unless they are quantised (``gpt2.inference.quantization``)."""
         return self.transformer.ln_f.weight.dtype
 
     @property
@@ -508,7 +508,7 @@ class Transformer(nn.Module):
 
 def _step_guards(entries: list) -> list[bool]:
     """Which guards a compiled CPU decode step keeps: none on the modules (their tensors are the
-    step's inputs), but for the keys that int8 layers (``gpt2.quantization.Int8Linear``) find their
+    step's inputs), but for the keys that int8 layers (``gpt2.inference.quantization.Int8Linear``) find their
     weights by, which the step holds as constants: another model's step must not pass for this one's."""
     keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
     return [kept or entry.name.endswith(".key") for kept, entry in zip(keep, entries, strict=True)]
@@ -639,7 +639,7 @@ class _BlockedLinear(nn.Module):
     shape's weights (AMD EPYC with bfloat16 instructions), those of one token take 9.6 ms rather
     than 17.3 in bfloat16 at 1 row and 12.4 rather than 20.4 at 8 (on a plain bfloat16 weight they
     run at half the memory bandwidth); float32 decoding ran 1.07x faster at batch 1 and 1.2x at 8.
-    Up to ``matvec.MAX_ROWS`` rows (decoding) are multiplied by ``gpt2.matvec``'s hand-written kernel,
+    Up to ``kernels.MAX_ROWS`` rows (decoding) are multiplied by ``gpt2.inference.kernels``'s hand-written kernel,
     which reads the same blocked weight at memory speed (1.3-1.9x oneDNN's product at 1 row, 1.15-1.3x
     at 8; ``address`` is None where it cannot run). The blocked weight is an opaque oneDNN tensor that
     cannot be trained; the state dict holds its plain copy, made when asked for. ``gelu``: as
@@ -655,13 +655,13 @@ class _BlockedLinear(nn.Module):
 
     def _block(self, weight: Tensor) -> None:
         self.blocked = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.address = matvec.blocked_weight(self.blocked, self.out_features, self.in_features)
+        self.address = kernels.blocked_weight(self.blocked, self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.address is None or x.numel() > matvec.MAX_ROWS * self.in_features \
+        if self.address is None or x.numel() > kernels.MAX_ROWS * self.in_features \
                 or torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, *_post_op(self.gelu))
-        return matvec.product(x, self.address, self.bias, self.out_features, self.gelu)
+        return kernels.product(x, self.address, self.bias, self.out_features, self.gelu)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.blocked.to_dense()
@@ -678,7 +678,7 @@ class _BlockedHead(nn.Module):
     (oneDNN's: blocks of 64 rows, input-major, bfloat16's inputs in pairs), reordered block by block
     in the embedding's own memory: no second copy of the 154 MB (124M shape, fp32), nothing held while
     reordering but one block. The last rows, short of a whole block, go to a padded block of their
-    own. Every product, of any number of rows, is ``gpt2.matvec``'s; the tied embedding gathers its
+    own. Every product, of any number of rows, is ``gpt2.inference.kernels``'s; the tied embedding gathers its
     rows from the blocks (``_BlockedEmbedding``). Measured on the 124M shape (AMD EPYC, 2 threads): the
     fp32 head of a decoding step 1.2x faster than oneDNN's product on the plain rows (tokens 1.0-1.07x),
     and bf16 holds no second copy (77 MB). The state dict holds the plain weight, made when asked
@@ -704,7 +704,7 @@ class _BlockedHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         parts = [(self.blocks.data_ptr(), self.whole), (self.tail.data_ptr(), self.out_features - self.whole)]
-        return matvec.split_product(x.to(self.blocks.dtype), parts, self.out_features)
+        return kernels.split_product(x.to(self.blocks.dtype), parts, self.out_features)
 
     def rows(self, idx: Tensor) -> Tensor:
         """Rows ``idx`` (any shape) of the weight, (*idx.shape, in)."""
@@ -776,11 +776,11 @@ class _BlockedEmbedding(TiedEmbedding):
 
 def blocked_head(model: Transformer) -> None:
     """Turn the tied LM head and embedding of ``model`` into a ``_BlockedHead``, for inference only,
-    where ``gpt2.matvec``'s kernel multiplies its dtype (and the vocabulary fills a block)."""
+    where ``gpt2.inference.kernels``'s kernel multiplies its dtype (and the vocabulary fills a block)."""
     weight = model.lm_head.weight
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(weight.dtype)
     if precision is None or not weight.is_cpu or len(weight) < 64 or not weight.is_contiguous() \
-            or not matvec.kernel(precision, weight.shape[1]):
+            or not kernels.kernel(precision, weight.shape[1]):
         return
     head = _BlockedHead(weight)
     model.lm_head, model.transformer.wte = head, _BlockedEmbedding(head)

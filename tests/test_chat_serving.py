@@ -31,10 +31,10 @@ from conftest import (
 )
 
 from gpt2 import GPT2
-from gpt2.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
-from gpt2.prompts import CHAT_HEADER, Chat, Templated, Transcript, chat_format
-from gpt2.sampling import GenerationConfig
-from gpt2.tokenizer import Tokenizer
+from gpt2.generation.prompts import CHAT_HEADER, Chat, Templated, Transcript, chat_format
+from gpt2.generation.sampling import GenerationConfig
+from gpt2.tokenizer.bpe import Tokenizer
+from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
-from gpt2.errors import UserError
-from gpt2.prompts import Templated, fit_messages
-from gpt2.sampling import encode_prompt
-from gpt2.tokenizer import Tokenizer
+from gpt2.generation.prompts import Templated, fit_messages
+from gpt2.generation.sampling import encode_prompt
+from gpt2.tokenizer.bpe import Tokenizer
+from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
+from gpt2.util.errors import UserError
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from gpt2 import GPT2, GPT2Config, Tokenizer, UserError
 from gpt2 import checkpoints as ckpt
 from gpt2.cli import main
-from gpt2.tokenizer import train_tokenizer
+from gpt2.tokenizer.bpe import train_tokenizer
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32
 

@@ -1,6 +1,6 @@
 """CTranslate2 runs our checkpoints: a directory written by ``save_pretrained`` goes through its own
 converter (``ct2-transformers-converter``, run unchanged as a subprocess), and CTranslate2's greedy
-decoding gives exactly our greedy tokens (``gpt2.sampling.generate`` at temperature 0)."""
+decoding gives exactly our greedy tokens (``gpt2.generation.sampling.generate`` at temperature 0)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from conftest import random_model
 
 from gpt2 import GPT2, Tokenizer
-from gpt2.sampling import GenerationConfig, generate
+from gpt2.generation.sampling import GenerationConfig, generate
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 PROMPTS = ["Hello, world! This is", "ROMEO.\nBut soft, what light", "The capital of France"]

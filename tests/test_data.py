@@ -13,9 +13,9 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 from gpt2 import Tokenizer, UserError
-from gpt2.data import VAL_PIECE_TOKENS, Corpus, prepare
-from gpt2.loader import ShardLoader
-from gpt2.shards import find_shards, read_shard, write_shard
+from gpt2.data.loader import ShardLoader
+from gpt2.data.prepare import VAL_PIECE_TOKENS, Corpus, prepare
+from gpt2.data.shards import find_shards, read_shard, write_shard
 
 EOT = 50256  # GPT-2's <|endoftext|>
 

@@ -14,10 +14,10 @@ import torch
 from conftest import BYTES, random_model, random_words, run_cli, saved_model_dir
 
 from gpt2 import GPT2
-from gpt2.detection import MIN_TOKENS, Detector, split_passages
-from gpt2.errors import UserError
+from gpt2.evaluation.detection import MIN_TOKENS, Detector, split_passages
 from gpt2.evaluation.scoring import Scorer
-from gpt2.sampling import GenerationConfig, generate
+from gpt2.generation.sampling import GenerationConfig, generate
+from gpt2.util.errors import UserError
 
 
 def confident_model(n_positions: int = 256) -> GPT2:

@@ -4,7 +4,7 @@ quantised); the vocabulary, GPT-2's and a trained one; and the ``gpt2 export`` c
 
 The expected names and shapes are written out here as llama.cpp's loader (``src/models/gpt2.cpp``)
 asks for them, in GGUF's order of dimensions (the reverse of numpy's), independently of the
-name table that ``gpt2.export`` borrows from the ``gguf`` package.
+name table that ``gpt2.inference.export`` borrows from the ``gguf`` package.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from conftest import BYTES, assert_one_line_error, random_model, random_words, run_cli
 
 from gpt2 import GPT2, UserError
-from gpt2.export import GGUF_TYPES, write_gguf
-from gpt2.tokenizer import Tokenizer, bytes_to_unicode, train_tokenizer
+from gpt2.inference.export import GGUF_TYPES, write_gguf
+from gpt2.tokenizer.bpe import Tokenizer, bytes_to_unicode, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -235,7 +235,7 @@ def test_a_vocabulary_without_merges_is_refused(tmp_path: Path) -> None:
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(
     model: GPT2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gpt2 import export
+    from gpt2.inference import export
 
     out = tmp_path / "model.gguf"
     out.write_bytes(b"the old file")

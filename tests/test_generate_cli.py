@@ -9,7 +9,7 @@ import pytest
 from conftest import BYTES, random_model, run_cli, saved_model_dir
 
 from gpt2 import GPT2, prompts
-from gpt2.sampling import GenerationConfig, generate_text
+from gpt2.generation.sampling import GenerationConfig, generate_text
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from torch import nn
 
 from gpt2 import GPT2, GPT2Config, UserError
 from gpt2.cli import VERBS, build_parser
-from gpt2.inference import load_for_inference
+from gpt2.inference.load import load_for_inference
 from gpt2.model import KVCache, weight_memory
 
 

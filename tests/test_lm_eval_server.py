@@ -25,7 +25,7 @@ import torch
 from conftest import BYTES, random_model, saved_model_dir, serving
 
 from gpt2 import GPT2
-from gpt2.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
+from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
 
 pytest.importorskip("uvicorn")
 

@@ -1,4 +1,4 @@
-"""LoRA adapters (gpt2.lora): peft's own library loads ours and we load peft's, with the same logits;
+"""LoRA adapters (gpt2.adapters.lora): peft's own library loads ours and we load peft's, with the same logits;
 `gpt2 merge` folds an adapter in; `gpt2 train --lora-rank` trains the adapter alone, its checkpoints
 run with --adapter and resume exactly; and the inputs a user can get wrong are one-line errors."""
 
@@ -13,11 +13,11 @@ from conftest import BYTES, assert_one_line_error, random_model, random_words, r
 from safetensors.torch import load_file, save_file
 
 from gpt2 import GPT2, UserError
-from gpt2.inference import load_for_inference
-from gpt2.lora import LoRAConfig, add_lora, load_adapter, lora_layers, save_adapter
-from gpt2.metrics import read_metrics
-from gpt2.train_config import load_config
-from gpt2.training import finish, fit, init_distributed, setup
+from gpt2.adapters.lora import LoRAConfig, add_lora, load_adapter, lora_layers, save_adapter
+from gpt2.inference.load import load_for_inference
+from gpt2.training.config import load_config
+from gpt2.training.metrics import read_metrics
+from gpt2.training.trainer import finish, fit, init_distributed, setup
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

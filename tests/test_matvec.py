@@ -1,4 +1,4 @@
-"""The hand-written decoding products (``gpt2.matvec``): on oneDNN's blocked weights they give oneDNN's
+"""The hand-written decoding products (``gpt2.inference.kernels``): on oneDNN's blocked weights they give oneDNN's
 products for every number of rows they take, the blocked layers of a loaded model use them, the
 library is built once per machine into the cache and shares PyTorch's OpenMP threads, and
 ``GPT2_MATVEC=0`` leaves oneDNN's products."""
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from conftest import random_model
 from torch import Tensor, nn
 
-from gpt2 import matvec
-from gpt2.inference import load_for_inference
+from gpt2.inference import kernels
+from gpt2.inference.load import load_for_inference
 from gpt2.model import KVCache, _BlockedEmbedding, _BlockedHead, _BlockedLinear, intel_cpu
 
 
@@ -45,13 +45,13 @@ def _layer(out_features: int, in_features: int, dtype: torch.dtype, gelu: bool =
 def test_the_hand_product_equals_onednns_on_its_blocked_weight(dtype: torch.dtype, shape: tuple) -> None:
     linear = _layer(*shape, dtype)
     blocked = torch.ops.mkldnn._reorder_linear_weight(linear.weight, None)
-    address = matvec.blocked_weight(blocked, *shape)
+    address = kernels.blocked_weight(blocked, *shape)
     assert address is not None, "this CPU has AVX-512: the kernels must build and read oneDNN's layout"
-    for rows in range(1, matvec.MAX_ROWS + 1):
+    for rows in range(1, kernels.MAX_ROWS + 1):
         x = torch.randn(rows, shape[1]).to(dtype)
         for bias in (None, linear.bias):
             expected = torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
-            got = matvec.product(x, address, bias, shape[0])
+            got = kernels.product(x, address, bias, shape[0])
             assert got.dtype == dtype and got.shape == (rows, shape[0])
             # float32: the same sums in another order; bfloat16: rounded once, at most one step apart
             tolerance = 1e-4 if dtype == torch.float32 else 2 ** -7
@@ -116,8 +116,8 @@ def _in_a_fresh_process(code: str, cache: Path, **env: str) -> str:
 
 LOAD = """
 import re, torch
-from gpt2 import matvec
-lib = matvec.library()
+from gpt2.inference import kernels
+lib = kernels.library()
 maps = open("/proc/self/maps").read()
 print(lib._name if lib else None, len(set(re.findall(r"\\S*libgomp\\S*", maps))))
 """
@@ -154,19 +154,19 @@ def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple) 
     torch.manual_seed(0)
     q = torch.randint(-127, 128, shape, dtype=torch.int8)
     scales, bias = torch.rand(shape[0]) / 100, torch.randn(shape[0])
-    assert matvec.kernel("int8", shape[1])
-    blocked, sums = matvec.int8_blocked(q), matvec.row_sums(q)
+    assert kernels.kernel("int8", shape[1])
+    blocked, sums = kernels.int8_blocked(q), kernels.row_sums(q)
     assert torch.equal(sums, q.long().sum(dim=1).int())
     idx = torch.tensor([[0, shape[0] - 1], [shape[0] // 2, 63]])
-    assert torch.equal(matvec.int8_blocked_rows(blocked, idx), q[idx])
+    assert torch.equal(kernels.int8_blocked_rows(blocked, idx), q[idx])
     for rows in [*range(1, 10), 37]:
         x = torch.randn(rows, shape[1])
         xs = x.abs().amax(dim=1, keepdim=True) / 127
         dots = torch.round(x / xs).double() @ q.double().T
         expected = dots * xs.double() * scales.double() + bias.double()
-        got = matvec.int8_product(x, blocked, scales, sums, bias, shape[0])
+        got = kernels.int8_product(x, blocked, scales, sums, bias, shape[0])
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-        no_bias = matvec.int8_product(x, blocked, scales, sums, None, shape[0])
+        no_bias = kernels.int8_product(x, blocked, scales, sums, None, shape[0])
         torch.testing.assert_close(no_bias.double(), expected - bias.double(), rtol=1e-5, atol=1e-5)
 
 
@@ -179,8 +179,8 @@ def test_the_int4_product_is_the_8_bit_rows_times_each_groups_values_scale_and_l
     (out, width), groups = shape, shape[1] // 32
     q = torch.randint(0, 16, shape)
     scales, lows = (torch.rand(out, groups) / 10).bfloat16(), (torch.randn(out, groups) / 5).bfloat16()
-    assert matvec.kernel("int4", width)
-    blocked, bias = matvec.int4_blocked(q, scales, lows), torch.randn(out)
+    assert kernels.kernel("int4", width)
+    blocked, bias = kernels.int4_blocked(q, scales, lows), torch.randn(out)
     for rows in [1, 2, 3, 8, 33]:
         x = torch.randn(rows, width)
         xs = x.abs().amax(dim=1, keepdim=True) / 127
@@ -188,7 +188,7 @@ def test_the_int4_product_is_the_8_bit_rows_times_each_groups_values_scale_and_l
                             q.double().view(out, groups, 32))
         sums = x.double().view(rows, groups, 32).sum(dim=2)
         expected = (dots * xs.double()[:, :, None] * scales.double()).sum(dim=2) + sums @ lows.double().T
-        got = matvec.int4_product(x, blocked, bias, out)
+        got = kernels.int4_product(x, blocked, bias, out)
         torch.testing.assert_close(got.double(), expected + bias.double(), rtol=1e-5, atol=1e-5)
 
 
@@ -232,7 +232,7 @@ def _attention_by_definition(q: Tensor, keys: Tensor, values: Tensor, real: Tens
     return torch.einsum("bhtl,bhld->bthd", p, values.double()).reshape(B, T, -1)
 
 
-@pytest.mark.skipif(not matvec.kernel("attention", 64), reason="needs AVX-512 with BF16")
+@pytest.mark.skipif(not kernels.kernel("attention", 64), reason="needs AVX-512 with BF16")
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                     (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize(("length", "T"),
@@ -249,7 +249,7 @@ def test_the_hand_attention_of_a_chunk_is_softmax_attention_over_the_real_keys_u
     keys = torch.randn(B, H, max_len, 64, generator=generator).to(cache)
     values = torch.randn(B, H, max_len, 64, generator=generator).to(cache)
     real = torch.rand(B, max_len, generator=generator) < 0.7
-    got = matvec.attend(qkv, keys, values, real, length)
+    got = kernels.attend(qkv, keys, values, real, length)
     q, k, v = qkv.view(B, T, 3, H, 64).unbind(2)
     written = slice(length, length + T)
     assert torch.equal(keys[:, :, written], k.transpose(1, 2).to(cache))
@@ -260,7 +260,7 @@ def test_the_hand_attention_of_a_chunk_is_softmax_attention_over_the_real_keys_u
     torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.skipif(not matvec.kernel("int8", 64), reason="needs AVX512-VNNI")
+@pytest.mark.skipif(not kernels.kernel("int8", 64), reason="needs AVX512-VNNI")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_the_quantised_products_with_gelu_give_the_tanh_gelu_of_the_product(bits: int) -> None:
     """An MLP's input layer computes GELU on its output as it writes it: the same as torch's tanh-GELU of
@@ -271,14 +271,14 @@ def test_the_quantised_products_with_gelu_give_the_tanh_gelu_of_the_product(bits
     scales, bias = torch.rand(out, generator=generator) / 50, torch.randn(out, generator=generator)
     if bits == 8:
         q = q.to(torch.int8)
-        weight = (matvec.int8_blocked(q), scales, matvec.row_sums(q))
+        weight = (kernels.int8_blocked(q), scales, kernels.row_sums(q))
         def product(x: Tensor, gelu: bool) -> Tensor:
-            return matvec.int8_product(x, *weight, bias, out, gelu)
+            return kernels.int8_product(x, *weight, bias, out, gelu)
     else:
         group_scales = scales[:, None].expand(out, width // 32)
-        blocked = matvec.int4_blocked(q, group_scales, -8 * group_scales)
+        blocked = kernels.int4_blocked(q, group_scales, -8 * group_scales)
         def product(x: Tensor, gelu: bool) -> Tensor:
-            return matvec.int4_product(x, blocked, bias, out, gelu)
+            return kernels.int4_product(x, blocked, bias, out, gelu)
     for rows in [1, 300]:
         x = 10 * torch.randn(rows, width, generator=generator)
         plain = product(x, False)

@@ -16,9 +16,9 @@ from test_training import NANO, data, losses  # noqa: F401  (data: the fixture)
 from gpt2 import GPT2, GPT2Config
 from gpt2.cli import main
 from gpt2.loss import GPU_CHUNKING, IGNORE, _ChunkedLoss
-from gpt2.optimizers import build_optimizers, lr_factor, muon_parameters
-from gpt2.train_config import TrainConfig
-from gpt2.training import DECAY_START_FILE
+from gpt2.training.config import TrainConfig
+from gpt2.training.optimizers import build_optimizers, lr_factor, muon_parameters
+from gpt2.training.trainer import DECAY_START_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

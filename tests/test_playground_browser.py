@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from conftest import BYTES, endless_model, serving, wait_for
 
-from gpt2.sampling import GenerationConfig, generate_text
+from gpt2.generation.sampling import GenerationConfig, generate_text
 
 webdriver = pytest.importorskip("selenium.webdriver")
 

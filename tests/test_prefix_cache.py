@@ -17,7 +17,7 @@ import pytest
 from conftest import assert_one_line_error, endless_model, run_cli, saved_model_dir, serving
 
 from gpt2 import GPT2
-from gpt2.sampling import GenerationConfig
+from gpt2.generation.sampling import GenerationConfig
 from gpt2.serving.engine import PREFIX_CACHE_TOKENS, Engine, SequenceRequest
 from gpt2.serving.prefix_cache import BLOCK
 

@@ -14,8 +14,8 @@ import tiktoken
 from conftest import assert_one_line_error, run_cli
 
 from gpt2 import Tokenizer
-from gpt2.data import PARQUET_BATCH_ROWS, Corpus
-from gpt2.shards import find_shards, read_shard
+from gpt2.data.prepare import PARQUET_BATCH_ROWS, Corpus
+from gpt2.data.shards import find_shards, read_shard
 
 EOT = 50256  # GPT-2's <|endoftext|>
 

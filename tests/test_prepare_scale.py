@@ -14,8 +14,8 @@ import tiktoken
 from conftest import run_cli
 
 from gpt2 import Tokenizer
-from gpt2.data import Corpus, prepare
-from gpt2.shards import find_shards, read_shard
+from gpt2.data.prepare import Corpus, prepare
+from gpt2.data.shards import find_shards, read_shard
 
 EOT = 50256  # GPT-2's <|endoftext|>
 
@@ -66,8 +66,8 @@ def test_a_file_read_in_many_pieces_has_the_ids_of_the_whole_file(
 # which Linux carries over across exec, and hide the growth.
 MEASURE = """
 import json, re, sys
-from gpt2.data import Corpus, prepare
-from gpt2.tokenizer import Tokenizer
+from gpt2.data.prepare import Corpus, prepare
+from gpt2.tokenizer.bpe import Tokenizer
 def peak():
     return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 tokenizer = Tokenizer.from_file(sys.argv[1])

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from conftest import BYTES, random_model, random_words
 from torch import nn
 
-from gpt2 import GPT2, UserError, matvec
-from gpt2.inference import load_for_inference
+from gpt2 import GPT2, UserError, kernels
+from gpt2.inference.load import load_for_inference
+from gpt2.inference.quantization import Int4Linear, Int8Embedding, Int8Linear
 from gpt2.model import KVCache, _BlockedHead, _BlockedLinear
-from gpt2.quantization import Int4Linear, Int8Embedding, Int8Linear
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "her", "dog", "ran"]
 
@@ -81,13 +81,13 @@ def test_each_precision_stays_close_to_fp32_on_a_trained_model(trained: Path, pr
 
 @pytest.fixture
 def pytorch_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Layers made while ``gpt2.matvec``'s kernels are off (``GPT2_MATVEC=0``, as on a CPU they cannot
+    """Layers made while ``gpt2.inference.kernels``'s kernels are off (``GPT2_MATVEC=0``, as on a CPU they cannot
     run on): fbgemm's and tinygemm's products."""
     monkeypatch.setenv("GPT2_MATVEC", "0")
-    matvec.library.cache_clear()
+    kernels.library.cache_clear()
     yield
     monkeypatch.undo()
-    matvec.library.cache_clear()
+    kernels.library.cache_clear()
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -208,8 +208,8 @@ def test_int4_needs_a_width_in_groups_of_32(tmp_path: Path) -> None:
 
 PEAK_OF_LOADING = """
 import re, sys
-from gpt2.inference import load_for_inference
-from gpt2.memory import release_freed_memory
+from gpt2.inference.load import load_for_inference
+from gpt2.util.memory import release_freed_memory
 
 def status(field):
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024

@@ -17,8 +17,8 @@ import torch
 from conftest import assert_one_line_error, random_model, random_words, run_cli
 
 from gpt2 import GPT2, UserError
+from gpt2.data.shards import find_shards, read_shard, write_shard
 from gpt2.evaluation.report import load_suite
-from gpt2.shards import find_shards, read_shard, write_shard
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny runs want one thread
 

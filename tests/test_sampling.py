@@ -13,10 +13,8 @@ import torch
 from conftest import BYTES, random_model
 from torch import nn
 
-from gpt2 import GPT2, GPT2Config, UserError, matvec
-from gpt2.inference import load_for_inference
-from gpt2.model import _BlockedHead, _BlockedLinear, _OneDNNLinear, intel_cpu, onednn_linears
-from gpt2.sampling import (
+from gpt2 import GPT2, GPT2Config, UserError, kernels
+from gpt2.generation.sampling import (
     ContextWindowReached,
     GenerationConfig,
     IncrementalDecoder,
@@ -26,7 +24,9 @@ from gpt2.sampling import (
     next_token,
     stream_text,
 )
-from gpt2.tokenizer import Tokenizer
+from gpt2.inference.load import load_for_inference
+from gpt2.model import _BlockedHead, _BlockedLinear, _OneDNNLinear, intel_cpu, onednn_linears
+from gpt2.tokenizer.bpe import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -417,7 +417,7 @@ def test_fp32_inference_on_the_cpu_gives_the_same_logits_tokens_and_weights(tmp_
     plain, model = _wide_pair()
     load_for_inference(model, device="cpu")  # fp32 on the CPU: oneDNN's products, blocked weights
     blocks = _OneDNNLinear if intel_cpu() else _BlockedLinear
-    head = _OneDNNLinear if intel_cpu() or not matvec.kernel("fp32", 256) else _BlockedHead
+    head = _OneDNNLinear if intel_cpu() or not kernels.kernel("fp32", 256) else _BlockedHead
     assert isinstance(model.lm_head, head) and isinstance(model.transformer.h[1].mlp.c_fc, blocks)
     ids = _same_logits_and_greedy_tokens(model, plain)
     state = model.state_dict()  # the blocked weights' plain copies, in the model's order

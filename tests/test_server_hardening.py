@@ -25,9 +25,9 @@ from conftest import (
 )
 
 from gpt2 import GPT2
-from gpt2.errors import UserError
-from gpt2.generation_config import GenerationConfig
+from gpt2.generation.config import GenerationConfig
 from gpt2.serving import Engine
+from gpt2.util.errors import UserError
 
 pytest.importorskip("uvicorn")
 

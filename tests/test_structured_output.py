@@ -22,7 +22,7 @@ import torch
 from conftest import assert_openai_error, random_model, serving
 
 from gpt2 import GPT2
-from gpt2.tokenizer import Tokenizer
+from gpt2.tokenizer.bpe import Tokenizer
 
 openai = pytest.importorskip("openai")
 

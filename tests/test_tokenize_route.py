@@ -16,7 +16,7 @@ import pytest
 from conftest import BYTES, random_model, serving
 
 from gpt2 import GPT2
-from gpt2.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
+from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
 
 pytest.importorskip("uvicorn")
 

@@ -1,6 +1,6 @@
 """The tokenizer: parity with tiktoken and transformers, every file format, training, the CLI, bad input.
 
-The references are built independently of gpt2.tokenizer: a tiktoken.Encoding over the ranks file
+The references are built independently of gpt2.tokenizer.bpe: a tiktoken.Encoding over the ranks file
 with GPT-2's regex (``reference_encoding``, in conftest.py, beside ``gpt2_tokenizer``, ours), and here
 OpenAI's encoder.json + vocab.bpe derived from the ranks by plain BPE, and transformers' GPT2Tokenizer
 over those files.
@@ -21,8 +21,8 @@ import pytest
 import tiktoken
 
 from gpt2.cli import main
-from gpt2.errors import UserError
-from gpt2.tokenizer import Tokenizer, train_tokenizer
+from gpt2.tokenizer.bpe import Tokenizer, train_tokenizer
+from gpt2.util.errors import UserError
 
 EOT = "<|endoftext|>"
 
@@ -54,7 +54,7 @@ ADVERSARIAL = [
 LONE_SURROGATES = ["\ud800", "a\udfffb", "smile \ud83d!"]
 
 
-# -- references built here, independently of gpt2.tokenizer ------------------------------------------------
+# -- references built here, independently of gpt2.tokenizer.bpe ------------------------------------------------
 
 
 @functools.cache
@@ -148,7 +148,7 @@ def test_shakespeare_parity_with_tiktoken(gpt2_tokenizer: Tokenizer, reference_e
 def test_batch_encoding_cuts_long_texts_without_changing_ids(
     gpt2_tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding, shakespeare: list[str]
 ):
-    from gpt2.tokenizer import _split_at_lines
+    from gpt2.tokenizer.bpe import _split_at_lines
 
     texts = [*shakespeare[:2], "\n".join(ADVERSARIAL) * 3]
     for text in texts:
@@ -476,7 +476,7 @@ def test_load_dispatches_and_refuses_missing_paths(gpt2_ranks_file: Path, saved_
 RSS_OF_LOADING = """
 import re, sys
 import tiktoken, tokenizers, torch  # their code, loaded before the count starts (as where models load)
-from gpt2.tokenizer import Tokenizer
+from gpt2.tokenizer.bpe import Tokenizer
 
 def rss() -> int:
     return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024

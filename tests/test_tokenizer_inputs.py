@@ -16,7 +16,7 @@ import pytest
 import tiktoken
 from conftest import run_cli
 
-from gpt2.tokenizer import LONG_WHITESPACE, Tokenizer, train_tokenizer
+from gpt2.tokenizer.bpe import LONG_WHITESPACE, Tokenizer, train_tokenizer
 
 UNDER_LIMIT = LONG_WHITESPACE + 1  # long enough for our cutting, short enough for tiktoken
 BEYOND_LIMIT = 1_200_000  # tiktoken's regex engine overflows here

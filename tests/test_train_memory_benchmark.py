@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import printed_table
 
-from gpt2.training import autocast_dtype
+from gpt2.training.trainer import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ["transformers GPT2LMHeadModel (full logits)", "ours adamw (chunked loss)",

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 from gpt2 import GPT2, Tokenizer, UserError
 from gpt2.cli import main
-from gpt2.metrics import read_metrics
-from gpt2.shards import find_shards, read_shard
-from gpt2.train_config import load_config
-from gpt2.training import train
+from gpt2.data.shards import find_shards, read_shard
+from gpt2.training.config import load_config
+from gpt2.training.metrics import read_metrics
+from gpt2.training.trainer import train
 
 # A model of 0.1M parameters (+ embeddings) on sequences of 64: a step takes milliseconds.
 NANO = [

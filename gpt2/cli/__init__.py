@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 # verb -> (module in gpt2.cli, the line `gpt2 --help` shows). Each module's register(subparsers) adds
 # its verb with the options and a handler.

@@ -1,4 +1,4 @@
-"""``gpt2 chat``: talk with a model in the terminal (the prompt formats are in ``gpt2.prompts``)."""
+"""``gpt2 chat``: talk with a model in the terminal (the prompt formats are in ``gpt2.generation.prompts``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sys
 import warnings
 from pathlib import Path
 
-from gpt2.chat_template import CHAT_HEADER, ChatTemplate
 from gpt2.cli.options import (
     add_length_arguments,
     add_model_arguments,
@@ -17,8 +16,9 @@ from gpt2.cli.options import (
     report_warnings,
     sampling_config,
 )
-from gpt2.errors import UserError
-from gpt2.tokenizer import Tokenizer
+from gpt2.tokenizer.bpe import Tokenizer
+from gpt2.tokenizer.chat_template import CHAT_HEADER, ChatTemplate
+from gpt2.util.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,7 +62,7 @@ def chat_template(args: argparse.Namespace, tokenizer: Tokenizer) -> ChatTemplat
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2.prompts import Chat, chat_format  # torch: only when the verb runs
+    from gpt2.generation.prompts import Chat, chat_format  # torch: only when the verb runs
 
     config = sampling_config(args)
     model, tokenizer = load_model_and_tokenizer(args)

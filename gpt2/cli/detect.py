@@ -15,8 +15,15 @@ from gpt2.cli.options import (
     read_text_file,
     sampling_config,
 )
-from gpt2.detection import DEFAULT_THRESHOLD, MIN_TOKENS, Calibration, Detection, Detector, split_passages
-from gpt2.errors import UserError
+from gpt2.evaluation.detection import (
+    DEFAULT_THRESHOLD,
+    MIN_TOKENS,
+    Calibration,
+    Detection,
+    Detector,
+    split_passages,
+)
+from gpt2.util.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer
 from gpt2.config import PUBLISHED_SIZES
-from gpt2.errors import UserError
 from gpt2.evaluation import perplexity
 from gpt2.evaluation.hub import HUB_DATASETS
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
     from gpt2.evaluation.scoring import Scorer

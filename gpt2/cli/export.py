@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from gpt2.cli.options import MODEL_HELP, TOKENIZER_HELP
-from gpt2.errors import UserError
-from gpt2.export import FORMATS, GGUF_TYPES
+from gpt2.inference.export import FORMATS, GGUF_TYPES
+from gpt2.util.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2.export import check_output, check_type, import_gguf, write_gguf
+    from gpt2.inference.export import check_output, check_type, import_gguf, write_gguf
 
     if args.format not in FORMATS:
         raise UserError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import_gguf()
 
     from gpt2.api import GPT2  # torch: only when the verb runs
-    from gpt2.tokenizer import Tokenizer
+    from gpt2.tokenizer.bpe import Tokenizer
 
     model = GPT2.from_pretrained(args.model)
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else model.tokenizer

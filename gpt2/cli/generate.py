@@ -6,7 +6,6 @@ import argparse
 import warnings
 from pathlib import Path
 
-from gpt2.atomic import write_atomic
 from gpt2.cli.options import (
     add_length_arguments,
     add_model_arguments,
@@ -16,8 +15,9 @@ from gpt2.cli.options import (
     report_warnings,
     sampling_config,
 )
-from gpt2.errors import UserError
-from gpt2.generation_config import ContextWindowReached
+from gpt2.generation.config import ContextWindowReached
+from gpt2.util.atomic import write_atomic
+from gpt2.util.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +51,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2.sampling import generate_text, stream_text  # torch: only when the verb runs
+    from gpt2.generation.sampling import generate_text, stream_text  # torch: only when the verb runs
 
     config = sampling_config(args, num_samples=args.num_samples)
     stream = args.stream if args.stream is not None else args.num_samples == 1

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from gpt2.config import PRESETS, GPT2Config
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
     from gpt2.api import GPT2

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from gpt2.cli.options import ADAPTER_HELP, MODEL_HELP
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2 import checkpoints
-    from gpt2.atomic import building_dir
-    from gpt2.inference import load_merged  # torch: only when the verb runs
+    from gpt2.inference.load import load_merged  # torch: only when the verb runs
+    from gpt2.util.atomic import building_dir
 
     out: Path = args.out
     if out.is_file():

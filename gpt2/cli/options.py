@@ -1,7 +1,7 @@
 """Options that several verbs share, declared once: which model and how to load it (``--model``,
 ``--adapter``, ``--tokenizer``, ``--precision``, ``--device``, ``--compile``), how to sample (``--preset``,
 ``--temperature``...), and reading text files. Free of torch at import: ``gpt2 VERB --help`` stays
-fast; the model is loaded (``gpt2.inference``) only when a verb runs.
+fast; the model is loaded (``gpt2.inference.load``) only when a verb runs.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpt2.config import PRECISIONS
-from gpt2.errors import UserError
-from gpt2.generation_config import SAMPLING_PRESETS, ContextWindowReached, GenerationConfig
+from gpt2.generation.config import SAMPLING_PRESETS, ContextWindowReached, GenerationConfig
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
     from gpt2.api import GPT2
-    from gpt2.tokenizer import Tokenizer
+    from gpt2.tokenizer.bpe import Tokenizer
 
 TOKENIZER_HELP = "a .tiktoken file, or a directory of tokenizer files (tokenizer.json, vocab.json + ...)"
 MODEL_HELP = ("a Hugging Face-format model directory, a training run directory (its 'latest' checkpoint), "
@@ -55,8 +55,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, generates: bool = True) -
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT2, Tokenizer]:
     """The model, loaded for inference as the options say, and its tokenizer (--tokenizer, else the
     model's own, or the adapter's). Without --model, ``args.model`` becomes the adapter's name."""
-    from gpt2.inference import load_for_inference
-    from gpt2.tokenizer import Tokenizer
+    from gpt2.inference.load import load_for_inference
+    from gpt2.tokenizer.bpe import Tokenizer
 
     if args.model is None and args.adapter is None:
         raise UserError("give --model M: a model directory, a training run or a hub name such as gpt2 "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2.metrics import plot_metrics
+from gpt2.training.metrics import plot_metrics
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

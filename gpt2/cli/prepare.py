@@ -1,16 +1,16 @@
 """``gpt2 prepare``: text corpora to llm.c token shards, with the tokenizer saved beside them; chat
-and instruction examples (``gpt2.chat_data``) to shards with a loss mask."""
+and instruction examples (``gpt2.data.chat``) to shards with a loss mask."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from gpt2.chat_data import TOO_LONG, is_chat_file, prepare_chat
-from gpt2.chat_template import ChatTemplate
-from gpt2.data import DEFAULT_SHARD_TOKENS, Corpus, prepare
-from gpt2.errors import UserError
-from gpt2.tokenizer import Tokenizer, find_tokenizer_files
+from gpt2.data.chat import TOO_LONG, is_chat_file, prepare_chat
+from gpt2.data.prepare import DEFAULT_SHARD_TOKENS, Corpus, prepare
+from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files
+from gpt2.tokenizer.chat_template import ChatTemplate
+from gpt2.util.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

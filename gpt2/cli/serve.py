@@ -17,7 +17,7 @@ import uvicorn
 
 from gpt2.cli.chat import add_chat_template_argument, chat_template
 from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

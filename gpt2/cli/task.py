@@ -59,7 +59,7 @@ def _text(args: argparse.Namespace, path: Path | None = None) -> str:
 
 
 def run_summarize(args: argparse.Namespace) -> int:
-    from gpt2 import prompts  # torch: only when the verb runs
+    from gpt2.generation import prompts  # torch: only when the verb runs
 
     model, tokenizer = load_model_and_tokenizer(args)
     print(prompts.summarize(model, tokenizer, _text(args), seed=args.seed))
@@ -67,7 +67,7 @@ def run_summarize(args: argparse.Namespace) -> int:
 
 
 def run_translate(args: argparse.Namespace) -> int:
-    from gpt2 import prompts  # torch: only when the verb runs
+    from gpt2.generation import prompts  # torch: only when the verb runs
 
     examples = prompts.DEFAULT_EXAMPLES
     if args.examples:
@@ -78,7 +78,7 @@ def run_translate(args: argparse.Namespace) -> int:
 
 
 def run_answer(args: argparse.Namespace) -> int:
-    from gpt2 import prompts  # torch: only when the verb runs
+    from gpt2.generation import prompts  # torch: only when the verb runs
 
     history = []
     if args.history:

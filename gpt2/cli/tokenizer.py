@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from gpt2.cli.options import TOKENIZER_HELP, read_text_file
-from gpt2.errors import UserError
-from gpt2.tokenizer import Tokenizer, find_tokenizer_files, train_tokenizer
+from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files, train_tokenizer
+from gpt2.util.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
-"""``gpt2 train``: train or fine-tune a GPT-2 on prepared shards (see gpt2.training).
+"""``gpt2 train``: train or fine-tune a GPT-2 on prepared shards (see gpt2.training.trainer).
 
-The flags are ``TrainConfig``'s fields (gpt2.train_config), typed by ``field_types``; the trainer
+The flags are ``TrainConfig``'s fields (gpt2.training.config), typed by ``field_types``; the trainer
 (and torch) is imported only when the verb runs, so ``gpt2 --help`` stays fast.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from gpt2.train_config import TrainConfig, field_types, load_config
+from gpt2.training.config import TrainConfig, field_types, load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2.training import train  # torch and the trainer: only when training
+    from gpt2.training.trainer import train  # torch and the trainer: only when training
 
     options = {k: v for k, v in vars(args).items() if k not in ("config", "handler", "verb")}
     train(load_config(args.config, **options))

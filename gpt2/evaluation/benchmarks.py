@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from gpt2.errors import UserError
 from gpt2.evaluation.hub import hub_rows
 from gpt2.evaluation.perplexity import get_detokenizer
 from gpt2.evaluation.scoring import Request, Scorer
+from gpt2.util.errors import UserError
 
 GROUP = 1024  # examples scored together: sorting by length within a group keeps padding low
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 
 @dataclass(frozen=True)

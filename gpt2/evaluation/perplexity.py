@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from gpt2.errors import UserError
 from gpt2.evaluation.hub import hub_lines
-from gpt2.tokenizer import Tokenizer
+from gpt2.tokenizer.bpe import Tokenizer
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:  # the corpora are described without loading torch (for the command line)
     from gpt2.evaluation.scoring import PerplexityResult, Scorer

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from gpt2.atomic import write_atomic
 from gpt2.config import PRESETS, PUBLISHED_SIZES, GPT2Config, read_settings
-from gpt2.errors import UserError
 from gpt2.evaluation.benchmarks import evaluate_cbt, evaluate_hellaswag, evaluate_lambada, task_rows
 from gpt2.evaluation.perplexity import evaluate_perplexity, get_corpus, hub_text, read_text
 from gpt2.evaluation.scoring import Scorer
+from gpt2.util.atomic import write_atomic
+from gpt2.util.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt2.errors import UserError
 from gpt2.model import Transformer
-from gpt2.tokenizer import Tokenizer
+from gpt2.tokenizer.bpe import Tokenizer
+from gpt2.util.errors import UserError
 
 # Model vocabularies may be padded beyond the tokenizer's (nanoGPT rounds 50257 up to 50304), but never
 # by this much or more: a bigger gap means the model was trained with another tokenizer.

@@ -36,11 +36,11 @@ a grammar; a format that cannot be used (an invalid or unsatisfiable schema) is 
 ``max_tokens`` may be 0 with ``echo`` (the prompt scored, nothing generated, as OpenAI's legacy API
 and vLLM take it). The token that ends a completion (``<|endoftext|>``) has its logprob
 entry, text "", so that ``echo`` + ``logprobs`` give len(prompt) + completion_tokens entries. Chat
-renders the messages with the model's chat template when there is one (``gpt2.chat_template``, as
+renders the messages with the model's chat template when there is one (``gpt2.tokenizer.chat_template``, as
 transformers and vLLM do: any order of roles the template takes, then its generation prompt; a reply
 ends at the end-of-turn token or a ``stop`` string, and loses the one space the template leaves after
 its prompt). A base model without one becomes a chat partner through the plain transcript of
-``gpt2.prompts`` (system messages replace its header line; each reply is one line). In both, the oldest
+``gpt2.generation.prompts`` (system messages replace its header line; each reply is one line). In both, the oldest
 turns are dropped when the messages do not fit.
 
 The module, top to bottom: the request bodies (strict pydantic models); errors in OpenAI's shape
@@ -88,13 +88,13 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gpt2.chat_template import ChatTemplate
-from gpt2.errors import UserError
-from gpt2.prompts import CHAT_HEADER, CHAT_STOPS, Chat, Transcript, fit_messages
-from gpt2.sampling import GenerationConfig, encode_prompt
+from gpt2.generation.prompts import CHAT_HEADER, CHAT_STOPS, Chat, Transcript, fit_messages
+from gpt2.generation.sampling import GenerationConfig, encode_prompt
 from gpt2.serving.engine import Engine, Job, QueueFull, SequenceRequest, Step
 from gpt2.serving.structured import FormatError, ResponseFormat, StructuredOutputs, grammar_of
-from gpt2.tokenizer import bytes_to_unicode
+from gpt2.tokenizer.bpe import bytes_to_unicode
+from gpt2.tokenizer.chat_template import ChatTemplate
+from gpt2.util.errors import UserError
 
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 4
@@ -833,7 +833,7 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int, max_chars: int) -> str:
-    """The transcript of ``gpt2.prompts.Chat`` for ``messages`` (system messages first, then user and
+    """The transcript of ``gpt2.generation.prompts.Chat`` for ``messages`` (system messages first, then user and
     assistant turns in turn, ending with the user's). Of the earlier turns, only the latest that hold
     at most ``max_chars`` characters can fit; the others are dropped before any is encoded."""
     system = [m.text.strip() for m in messages if m.role == "system"]
@@ -857,7 +857,7 @@ def _chat_prompt(messages: list[ChatMessage], tokenizer: Any, budget: int, max_c
 def _templated_prompt(template: ChatTemplate, messages: list[ChatMessage], tokenizer: Any, budget: int,
                       max_chars: int) -> list[int]:
     """The ids of ``messages`` rendered by ``template`` with its generation prompt, the oldest turns
-    dropped until they fit ``budget`` (``gpt2.prompts.fit_messages``); only the latest messages that
+    dropped until they fit ``budget`` (``gpt2.generation.prompts.fit_messages``); only the latest messages that
     hold at most ``max_chars`` characters (system messages aside) can fit, the others are dropped
     before any is rendered. A template that fails to render them is the request's 400."""
     given = [{"role": m.role, "content": m.text} for m in messages]

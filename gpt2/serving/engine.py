@@ -35,10 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gpt2.errors import UserError
-from gpt2.memory import release_freed_memory
-from gpt2.model import KVCache, Transformer
-from gpt2.sampling import (
+from gpt2.generation.sampling import (
     GenerationConfig,
     TextStream,
     TextTokenizer,
@@ -47,8 +44,11 @@ from gpt2.sampling import (
     sample,
     text_config,
 )
+from gpt2.model import KVCache, Transformer
 from gpt2.serving.prefix_cache import BLOCK, PrefixCache
 from gpt2.serving.structured import Constraint, Grammar, allowed_tokens
+from gpt2.util.errors import UserError
+from gpt2.util.memory import release_freed_memory
 
 PREFIX_CACHE_TOKENS = 4096  # the default budget of the prefix cache, in positions
 
@@ -612,7 +612,7 @@ def draw(
 ) -> list[int]:
     """The next token of each row of ``logits`` (rows, vocab), rows with the same settings together.
 
-    Greedy rows take the argmax; the others are drawn by ``gpt2.sampling.sample`` with a uniform
+    Greedy rows take the argmax; the others are drawn by ``gpt2.generation.sampling.sample`` with a uniform
     number from the row's own generator.
     """
     tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)

@@ -36,8 +36,8 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from gpt2.errors import UserError
-from gpt2.tokenizer import GPT2_PATTERN
+from gpt2.tokenizer.bpe import GPT2_PATTERN
+from gpt2.util.errors import UserError
 
 JSON_OPTIONS = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions; compact JSON
 _ECHOED_SOURCE = re.compile(r"^\s*(\^+|\d+ \|.*)\s*$")  # lines of an error that point into the grammar

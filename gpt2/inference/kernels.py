@@ -1,8 +1,8 @@
-"""Inference's products, written by hand (``matvec.cpp``): rows of x (decoding's, one per sequence:
+"""Inference's products, written by hand (``kernels.cpp``): rows of x (decoding's, one per sequence:
 up to ``MAX_ROWS`` for the blocks, any number for the LM head) times a float32 or bfloat16 weight in
 oneDNN's blocked layout, the one ``gpt2.model``'s blocked layers and head hold, read from memory once
 for 8 rows; and any number of rows times an int8 weight in a blocked layout of ours
-(``gpt2.quantization``'s int8 and int4 layers), each row quantised to 8 bits; and a decoding step's or
+(``gpt2.inference.quantization``'s int8 and int4 layers), each row quantised to 8 bits; and a decoding step's or
 a prompt's attention (``attend``), read straight from a float32 or bfloat16 KV cache.
 
 Why by hand: a decoding step reads every weight once for a row or a few, so its speed is the speed
@@ -45,7 +45,7 @@ from torch import Tensor
 
 from gpt2.config import cache_dir
 
-SOURCE = Path(__file__).with_name("matvec.cpp")
+SOURCE = Path(__file__).with_name("kernels.cpp")
 MAX_ROWS = 8  # rows of x the blocks' layers give the kernel (decoding's batches); oneDNN's beyond
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()
@@ -82,7 +82,7 @@ def _build(compiler: str) -> Path:
     """The library for this source, compiler and CPU: compiled into the cache unless it is there."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *_FLAGS, _cpu_flags()]).encode())
-    path = cache_dir() / "kernels" / f"matvec-{key.hexdigest()[:16]}.so"
+    path = cache_dir() / "kernels" / f"kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpt2.errors import UserError
-from gpt2.generation_config import GenerationConfig
-from gpt2.tokenizer import Tokenizer
+from gpt2.generation.config import GenerationConfig
+from gpt2.tokenizer.bpe import Tokenizer
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:  # torch and the model are imported by the Detector: ``gpt2 detect --help`` does without
     import torch
@@ -165,7 +165,7 @@ class Detector:
         passages generated."""
         import torch
 
-        from gpt2.sampling import generate
+        from gpt2.generation.sampling import generate
 
         lengths = {len(p) for p in passages}
         if len(passages) < 2 or len(lengths) != 1:

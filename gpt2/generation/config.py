@@ -1,5 +1,5 @@
 """What to generate and how: ``GenerationConfig``, one value that travels as it is from the command line,
-the server or a caller to the decode loop (``gpt2.sampling``), and the named sampling presets.
+the server or a caller to the decode loop (``gpt2.generation.sampling``), and the named sampling presets.
 Free of torch, so that the command line can describe the options without loading it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 # Named sampling settings, the one place where they are defined (``--preset NAME`` on the command line).
 SAMPLING_PRESETS: dict[str, dict[str, object]] = {

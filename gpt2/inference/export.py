@@ -19,8 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from gpt2.atomic import write_atomic
-from gpt2.errors import UserError
+from gpt2.util.atomic import write_atomic
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from gpt2.model import Transformer
-    from gpt2.tokenizer import Tokenizer
+    from gpt2.tokenizer.bpe import Tokenizer
 
 
 class GGUFType(NamedTuple):

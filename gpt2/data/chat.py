@@ -7,7 +7,7 @@ Each line is one example in one of three formats:
 - Alpaca's: ``{"instruction": ..., "input": ... (optional), "output": ...}``: the instruction (and its
   input after a blank line) as a user turn, the output as the reply.
 
-An example is rendered with the chat template (``gpt2.chat_template``) and tokenised; the tokens of
+An example is rendered with the chat template (``gpt2.tokenizer.chat_template``) and tokenised; the tokens of
 the assistant's turns, end-of-turn marker included, are the ones trained on. Examples are packed
 whole into windows of ``seq_len`` tokens, the rest of a window padded with ``<|endoftext|>``; the
 trainer keeps attention and positions within each example (``Transformer.forward``'s ``segments``),
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2.atomic import building_dir, write_atomic
-from gpt2.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate, Message, check_messages
-from gpt2.data import json_lines
-from gpt2.errors import UserError
-from gpt2.shards import DEFAULT_SHARD_TOKENS, LOSS, START, check_vocab_size, write_mask, write_shard
-from gpt2.tokenizer import Tokenizer
+from gpt2.data.prepare import json_lines
+from gpt2.data.shards import DEFAULT_SHARD_TOKENS, LOSS, START, check_vocab_size, write_mask, write_shard
+from gpt2.tokenizer.bpe import Tokenizer
+from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate, Message, check_messages
+from gpt2.util.atomic import building_dir, write_atomic
+from gpt2.util.errors import UserError
 
 CHAT_INFO = "chat.json"
 TOO_LONG = ("truncate", "drop")

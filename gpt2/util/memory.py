@@ -9,7 +9,7 @@ import ctypes.util
 import functools
 import os
 
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 GIB = 2**30
 _HUGE_PAGE = 2 << 20

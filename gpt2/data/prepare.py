@@ -1,8 +1,8 @@
-"""Training data: text corpora in, llm.c token shards out (``gpt2.loader`` feeds them to the trainer).
+"""Training data: text corpora in, llm.c token shards out (``gpt2.data.loader`` feeds them to the trainer).
 
 Text flows from documents (text files, JSON lines, Parquet files, named corpora, Hugging Face
 datasets) to token ids (``<|endoftext|>`` before every document, as llm.c writes them) to shards in
-llm.c's .bin format (``gpt2.shards``).
+llm.c's .bin format (``gpt2.data.shards``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from gpt2 import corpora
-from gpt2.atomic import building_dir
-from gpt2.errors import UserError
-from gpt2.shards import (
+from gpt2.data import corpora
+from gpt2.data.shards import (
     DEFAULT_SHARD_TOKENS,
     check_vocab_size,
     write_shard,
 )
-from gpt2.tokenizer import Tokenizer, train_tokenizer
+from gpt2.tokenizer.bpe import Tokenizer, train_tokenizer
+from gpt2.util.atomic import building_dir
+from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -48,7 +48,7 @@ NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": corpora.sha
 class Corpus:
     """The documents of some inputs: .txt files (one document each), .jsonl files (one document per
     line, in its ``text_field``), .parquet files (one document per row, in its ``text_field`` column; null
-    rows skipped), directories of those, the named corpora of ``gpt2.corpora`` (``shakespeare``) and,
+    rows skipped), directories of those, the named corpora of ``gpt2.data.corpora`` (``shakespeare``) and,
     with the ``datasets`` library and a network, Hugging Face datasets by name. Memory stays bounded: a
     .txt file is read ``piece_bytes`` at a time, a .jsonl file a line at a time, a .parquet file
     ``parquet_batch_rows`` rows at a time.

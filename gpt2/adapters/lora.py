@@ -30,11 +30,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from gpt2.atomic import write_atomic
 from gpt2.checkpoints import ADAPTER_CONFIG, read_state_dict
 from gpt2.config import GPT2Config
-from gpt2.errors import UserError
 from gpt2.model import Transformer
+from gpt2.util.atomic import write_atomic
+from gpt2.util.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # what peft wrote before safetensors

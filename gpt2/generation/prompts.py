@@ -9,7 +9,7 @@ and a rule for cutting the answer out of what comes back:
 - answer: the document, the dialogue so far as ``Q:``/``A:`` lines, the question, then ``A:``;
   greedy; the answer ends at the line's end.
 
-Chat has two formats. A model whose tokenizer has a chat template (``gpt2.chat_template``; a model
+Chat has two formats. A model whose tokenizer has a chat template (``gpt2.tokenizer.chat_template``; a model
 fine-tuned for chat) gets its conversation rendered by it, as transformers would: the system message,
 the turns, then the template's generation prompt; a reply ends at the end-of-turn token
 (``<|endoftext|>``) and may span lines. A base model (GPT-2 was never tuned for chat) gets a plain
@@ -32,17 +32,17 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from gpt2.chat_template import CHAT_HEADER, ChatTemplate, Message
-from gpt2.errors import UserError
-from gpt2.model import Transformer
-from gpt2.sampling import (
+from gpt2.generation.sampling import (
     GenerationConfig,
     TextTokenizer,
     encode_prompt,
     generate_text,
     stream_text,
 )
-from gpt2.tokenizer import Tokenizer
+from gpt2.model import Transformer
+from gpt2.tokenizer.bpe import Tokenizer
+from gpt2.tokenizer.chat_template import CHAT_HEADER, ChatTemplate, Message
+from gpt2.util.errors import UserError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -179,7 +179,7 @@ class Transcript:
 
 
 class Templated:
-    """A chat template's format (``gpt2.chat_template``): ``system`` (if not None) as the system
+    """A chat template's format (``gpt2.tokenizer.chat_template``): ``system`` (if not None) as the system
     message, the turns as user and assistant messages, then the generation prompt; a reply ends at the
     end-of-turn token and may span lines. The one space the template puts after ``Assistant:`` is not
     part of the reply."""

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from gpt2.train_config import TrainConfig
+from gpt2.training.config import TrainConfig
 
 PEAK_LR = "peak_lr"  # each parameter group's own peak learning rate, which the schedule scales
 

@@ -5,7 +5,7 @@ each option accepts, read from its annotation: the one source for the config-fil
 for the flags of ``gpt2 train``), then the files: ``read_config_file`` and ``load_config``, which
 merges a resumed run's saved ``train.toml``, a config file and the command line.
 
-Imports no torch (only the standard library, ``gpt2.config`` and ``gpt2.errors``): the CLI builds
+Imports no torch (only the standard library, ``gpt2.config`` and ``gpt2.util.errors``): the CLI builds
 ``gpt2 train --help`` from this module without loading the trainer.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.config import read_settings
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 SEED_LIMIT = 2**63  # seeds torch.manual_seed, and numpy (seed + rank, + steps), all accept
 OPTIMIZERS = ("adamw", "muon")
@@ -131,7 +131,7 @@ class TrainConfig:
         self._check_lora()
 
     def _check_choices(self) -> None:
-        """The seed, the precision and the device's spelling (whether it exists: gpt2.training)."""
+        """The seed, the precision and the device's spelling (whether it exists: gpt2.training.trainer)."""
         if not 0 <= self.seed < SEED_LIMIT:
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -177,7 +177,7 @@ class TrainConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def _check_lora(self) -> None:
-        """LoRA's numbers, and that there is a model to adapt (the layer names: gpt2.lora)."""
+        """LoRA's numbers, and that there is a model to adapt (the layer names: gpt2.adapters.lora)."""
         if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:
             raise UserError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gpt2.atomic import write_atomic
-from gpt2.errors import UserError
+from gpt2.util.atomic import write_atomic
+from gpt2.util.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"

@@ -1,5 +1,5 @@
-"""The loader that feeds the trainer: batches of llm.c token shards (``gpt2.shards``, written by
-``gpt2.data``) read through numpy memmaps, each DDP rank given its own part of one stream."""
+"""The loader that feeds the trainer: batches of llm.c token shards (``gpt2.data.shards``, written by
+``gpt2.data.prepare``) read through numpy memmaps, each DDP rank given its own part of one stream."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gpt2.errors import UserError
+from gpt2.data.shards import LOSS, START, read_mask, read_shard
 from gpt2.loss import IGNORE
-from gpt2.shards import LOSS, START, read_mask, read_shard
+from gpt2.util.errors import UserError
 
 
 class Batch(NamedTuple):
@@ -33,7 +33,7 @@ class ShardLoader:
     micro-batches of ``batch_size`` samples and rank ``r`` of ``world_size`` takes micro-batches
     ``r, r + world_size, ...``: N ranks together read exactly what one process reads in N steps.
     ``state_dict``/``load_state_dict`` save and restore the position. Shards with loss masks beside
-    them (chat data, ``gpt2.shards.read_mask``) give masked targets and segments.
+    them (chat data, ``gpt2.data.shards.read_mask``) give masked targets and segments.
     """
 
     def __init__(

@@ -35,10 +35,10 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from gpt2.errors import UserError
-from gpt2.tokenizer import ENDOFTEXT, Tokenizer
+from gpt2.tokenizer.bpe import ENDOFTEXT, Tokenizer
+from gpt2.util.errors import UserError
 
-# The plain transcript's opening (``gpt2.prompts.Transcript``) when no system message is given.
+# The plain transcript's opening (``gpt2.generation.prompts.Transcript``) when no system message is given.
 CHAT_HEADER = "A conversation between a curious user and a helpful assistant.\n\n"
 
 ROLES = ("system", "user", "assistant")

@@ -29,8 +29,8 @@ import tiktoken
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from gpt2.atomic import write_atomic
-from gpt2.errors import UserError
+from gpt2.util.atomic import write_atomic
+from gpt2.util.errors import UserError
 
 # GPT-2's pre-tokenisation: text is split into these pieces, and BPE runs inside each piece.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -113,7 +113,7 @@ class Tokenizer:
     256 single bytes; ``special_tokens`` maps text such as ``<|endoftext|>`` to ids outside the ranks.
     ``<|endoftext|>`` is added after the highest id when not given. ``source`` names the vocabulary in
     error messages. ``chat_template``: the Jinja chat template saved with it (Hugging Face's
-    ``chat_template`` in tokenizer_config.json; see ``gpt2.chat_template``), None for a base model's.
+    ``chat_template`` in tokenizer_config.json; see ``gpt2.tokenizer.chat_template``), None for a base model's.
     """
 
     chat_template: str | None = None

@@ -4,11 +4,11 @@ attention runs in float32). Decoding reads every weight once per token, so fewer
 more tokens per second.
 
 - ``int8``: weights int8 with a scale per output channel; each input row is quantised to 8 bits on
-  the fly and multiplied by ``gpt2.matvec``'s int8 kernel (AVX512-VNNI; on our blocked layout) or,
+  the fly and multiplied by ``gpt2.inference.kernels``'s int8 kernel (AVX512-VNNI; on our blocked layout) or,
   where that cannot run, by fbgemm's int8 product (``quantized::linear_dynamic``, what PyTorch's
   dynamic quantisation runs; measured here, 2-3x faster than the weight-only int8 kernel).
 - ``int4``: groups of ``GROUP`` inputs with a scale and a zero point each (asymmetric, as llama.cpp's
-  Q4_1), multiplied by ``gpt2.matvec``'s int4 kernel (AVX512-VNNI; each input row quantised to 8
+  Q4_1), multiplied by ``gpt2.inference.kernels``'s int4 kernel (AVX512-VNNI; each input row quantised to 8
   bits, as llama.cpp's Q4 products quantise theirs) or, where that cannot run, by
   ``torch._weight_int4pack_mm_for_cpu`` (tinygemm's packed layout, bfloat16 inputs; a prompt's many
   rows then multiply the weight unpacked to bfloat16, one layer at a time, by oneDNN). The LM head
@@ -19,7 +19,7 @@ up in. Under ``torch.compile`` an ``Int8Linear`` is the custom op ``gpt2::int8_l
 ``torch.compile`` can trace (neither a ctypes call nor fbgemm's packed weight, an object, can be
 traced, and they would split the compiled step at every layer): the op finds its layer by a key, so
 the step stays one graph. ``quantize_weights`` quantises a checkpoint tensor by tensor as it is read
-(``gpt2.inference``), so no float copy of the model is ever held.
+(``gpt2.inference.load``), so no float copy of the model is ever held.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2 import matvec
-from gpt2.errors import UserError
+from gpt2.inference import kernels
 from gpt2.model import TiedEmbedding, Transformer, fuse_gelu
+from gpt2.util.errors import UserError
 
 BITS = {"int8": 8, "int4": 4}  # the quantised precisions of gpt2.config.PRECISIONS
 GROUP = 32  # int4: inputs per scale and zero point (llama.cpp's Q4 blocks are 32 too)
@@ -80,7 +80,7 @@ def _(x: Tensor, key: int) -> Tensor:
 
 class Int8Linear(nn.Module):
     """``y = x W^T + b``, W int8 with a scale per output channel (``q`` and ``scales``: the weight's
-    ``int8_rows``). Where ``gpt2.matvec``'s int8 kernel runs (AVX512-VNNI), W is held in its blocked
+    ``int8_rows``). Where ``gpt2.inference.kernels``'s int8 kernel runs (AVX512-VNNI), W is held in its blocked
     layout and multiplied by it, each input row quantised to 8 bits (measured on the 124M shape's
     products against fbgemm's: 1.35x faster at 1 row, 1.6x at 4, 1.25x at 8, 1.1-1.25x at 512). Elsewhere
     fbgemm's dynamic int8 product multiplies it, adding the float32 bias itself (packed with the weight:
@@ -95,9 +95,9 @@ class Int8Linear(nn.Module):
         self.weight_bytes = 0  # bytes held outside the buffers: fbgemm's packed weight
         self.packed = None
         self.gelu = False  # an MLP's input layer, computing its tanh-GELU too (``fuse_gelu``)
-        if matvec.kernel("int8", self.in_features):
-            self.register_buffer("weight", matvec.int8_blocked(q))
-            self.register_buffer("sums", matvec.row_sums(q))
+        if kernels.kernel("int8", self.in_features):
+            self.register_buffer("weight", kernels.int8_blocked(q))
+            self.register_buffer("sums", kernels.row_sums(q))
             self.bias = _bias(bias)
         else:
             self._pack(q, scales, bias)
@@ -132,7 +132,7 @@ class Int8Linear(nn.Module):
     def product(self, x: Tensor) -> Tensor:
         """The product of float32 ``x`` (and its GELU, for ``gelu``)."""
         if self.packed is None:
-            return matvec.int8_product(x, self.weight, self.scales, self.sums, self.bias, self.out_features,
+            return kernels.int8_product(x, self.weight, self.scales, self.sums, self.bias, self.out_features,
                                        self.gelu)
         y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # True: 7-bit inputs (fbgemm)
         return torch.ops.aten.gelu_(y, approximate="tanh") if self.gelu else y
@@ -140,7 +140,7 @@ class Int8Linear(nn.Module):
     def rows(self, idx: Tensor) -> Tensor:
         """The float32 rows ``idx`` of W (for a layer made with ``rows``)."""
         blocked = self.packed is None  # else the plain rows kept beside fbgemm's packed copy
-        q = matvec.int8_blocked_rows(self.weight, idx) if blocked else F.embedding(idx, self.weight)
+        q = kernels.int8_blocked_rows(self.weight, idx) if blocked else F.embedding(idx, self.weight)
         return q.float() * self.scales[idx, None]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,8 +151,8 @@ class Int8Linear(nn.Module):
 
 @torch.library.custom_op("gpt2::int4_linear", mutates_args=())
 def int4_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, gelu: bool) -> Tensor:
-    """The hand-written int4 product (``gpt2.matvec.int4_product``), as ``torch.compile`` sees it."""
-    return matvec.int4_product(x, weight, bias, out_features, gelu)
+    """The hand-written int4 product (``gpt2.inference.kernels.int4_product``), as ``torch.compile`` sees it."""
+    return kernels.int4_product(x, weight, bias, out_features, gelu)
 
 
 @int4_linear.register_fake
@@ -162,7 +162,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, gelu: b
 
 class Int4Linear(nn.Module):
     """``y = x W^T + b`` with W in 4 bits, groups of ``GROUP`` inputs sharing a scale and a zero point.
-    Where ``gpt2.matvec``'s int4 kernel runs (AVX512-VNNI), W is held in its blocked layout (output
+    Where ``gpt2.inference.kernels``'s int4 kernel runs (AVX512-VNNI), W is held in its blocked layout (output
     channels padded to a multiple of 64) and multiplied by it, each input row quantised to 8 bits
     (measured on the 124M shape's block products against tinygemm's: 2.1x faster at 1 row, 2.2-2.4x
     at 8, 2.0-2.4x at 512); elsewhere by tinygemm (channels padded to a multiple of 16)."""
@@ -173,7 +173,7 @@ class Int4Linear(nn.Module):
         if self.in_features % GROUP:
             raise UserError(f"int4 needs the model's width to be a multiple of {GROUP}, not "
                             f"{self.in_features}; choose int8")
-        self.hand = matvec.kernel("int4", self.in_features)
+        self.hand = kernels.kernel("int4", self.in_features)
         multiple = 64 if self.hand else _INT4_ROWS
         padded = self.out_features + -self.out_features % multiple
         groups = self.in_features // GROUP
@@ -185,7 +185,7 @@ class Int4Linear(nn.Module):
         for start in range(0, padded, _CHUNK_ROWS):
             q, scales, low = _int4_values(weight[start : start + _CHUNK_ROWS], multiple)
             if self.hand:
-                blocked[start // 64 : (start + len(q)) // 64] = matvec.int4_blocked(q, scales, low)
+                blocked[start // 64 : (start + len(q)) // 64] = kernels.int4_blocked(q, scales, low)
                 continue
             packed[start : start + len(q)] = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             # tinygemm's dequantisation is (q - 8) * scale + zero, so zero is the value of q = 8.
@@ -211,7 +211,7 @@ class Int4Linear(nn.Module):
         if self.hand and torch.compiler.is_compiling():
             return int4_linear(x.float(), self.weight, self.bias, self.out_features, self.gelu)
         if self.hand:
-            return matvec.int4_product(x.float(), self.weight, self.bias, self.out_features, self.gelu)
+            return kernels.int4_product(x.float(), self.weight, self.bias, self.out_features, self.gelu)
         y = self._tinygemm(x)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 

@@ -6,26 +6,26 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
 
 - ``fp32``: the published weights as they are. On the CPU the blocks' weights are reordered into
   oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.2x faster decoding at
-  batch 8), which ``gpt2.matvec``'s hand-written kernel reads when decoding (up to 8 rows: 1.3x
+  batch 8), which ``gpt2.inference.kernels``'s hand-written kernel reads when decoding (up to 8 rows: 1.3x
   faster tokens at batch 1), and the tied LM head into the same layout in the embedding's own
   memory (``gpt2.model.blocked_head``, which ``blocked_linears`` calls); on Intel CPUs the weights
   stay plain (MKL for a row or two, measured faster there; oneDNN beyond, ``onednn_linears``).
 - ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision:
   half the bytes per token (logits are processed in fp32). On the CPU the weights are reordered
   into oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.7x faster products),
-  read when decoding by ``gpt2.matvec``'s kernel (1.6x faster tokens at batch 1), the LM head as
+  read when decoding by ``gpt2.inference.kernels``'s kernel (1.6x faster tokens at batch 1), the LM head as
   fp32's.
 - attention on the CPU (decoding's and prompts') reads the KV cache by hand too (``KVCache.attend``),
-  and the weights move onto 2 MB pages (``gpt2.memory.huge_pages``: 1.2x faster tokens).
-- ``int8``, ``int4``: quantisation (``gpt2.quantization``; CPU only): the linear layers' weights in 8
+  and the weights move onto 2 MB pages (``gpt2.util.memory.huge_pages``: 1.2x faster tokens).
+- ``int8``, ``int4``: quantisation (``gpt2.inference.quantization``; CPU only): the linear layers' weights in 8
   or 4 bits, quantised tensor by tensor as the checkpoint is read (no float copy of the model is
   ever held), float32 activations, a bfloat16 KV cache.
 - ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``), fp32's products
   autotuned against Inductor's generated C++ kernels. Faster on a GPU; on a CPU with AVX-512, eager
-  decoding on ``gpt2.matvec``'s kernels is faster (generate.py, batch 1: fp32 52.9 against 30.5
+  decoding on ``gpt2.inference.kernels``'s kernels is faster (generate.py, batch 1: fp32 52.9 against 30.5
   tok/s compiled, bf16 90.3 against 46.7, int8 125.1 against 114.1; int4 even, 152.6 against 159.5),
   as the compiled step keeps Inductor's products and attention, and holds 200+ MB more.
-- ``adapter``: a LoRA adapter (``gpt2.lora``) is folded into its base's weights in float32 first
+- ``adapter``: a LoRA adapter (``gpt2.adapters.lora``) is folded into its base's weights in float32 first
   (``load_merged``), so that every precision and path above runs the merged model at the base's speed.
 """
 
@@ -35,15 +35,15 @@ from pathlib import Path
 
 import torch
 
+from gpt2.adapters.lora import load_adapter, merge_lora, read_adapter_config
 from gpt2.api import GPT2
 from gpt2.checkpoints import ADAPTER_CONFIG, empty_model, find_adapter, finish_loading, read_weights, resolve
 from gpt2.config import PRECISIONS
-from gpt2.errors import UserError
-from gpt2.lora import load_adapter, merge_lora, read_adapter_config
-from gpt2.memory import huge_pages
+from gpt2.inference.quantization import BITS, quantize_weights
 from gpt2.model import blocked_linears, intel_cpu, onednn_linears, weight_memory
-from gpt2.quantization import BITS, quantize_weights
-from gpt2.tokenizer import Tokenizer, find_tokenizer_files
+from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files
+from gpt2.util.errors import UserError
+from gpt2.util.memory import huge_pages
 
 
 def default_device() -> str:

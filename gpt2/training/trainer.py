@@ -1,6 +1,6 @@
 """Training a GPT-2, from shards to checkpoints: nanoGPT's and llm.c's loop as a resumable tool.
 
-The options are ``gpt2.train_config.TrainConfig`` (readable from a TOML or YAML file, saved in the
+The options are ``gpt2.training.config.TrainConfig`` (readable from a TOML or YAML file, saved in the
 run). Read top to bottom: processes and devices, the run directory, the model, optimiser and
 learning-rate schedule, checkpoint files (written atomically, for exact resume), the console; then
 the run itself, in the shape of litgpt's ``pretrain.py``: one ``TrainState`` holds everything a run
@@ -11,7 +11,7 @@ optimiser: ``state_dict`` / ``load_state_dict``, as nanochat's checkpoint manage
 loop and ``finish`` the end; ``train`` runs ``setup``, ``fit`` and ``finish``.
 
 Distributed runs start under ``torchrun``: each rank reads its own part of the data (see
-``gpt2.loader.ShardLoader``) and DistributedDataParallel averages the gradients (NCCL on GPUs, gloo on
+``gpt2.data.loader.ShardLoader``) and DistributedDataParallel averages the gradients (NCCL on GPUs, gloo on
 CPUs). With ``--fsdp`` the weights, gradients and optimiser state are sharded over the processes
 instead (PyTorch's FSDP2, as torchtitan), for models that do not fit one GPU; checkpoints gather them
 into the same files. Rank 0 writes the run directory, which must be on a file system every rank sees
@@ -45,24 +45,31 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from gpt2 import checkpoints, lora
+from gpt2 import checkpoints
+from gpt2.adapters import lora
 from gpt2.api import GPT2
-from gpt2.atomic import replace_dir, write_atomic
-from gpt2.chat_data import read_chat_info
 from gpt2.checkpoints import LATEST, find_adapter
 from gpt2.config import GPT2_VOCAB_SIZE, GPT2Config
-from gpt2.errors import UserError
-from gpt2.generation_config import GenerationConfig
-from gpt2.inference import check_device, default_device
-from gpt2.loader import Batch, ShardLoader
+from gpt2.data.chat import read_chat_info
+from gpt2.data.loader import Batch, ShardLoader
+from gpt2.data.shards import find_shards
+from gpt2.generation.config import GenerationConfig
+from gpt2.generation.sampling import generate_text
+from gpt2.inference.load import check_device, default_device
 from gpt2.loss import IGNORE
-from gpt2.memory import check_fits, physical_memory
-from gpt2.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
-from gpt2.optimizers import build_optimizers, decay_started, lr_factor, muon_parameters, set_learning_rates
-from gpt2.sampling import generate_text
-from gpt2.shards import find_shards
-from gpt2.tokenizer import Tokenizer, find_tokenizer_files
-from gpt2.train_config import CONFIG_FILE, TrainConfig
+from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files
+from gpt2.training.config import CONFIG_FILE, TrainConfig
+from gpt2.training.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
+from gpt2.training.optimizers import (
+    build_optimizers,
+    decay_started,
+    lr_factor,
+    muon_parameters,
+    set_learning_rates,
+)
+from gpt2.util.atomic import replace_dir, write_atomic
+from gpt2.util.errors import UserError
+from gpt2.util.memory import check_fits, physical_memory
 
 STATE_FILE = "trainer_state.pt"  # in a checkpoint: TrainState's progress (see state_dict)
 # In the checkpoint taken as a wsd run's decay begins: the one to extend the run from, never pruned.

@@ -1,12 +1,12 @@
 """Generating text with a GPT-2: logits processing, the KV-cached decode loop, text in and out.
 
-What to generate is one ``GenerationConfig`` (``gpt2.generation_config``), passed as it is from the
+What to generate is one ``GenerationConfig`` (``gpt2.generation.config``), passed as it is from the
 command line or the server to the loop. Read top to bottom: ``next_token`` (penalties and logit
 bias, temperature, top-k, top-p, then greedy or a draw), ``stream_tokens`` (the loop: one forward pass
 over the prompts, then one cached step per new token), ``generate`` (the same, collected into a
 tensor) and the text layer (``generate_text``, ``stream_text`` and the incremental UTF-8 decoder
 behind it). Precision, quantisation and compilation are chosen when the model is loaded
-(``gpt2.inference``), never here.
+(``gpt2.inference.load``), never here.
 
 The loop is written for speed the way gpt-fast is: a KV cache preallocated for the whole generation,
 the prompt in one forward pass, logits for the last position only, the token history in one
@@ -24,10 +24,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from gpt2.errors import UserError
-from gpt2.generation_config import ContextWindowReached, GenerationConfig
-from gpt2.memory import release_freed_memory
+from gpt2.generation.config import ContextWindowReached, GenerationConfig
 from gpt2.model import KVCache, Transformer
+from gpt2.util.errors import UserError
+from gpt2.util.memory import release_freed_memory
 
 # ----------------------------------------------------------------------------------------------------
 # Choosing the next token

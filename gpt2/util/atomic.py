@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:

@@ -1,5 +1,5 @@
 // Decoding's products, by hand: a few rows of x (one per sequence) times a weight that is read once for
-// all of them, at the speed memory delivers it. gpt2/matvec.py builds this file once per machine (g++
+// all of them, at the speed memory delivers it. gpt2/kernels.py builds this file once per machine (g++
 // -O3 -march=native -fopenmp) and calls it through ctypes; the threads are OpenMP's, the pool PyTorch's
 // own libgomp already runs. Every product: y[m, n] = x[m, :] . w[n, :] + bias[n]; M <= 8 rows of x for
 // float32 and bfloat16 (oneDNN multiplies more), any M for int8.
@@ -108,7 +108,7 @@ static inline void bf16_block(const uint16_t* x, const uint16_t* w, const uint16
 #endif
 
 #ifdef __AVX512VNNI__
-// Our blocked int8 weight (gpt2.matvec.int8_blocked): blocks of 64 output rows, the last one padded with
+// Our blocked int8 weight (gpt2.inference.kernels.int8_blocked): blocks of 64 output rows, the last one padded with
 // zeros, groups of 4 inputs side by side, as vpdpbusd takes them: w[N / 64][K / 4][64][4], with a float32
 // scale and the sum of the int8 values of each row. x arrives quantised to unsigned 8 bits per row
 // (xq = round(x / xs) + 128), so x . w = xs * scale * (xq . w - 128 * sum).
@@ -159,7 +159,7 @@ static inline void quantise_row(const float* x, uint8_t* xq, float* xs, int64_t 
 #endif
 
 #ifdef __AVX512VNNI__
-// Our blocked int4 weight (gpt2.matvec.int4_blocked), one stream of bytes: blocks of 64 output rows (the
+// Our blocked int4 weight (gpt2.inference.kernels.int4_blocked), one stream of bytes: blocks of 64 output rows (the
 // last one padded with zeros), each a run of groups of 32 inputs, each group 1280 bytes: 4 steps of 8
 // inputs, each 4 vectors of 16 rows x 4 bytes (byte b of a row holds input 8j + b in its low nibble and
 // 8j + 4 + b in its high one), then the group's 64 scales and 64 lows, bfloat16 (w = q * scale + low).

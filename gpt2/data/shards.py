@@ -2,7 +2,7 @@
 count), then the tokens as uint16, so shards made by llm.c's or modded-nanogpt's scripts train here
 unchanged and ours open there. Free of torch (the command line describes them without loading it).
 
-Chat shards (``gpt2.chat_data``) add a loss mask beside each shard: ``NAME.mask.npy``, numpy's format,
+Chat shards (``gpt2.data.chat``) add a loss mask beside each shard: ``NAME.mask.npy``, numpy's format,
 one uint8 per token: ``LOSS`` where the token is a target to learn, ``START`` where an example
 begins. The token shard itself stays llm.c's."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2.atomic import write_atomic
-from gpt2.errors import UserError
+from gpt2.util.atomic import write_atomic
+from gpt2.util.errors import UserError
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
