@@ -22,7 +22,7 @@ from gpt2.util.errors import UserError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from gpt2.serving.app import Shutdown
+    from gpt2.serving.middleware import Shutdown
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 CLOSE_S = 5  # after the drain, how long uvicorn waits for connections to close before it drops them
@@ -124,10 +124,11 @@ def _serve(app: FastAPI, host: str, port: int, drain_seconds: float) -> None:
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, stopped by the app's graceful shutdown (``gpt2.serving.app.Shutdown``): the
-    first SIGTERM or SIGINT drains the app (new requests 503, the running ones given ``drain_seconds``,
-    then cut), a second one cuts at once; uvicorn's own shutdown follows. The signal is not raised
-    again once the server has stopped, as uvicorn's handling does, so a drained server exits with 0."""
+    """uvicorn's server, stopped by the app's graceful shutdown (``gpt2.serving.middleware.Shutdown``):
+    the first SIGTERM or SIGINT drains the app (new requests 503, the running ones given
+    ``drain_seconds``, then cut), a second one cuts at once; uvicorn's own shutdown follows. The signal
+    is not raised again once the server has stopped, as uvicorn's handling does, so a drained server
+    exits with 0."""
 
     def __init__(self, config: uvicorn.Config, shutdown: Shutdown, drain_seconds: float) -> None:
         super().__init__(config)
@@ -168,7 +169,7 @@ class _DrainingServer(uvicorn.Server):
 
 def _allowed_hosts(host: str, given: str | None) -> list[str]:
     """The Host headers to answer: ``given`` (comma-separated), else the loopback names and ``host``."""
-    from gpt2.serving.app import LOCAL_HOSTS
+    from gpt2.serving.middleware import LOCAL_HOSTS
 
     if given is not None:
         hosts = [h.strip() for h in given.split(",") if h.strip()]
