@@ -1,9 +1,10 @@
 # make demo: set up on a fresh machine, then run the main job.   make test: run the test suite.
+# make docs: build the documentation site (docs/, mkdocs.yml) into site/, warnings as errors.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup browser demo test lint
+.PHONY: setup browser demo test lint docs
 setup: $(VENV)/.installed
 
 # torch==2.13.0 goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
@@ -27,3 +28,11 @@ test: setup browser
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The site's own packages (MkDocs, Material, mkdocstrings), once: `pip install -e '.[docs]'`.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
