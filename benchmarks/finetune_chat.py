@@ -149,8 +149,7 @@ def shape_124m(work: Path, train_file: Path, smoke: bool) -> dict[str, Run]:
     """Full fine-tuning and LoRA of the 124M shape (GPT-2's vocabulary, random weights), a few steps."""
     config = GPT2Config(n_layer=2, n_head=2, n_embd=64) if smoke else GPT2Config()
     base = work / "base_124m"
-    model = GPT2(config)
-    model.tokenizer = Tokenizer.from_file(SHARED / "gpt2.tiktoken")
+    model = GPT2(config, tokenizer=Tokenizer.from_file(SHARED / "gpt2.tiktoken"))
     model.save_pretrained(base)
     del model
     data = work / "chat_124m"

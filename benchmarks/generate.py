@@ -382,8 +382,7 @@ def make_weights(work: Path, shape: dict[str, int]) -> Path:
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape))
     hf.save_pretrained(work / "hf")
-    model = GPT2.from_pretrained(work / "hf")
-    model.tokenizer = Tokenizer.from_file(ranks)
+    model = GPT2.from_pretrained(work / "hf", tokenizer=Tokenizer.from_file(ranks))
     model.save_pretrained(work / "model")
     shutil.rmtree(work / "hf")
     return work / "model"

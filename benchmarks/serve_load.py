@@ -91,8 +91,7 @@ def build_model(directory: Path) -> str:
     else:
         tokenizer, name = Tokenizer({bytes([i]): i for i in range(256)}), "byte-level"
     torch.manual_seed(0)
-    model = GPT2(GPT2Config.from_preset("tiny", vocab_size=tokenizer.n_vocab))
-    model.tokenizer = tokenizer
+    model = GPT2(GPT2Config.from_preset("tiny", vocab_size=tokenizer.n_vocab), tokenizer=tokenizer)
     model.save_pretrained(directory)
     return name
 

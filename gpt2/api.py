@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from gpt2 import checkpoints
+from gpt2.config import GPT2Config
 from gpt2.generation import sampling
 from gpt2.generation.sampling import GenerationConfig
 from gpt2.model import Transformer
@@ -21,12 +22,17 @@ from gpt2.tokenizer.bpe import Tokenizer
 
 
 class GPT2(Transformer):
-    """A GPT-2 language model (``torch.nn.Module``); call it on token ids (B, T) for logits.
+    """A GPT-2 language model (``torch.nn.Module``) and its tokenizer, which travel together: call it
+    on token ids (B, T) for logits; ``tokenizer`` (None when there is none) turns text into those ids
+    and generated ids back into text, and is saved with the model.
 
-    ``tokenizer`` is the tokenizer saved with the checkpoint, when there is one.
+    ``cache_dtype``: as ``Transformer``'s (chosen by ``gpt2.inference.load`` for quantised models).
     """
 
-    tokenizer: Tokenizer | None = None
+    def __init__(self, config: GPT2Config, *, tokenizer: Tokenizer | None = None,
+                 cache_dtype: torch.dtype | None = None) -> None:
+        super().__init__(config, cache_dtype=cache_dtype)
+        self.tokenizer = tokenizer
 
     @classmethod
     def from_pretrained(
@@ -35,10 +41,14 @@ class GPT2(Transformer):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> GPT2:
         """Load a Hugging Face-format directory (config.json + model.safetensors or
-        pytorch_model.bin, tokenizer files optional), or download a hub model such as ``gpt2``."""
-        return checkpoints.load_model(name_or_path, cls, device=device, dtype=dtype)
+        pytorch_model.bin, tokenizer files optional), or download a hub model such as ``gpt2``, with
+        the tokenizer saved beside it, or ``tokenizer`` when given."""
+        directory = checkpoints.resolve(name_or_path)
+        tokenizer = tokenizer or checkpoints.read_tokenizer(directory)
+        return checkpoints.load_model(directory, cls, device=device, dtype=dtype, tokenizer=tokenizer)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json + model.safetensors (and the tokenizer, if attached) that both this

@@ -20,7 +20,7 @@ import math
 import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,6 +32,7 @@ from gpt2.model import Transformer
 from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files
 from gpt2.util.atomic import write_atomic
 from gpt2.util.errors import UserError
+from gpt2.util.jsonfile import check_field, parse_json, read_json_object
 from gpt2.util.memory import release_freed_memory
 
 M = TypeVar("M", bound=Transformer)
@@ -87,36 +88,35 @@ def load_model(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    **build: Any,
 ) -> M:
-    """``model_class(config)`` with the weights of a checkpoint, in eval mode, and ``.tokenizer`` set
-    (None when the checkpoint has no tokenizer files).
+    """``model_class(config, **build)`` with the weights of a checkpoint, in eval mode.
 
     ``name_or_path``: a Hugging Face-format directory, a training run directory (its ``latest`` file
     names the checkpoint to load), or a hub name such as ``gpt2``. ``dtype``: convert the weights to
     it; by default they keep the checkpoint's dtype.
     """
     directory = resolve(name_or_path)
-    model = empty_model(directory, model_class)
+    model = empty_model(directory, model_class, **build)
     state = dict(read_weights(directory, model, torch.device(device), dtype))
     target = dtype or state[WTE].dtype
     state = {k: v.to(target) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)  # keys were checked by read_weights
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied parameter
-    return finish_loading(model, directory)
+    return model.eval()
 
 
-def empty_model(directory: Path, model_class: type[M]) -> M:
-    """The model of ``directory``'s config, without weights (on the meta device: no memory)."""
+def empty_model(directory: Path, model_class: type[M], **build: Any) -> M:
+    """``model_class(config, **build)`` of ``directory``'s config, without weights (on the meta device:
+    no memory)."""
     config = read_config(directory / CONFIG)
     with torch.device("meta"):
-        return model_class(config)
+        return model_class(config, **build)
 
 
-def finish_loading(model: M, directory: Path) -> M:
-    """``model`` in eval mode with the checkpoint's tokenizer (None without tokenizer files)."""
-    model.eval()
-    model.tokenizer = Tokenizer.from_pretrained(directory) if find_tokenizer_files(directory) else None
-    return model
+def read_tokenizer(directory: Path) -> Tokenizer | None:
+    """The tokenizer saved in checkpoint ``directory`` (None when it has no tokenizer files)."""
+    return Tokenizer.from_pretrained(directory) if find_tokenizer_files(directory) else None
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -210,7 +210,7 @@ def _download(name: str, *, local: bool) -> Path:
 def read_config(path: Path) -> GPT2Config:
     """Our ``GPT2Config`` from a Hugging Face GPT-2 config.json; options we do not implement are
     refused rather than silently ignored."""
-    hf = _read_json_object(path)
+    hf = read_json_object(path)
     _refuse_unsupported(path, hf)
     _check_sizes(path, hf)
     try:
@@ -225,16 +225,6 @@ def read_config(path: Path) -> GPT2Config:
         )
     except (UserError, TypeError) as e:
         raise UserError(f"{path}: {e}") from None
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{path}: expected a JSON object, found {type(hf).__name__}")
-    return hf
 
 
 def _refuse_unsupported(path: Path, hf: dict) -> None:
@@ -252,10 +242,12 @@ def _refuse_unsupported(path: Path, hf: dict) -> None:
 
 
 def _check_sizes(path: Path, hf: dict) -> None:
-    """The sizes are integers, and the MLP is 4 times as wide as the model (``n_inner``)."""
+    """The sizes are integers, the epsilon and dropout numbers, and the MLP is 4 times as wide as the
+    model (``n_inner``)."""
     for key in ("vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head"):
-        if key in hf and (not isinstance(hf[key], int) or isinstance(hf[key], bool)):
-            raise UserError(f"{path}: {key} must be an integer, found {hf[key]!r}")
+        check_field(hf, key, (int,), str(path))
+    for key in ("layer_norm_epsilon", "resid_pdrop"):
+        check_field(hf, key, (int, float), str(path))
     n_embd = hf.get("n_embd", 768)
     if hf.get("n_inner") not in (None, 4 * n_embd):
         raise UserError(f"{path}: n_inner={hf['n_inner']} is not supported (only 4 * n_embd = {4 * n_embd})")
@@ -327,10 +319,10 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     weights = found[0]
     if not weights.name.endswith(".index.json"):
         return [weights]
+    index = read_json_object(weights)
     try:
-        weight_map = json.loads(weights.read_text())["weight_map"]
-        names = [Path(f) for f in dict.fromkeys(weight_map.values())]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        names = [Path(f) for f in dict.fromkeys(index["weight_map"].values())]
+    except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{weights}: not a valid shard index ({e!r})") from None
     for name in names:  # an index is data: it must not make us read files elsewhere
         if name.is_absolute() or ".." in name.parts:
@@ -368,7 +360,7 @@ def _safetensors_header(file: Path) -> tuple[dict[str, dict], int]:
             pass
         with open(file, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+            header = parse_json(f.read(size), str(file))
     except (SafetensorError, OSError) as e:
         message = f"{file}: corrupt or truncated safetensors file ({e}); save or download it again"
         raise UserError(message) from None

@@ -107,9 +107,7 @@ def random_model(
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head)
-    model = GPT2(config)
-    model.tokenizer = tokenizer
-    return model
+    return GPT2(config, tokenizer=tokenizer)
 
 
 def saved_model_dir(model: GPT2, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -191,13 +189,16 @@ def printed_table(output: str, first: str) -> list[dict[str, str]]:
 
 def endless_model(n_positions: int = 96) -> GPT2:
     """A random 2-layer model over bytes whose <|endoftext|> logit is always about -6 below the rest:
-    it never ends a text by itself, so every length is known. One head of 64: what decoding's attention
-    by hand (``KVCache.attend``) takes, so that the serving engine's batches run through it."""
+    it never ends a text by itself, so every length is known. Loaded for inference on the CPU with one
+    head of 64: what attention by hand (``gpt2.inference.cpu_layers.HandAttention``) takes, so that the
+    serving engine's batches run through it."""
+    from gpt2.inference.load import load_for_inference
+
     model = random_model(n_layer=2, n_head=1, n_embd=64, n_positions=n_positions, tokenizer=BYTES).eval()
     with torch.no_grad():  # ln_f's output then always has a component b*1, which w_eot = -1 turns down
         model.transformer.ln_f.bias.fill_(0.1)
         model.transformer.wte.weight[BYTES.eot_token] = -1.0
-    return model
+    return load_for_inference(model, device="cpu")
 
 
 @contextlib.contextmanager

@@ -208,8 +208,7 @@ def test_loading_a_local_model_leaves_the_hub_client_unimported(tiny_hf_dir) -> 
 
 def test_tokenizer_travels_with_the_checkpoint(tmp_path: Path, gpt2_ranks_file: Path, capfd) -> None:
     tokenizer = Tokenizer.from_file(gpt2_ranks_file)
-    ours = GPT2(GPT2Config.from_preset("tiny"))
-    ours.tokenizer = tokenizer
+    ours = GPT2(GPT2Config.from_preset("tiny"), tokenizer=tokenizer)
     ours.save_pretrained(tmp_path)
     loaded = GPT2.from_pretrained(tmp_path)
     text = "Hello world! It's 2024 <|endoftext|> naïve café 🤗 日本語\n\n\tdone"
@@ -223,8 +222,7 @@ def test_custom_vocabulary_checkpoint(tmp_path: Path, capfd) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
     tokenizer = train_tokenizer([corpus], vocab_size=300)
-    ours = GPT2(GPT2Config.from_preset("tiny", vocab_size=tokenizer.n_vocab)).eval()
-    ours.tokenizer = tokenizer
+    ours = GPT2(GPT2Config.from_preset("tiny", vocab_size=tokenizer.n_vocab), tokenizer=tokenizer).eval()
     ours.save_pretrained(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["eos_token_id"] == config["bos_token_id"] == tokenizer.eot_token < tokenizer.n_vocab

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import BYTES, random_model, run_cli, saved_model_dir
 
-from gpt2 import GPT2, prompts
+from gpt2 import GPT2
+from gpt2.generation import prompts
 from gpt2.generation.sampling import GenerationConfig, generate_text
 
 

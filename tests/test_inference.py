@@ -16,8 +16,9 @@ from torch import nn
 
 from gpt2 import GPT2, GPT2Config, UserError
 from gpt2.cli import VERBS, build_parser
+from gpt2.inference.cpu_layers import weight_memory
 from gpt2.inference.load import load_for_inference
-from gpt2.model import KVCache, weight_memory
+from gpt2.kv_cache import KVCache
 
 
 def wide_model(training: bool) -> GPT2:

@@ -36,8 +36,7 @@ def test_info_on_a_saved_model(tmp_path: Path, capsys) -> None:
 
 
 def test_info_shows_the_saved_tokenizer(tmp_path: Path, gpt2_ranks_file: Path, capsys) -> None:
-    model = GPT2(GPT2Config.from_preset("tiny"))
-    model.tokenizer = Tokenizer.from_file(gpt2_ranks_file)
+    model = GPT2(GPT2Config.from_preset("tiny"), tokenizer=Tokenizer.from_file(gpt2_ranks_file))
     model.save_pretrained(tmp_path)
     assert info(capsys, str(tmp_path))["tokenizer"] == "50257 tokens, <|endoftext|> = 50256"
 

@@ -17,8 +17,9 @@ from conftest import random_model
 from torch import Tensor, nn
 
 from gpt2.inference import kernels
+from gpt2.inference.cpu_layers import BlockedEmbedding, BlockedHead, BlockedLinear, HandAttention, intel_cpu
 from gpt2.inference.load import load_for_inference
-from gpt2.model import KVCache, _BlockedEmbedding, _BlockedHead, _BlockedLinear, intel_cpu
+from gpt2.kv_cache import KVCache
 
 
 def _avx512(flag: str) -> bool:
@@ -33,11 +34,9 @@ DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 pytestmark = pytest.mark.skipif(not _avx512("avx512f"), reason="the kernels need AVX-512")
 
 
-def _layer(out_features: int, in_features: int, dtype: torch.dtype, gelu: bool = False) -> nn.Linear:
+def _layer(out_features: int, in_features: int, dtype: torch.dtype) -> nn.Linear:
     torch.manual_seed(out_features + in_features)
-    linear = nn.Linear(in_features, out_features).to(dtype).requires_grad_(False)
-    linear.gelu = gelu
-    return linear
+    return nn.Linear(in_features, out_features).to(dtype).requires_grad_(False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,8 +61,8 @@ def test_the_hand_product_equals_onednns_on_its_blocked_weight(dtype: torch.dtyp
 def test_a_blocked_layer_gives_the_plain_layers_outputs_at_every_batch_with_and_without_gelu(
         dtype: torch.dtype) -> None:
     for gelu in (False, True):
-        linear = _layer(200, 128, dtype, gelu)
-        layer = _BlockedLinear(linear)
+        linear = _layer(200, 128, dtype)
+        layer = BlockedLinear(linear, gelu=gelu)
         assert layer.address is not None
         for shape in [(1, 1, 128), (8, 1, 128), (9, 1, 128), (2, 5, 128)]:  # 9 rows and more: oneDNN's
             x = torch.randn(shape).to(dtype)
@@ -76,10 +75,10 @@ def test_a_blocked_layer_gives_the_plain_layers_outputs_at_every_batch_with_and_
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=DTYPES[1].marks)])
 def test_a_model_loaded_for_the_cpu_multiplies_with_the_hand_kernels(precision: str) -> None:
     model = load_for_inference(random_model(n_embd=64, vocab_size=5000), precision=precision, device="cpu")
-    blocked = [m for m in model.modules() if isinstance(m, _BlockedLinear)]
+    blocked = [m for m in model.modules() if isinstance(m, BlockedLinear)]
     assert blocked and all(m.address is not None for m in blocked)
     if precision == "bf16" or not intel_cpu():  # the tied LM head and embedding: blocked in place
-        assert type(model.lm_head) is _BlockedHead
+        assert type(model.lm_head) is BlockedHead
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -93,7 +92,7 @@ def test_the_blocked_head_gives_the_plain_weights_logits_and_rows_from_the_embed
     plain = torch.randn(vocab, 96).to(dtype)
     weight = plain.clone()
     memory = weight.untyped_storage().data_ptr()
-    head = _BlockedHead(weight)
+    head = BlockedHead(weight)
     assert head.blocks.untyped_storage().data_ptr() == memory
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for rows in [1, 8, 37]:
@@ -102,7 +101,7 @@ def test_the_blocked_head_gives_the_plain_weights_logits_and_rows_from_the_embed
         torch.testing.assert_close(head(x).float(), expected, rtol=tolerance,
                                    atol=tolerance * expected.abs().max().item())
     idx = torch.tensor([[0, 63, 64, vocab - 9], [vocab - 8, vocab - 1, 4991, 17]])
-    assert torch.equal(_BlockedEmbedding(head)(idx), plain[idx])
+    assert torch.equal(BlockedEmbedding(head)(idx), plain[idx])
     assert torch.equal(head.state_dict()["weight"], plain)
 
 
@@ -135,8 +134,9 @@ def test_the_library_is_built_once_into_the_cache_and_runs_on_pytorchs_openmp_th
 
 def test_GPT2_MATVEC_0_leaves_onednns_products(tmp_path) -> None:
     code = LOAD + """
-from gpt2.model import KVCache, _BlockedLinear, _OneDNNLinear, intel_cpu
-layer = _BlockedLinear(torch.nn.Linear(64, 64).requires_grad_(False))
+from gpt2.inference.cpu_layers import BlockedLinear, OneDNNLinear, intel_cpu
+from gpt2.kv_cache import KVCache
+layer = BlockedLinear(torch.nn.Linear(64, 64).requires_grad_(False))
 print(layer.address)
 """
     assert _in_a_fresh_process(code, tmp_path, GPT2_MATVEC="0").split()[::2] == ["None", "None"]
@@ -207,7 +207,7 @@ def test_a_padded_batch_decoded_by_the_hand_attention_gives_each_sequences_own_l
         ids[row, -n:], padding[row, -n:] = rows[row][:n], 1
     cache = KVCache(model.config, 2, max(lengths) + steps, dtype=model.cache_dtype,
                     attention_dtype=model.attention_dtype)
-    assert cache.attends(torch.empty(2, 1, 3 * 128, dtype=model.dtype))
+    assert all(isinstance(block.attn, HandAttention) for block in model.transformer.h)  # the kernel takes it
     tolerance = 1e-4 if precision == "fp32" else 3e-2  # bf16 and int8: a bfloat16 cache, rounded
     with torch.inference_mode():
         model(ids, attention_mask=padding, cache=cache)

@@ -9,7 +9,7 @@ import torch
 from conftest import random_model
 
 from gpt2 import GPT2, PRESETS, GPT2Config, UserError
-from gpt2.model import KVCache
+from gpt2.kv_cache import KVCache
 
 PUBLISHED_PARAMETERS = {  # the released checkpoints, tied embedding counted once
     "gpt2": 124_439_808,

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from conftest import BYTES, random_model, random_words
 from torch import nn
 
-from gpt2 import GPT2, UserError, kernels
+from gpt2 import GPT2, UserError
+from gpt2.inference import kernels
+from gpt2.inference.cpu_layers import BlockedHead, BlockedLinear
 from gpt2.inference.load import load_for_inference
 from gpt2.inference.quantization import Int4Linear, Int8Embedding, Int8Linear
-from gpt2.model import KVCache, _BlockedHead, _BlockedLinear
+from gpt2.kv_cache import KVCache
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "her", "dog", "ran"]
 
@@ -156,7 +158,7 @@ def test_bf16_on_the_cpu_multiplies_blocked_weights_with_the_plain_weights_value
     with torch.inference_mode():
         for name in layers:
             blocked, linear = model.get_submodule(name), plain.get_submodule(name)
-            assert type(blocked) is (_BlockedHead if name == "lm_head" else _BlockedLinear)
+            assert type(blocked) is (BlockedHead if name == "lm_head" else BlockedLinear)
             rows = x[..., : linear.in_features]
             expected = linear(rows)  # the same sums, rounded to bfloat16 from another order at most
             if name.endswith("mlp.c_fc"):  # which computes the MLP's GELU too

@@ -13,7 +13,7 @@ import torch
 from conftest import BYTES, random_model
 from torch import nn
 
-from gpt2 import GPT2, GPT2Config, UserError, kernels
+from gpt2 import GPT2, GPT2Config, UserError
 from gpt2.generation.sampling import (
     ContextWindowReached,
     GenerationConfig,
@@ -24,8 +24,9 @@ from gpt2.generation.sampling import (
     next_token,
     stream_text,
 )
+from gpt2.inference import kernels
+from gpt2.inference.cpu_layers import BlockedHead, BlockedLinear, OneDNNLinear, intel_cpu, onednn_linears
 from gpt2.inference.load import load_for_inference
-from gpt2.model import _BlockedHead, _BlockedLinear, _OneDNNLinear, intel_cpu, onednn_linears
 from gpt2.tokenizer.bpe import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -377,7 +378,7 @@ def test_default_preparation_changes_no_value_and_no_output(hf_and_ours, tmp_pat
     model = GPT2(ours.config)
     model.load_state_dict(ours.state_dict())
     load_for_inference(model, device="cpu")
-    if isinstance(model.lm_head, _BlockedHead):  # tied: the embedding reads the head's blocks
+    if isinstance(model.lm_head, BlockedHead):  # tied: the embedding reads the head's blocks
         assert model.transformer.wte.head[0] is model.lm_head
     else:
         assert model.lm_head.weight is model.transformer.wte.weight
@@ -416,8 +417,8 @@ def _wide_pair() -> tuple[GPT2, GPT2]:
 def test_fp32_inference_on_the_cpu_gives_the_same_logits_tokens_and_weights(tmp_path: Path) -> None:
     plain, model = _wide_pair()
     load_for_inference(model, device="cpu")  # fp32 on the CPU: oneDNN's products, blocked weights
-    blocks = _OneDNNLinear if intel_cpu() else _BlockedLinear
-    head = _OneDNNLinear if intel_cpu() or not kernels.kernel("fp32", 256) else _BlockedHead
+    blocks = OneDNNLinear if intel_cpu() else BlockedLinear
+    head = OneDNNLinear if intel_cpu() or not kernels.kernel("fp32", 256) else BlockedHead
     assert isinstance(model.lm_head, head) and isinstance(model.transformer.h[1].mlp.c_fc, blocks)
     ids = _same_logits_and_greedy_tokens(model, plain)
     state = model.state_dict()  # the blocked weights' plain copies, in the model's order
@@ -435,9 +436,9 @@ def test_fp32_inference_on_the_cpu_gives_the_same_logits_tokens_and_weights(tmp_
 def test_onednn_products_give_the_same_logits_and_tokens() -> None:
     plain, model = _wide_pair()
     onednn_linears(model)  # the plain weights' products on oneDNN (fp32's LM head; Intel CPUs' layers)
-    assert all(isinstance(m, _OneDNNLinear) for m in (model.lm_head, model.transformer.h[1].mlp.c_proj))
+    assert all(isinstance(m, OneDNNLinear) for m in (model.lm_head, model.transformer.h[1].mlp.c_proj))
     ids = _same_logits_and_greedy_tokens(model, plain)
-    assert not any(isinstance(m, _OneDNNLinear) for m in plain.modules())
+    assert not any(isinstance(m, OneDNNLinear) for m in plain.modules())
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():  # autocast still applies
         assert model(ids).dtype == torch.bfloat16
     assert isinstance(model.transformer.h[0].mlp.act, nn.Identity)  # GELU is computed in c_fc's product
@@ -490,7 +491,7 @@ def test_int8_quantisation_generates_close_to_fp32(byte_model: GPT2) -> None:
     model = GPT2(byte_model.config)
     model.load_state_dict(byte_model.state_dict())
     model.generate(ids, max_new_tokens=1)  # generating first leaves every layer for quantisation to take
-    load_for_inference(model, precision="int8", device="cpu")
+    model = load_for_inference(model, precision="int8", device="cpu")
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     with torch.no_grad():
         expected, got = byte_model(ids)[0, -1], model(ids)[0, -1]

@@ -35,6 +35,7 @@ from gpt2.config import GPT2Config
 from gpt2.model import Transformer
 from gpt2.util.atomic import write_atomic
 from gpt2.util.errors import UserError
+from gpt2.util.jsonfile import check_field, read_json_object
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # what peft wrote before safetensors
@@ -47,6 +48,15 @@ KEY = re.compile(r"(?:transformer\.)?(h\.(\d+)\.(?:attn\.c_attn|attn\.c_proj|mlp
 # peft options that change the network in ways not implemented here, with the one value accepted.
 FIXED_OPTIONS = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
                  "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+# The fields of adapter_config.json read into a LoRAConfig, with the JSON types each may have.
+CONFIG_FIELDS = {"r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float),
+                 "base_model_name_or_path": (str, type(None))}
+# The fields of adapter_config.json read into a LoRAConfig, with the JSON types each may have.
+CONFIG_FIELDS = {"r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float),
+                 "base_model_name_or_path": (str, type(None))}
+# The fields of adapter_config.json read into a LoRAConfig, with the JSON types each may have.
+CONFIG_FIELDS = {"r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float),
+                 "base_model_name_or_path": (str, type(None))}
 
 
 @dataclass(frozen=True)
@@ -91,38 +101,61 @@ class LoRAConfig:
 # The layers
 
 
-class LoRALinear(nn.Linear):
-    """``nn.Linear`` plus a low-rank update, made from one in place by ``add_lora`` (so that its
-    weight and bias keep their names): ``lora_A`` (in -> rank), ``lora_B`` (rank -> out),
-    ``lora_dropout`` and ``scale``."""
+class LoRALinear(nn.Module):
+    """A linear layer plus a low-rank update: it wraps the layer it adapts (``base_layer``, as peft
+    names it) and adds ``lora_B(lora_A(lora_dropout(x))) * scale``; ``config`` is its adapter's. Its
+    state dict names the base layer's tensors as the plain model does (``c_attn.weight``), so that a
+    model's weights keep their names with an adapter on."""
 
-    lora_A: nn.Linear
-    lora_B: nn.Linear
-    lora_dropout: nn.Module
-    scale: float
+    def __init__(self, base_layer: nn.Linear, config: LoRAConfig) -> None:
+        super().__init__()
+        like = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.base_layer = base_layer
+        self.config = config
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.lora_A = nn.Linear(base_layer.in_features, config.rank, bias=False, **like)
+        self.lora_B = nn.Linear(config.rank, base_layer.out_features, bias=False, **like)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as peft
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale = config.scale
+        self.register_state_dict_post_hook(_plain_names)
+        self.register_load_state_dict_pre_hook(_wrapped_names)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+
+
+def _plain_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """A ``LoRALinear``'s state dict: its base layer's tensors under the plain layer's names."""
+    for name in [k for k in state_dict if k.startswith(prefix + "base_layer.")]:
+        state_dict[prefix + name.removeprefix(prefix + "base_layer.")] = state_dict.pop(name)
+
+
+def _wrapped_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Loading a ``LoRALinear``: the plain layer's names (``_plain_names``) are its base layer's."""
+    for part in ("weight", "bias"):
+        if prefix + part in state_dict:
+            state_dict[prefix + "base_layer." + part] = state_dict.pop(prefix + part)
 
 
 def add_lora(model: Transformer, config: LoRAConfig) -> None:
-    """Freeze every weight of ``model`` and add a new adapter (``B`` zero: nothing changes yet) to
-    each target layer; ``lora_config_of(model)`` is then ``config``."""
+    """Freeze every weight of ``model`` and wrap each target layer in a ``LoRALinear`` with a new
+    adapter (``B`` zero: nothing changes yet); ``lora_config_of(model)`` is then ``config``."""
     if lora_config_of(model) is not None:
         raise UserError("the model already has a LoRA adapter; merge it first (gpt2 merge)")
     config.check_fits(model.config)
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, linear in target_layers(model, config.targets):
-        like = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        linear.__class__ = LoRALinear
-        linear.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        linear.lora_A = nn.Linear(linear.in_features, config.rank, bias=False, **like)
-        linear.lora_B = nn.Linear(config.rank, linear.out_features, bias=False, **like)
-        nn.init.kaiming_uniform_(linear.lora_A.weight, a=math.sqrt(5))  # as peft
-        nn.init.zeros_(linear.lora_B.weight)
-        linear.scale = config.scale
-    model.lora_config = config
+    for name, linear in target_layers(model, config.targets):
+        model.set_submodule(name, LoRALinear(linear, config))
 
 
 def target_layers(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
@@ -133,7 +166,7 @@ def target_layers(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str,
 
 def lora_config_of(model: nn.Module) -> LoRAConfig | None:
     """The adapter ``add_lora`` gave ``model`` (None: a plain model)."""
-    return getattr(model, "lora_config", None)
+    return next((m.config for m in model.modules() if isinstance(m, LoRALinear)), None)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -147,16 +180,16 @@ def trainable_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def merge_lora(model: Transformer) -> None:
-    """Fold each adapter into its layer's weight (W += scale * B A, computed in float32): a plain
-    model again, with every parameter trainable and no LoRA tensors left."""
-    for _, layer in lora_layers(model):
+    """Fold each adapter into the weight of the layer it wraps (W += scale * B A, computed in float32)
+    and put that layer back in its place: a plain model again, with every parameter trainable and no
+    LoRA tensors left."""
+    for name, layer in lora_layers(model):
+        base = layer.base_layer
         delta = layer.lora_B.weight.float() @ layer.lora_A.weight.float() * layer.scale
-        layer.weight.copy_(layer.weight.float() + delta)
-        del layer.lora_A, layer.lora_B, layer.lora_dropout, layer.scale
-        layer.__class__ = nn.Linear
+        base.weight.copy_(base.weight.float() + delta)
+        model.set_submodule(name, base)
     for p in model.parameters():
         p.requires_grad_(True)
-    model.lora_config = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,12 +247,9 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     if not path.is_file():
         raise UserError(f"{directory} holds no LoRA adapter (no {ADAPTER_CONFIG}); give the directory that "
                         "`gpt2 train --lora-rank` or peft's save_pretrained wrote")
-    try:
-        peft = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(peft, dict):
-        raise UserError(f"{path}: expected a JSON object, found {type(peft).__name__}")
+    peft = read_json_object(path)
+    for key, kinds in CONFIG_FIELDS.items():
+        check_field(peft, key, kinds, str(path))
     if peft.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type is {peft.get('peft_type')!r}; only LORA adapters are supported")
     for key, supported in FIXED_OPTIONS.items():
@@ -265,7 +295,8 @@ def _read_adapter_tensors(directory: Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file}: corrupt or truncated safetensors file ({e}); save it again") from None
     elif (directory / ADAPTER_WEIGHTS_BIN).is_file():
-        raw = read_state_dict(directory / ADAPTER_WEIGHTS_BIN, fix="save it again")
+        file = directory / ADAPTER_WEIGHTS_BIN
+        raw = read_state_dict(file, fix="save it again")
     else:
         raise UserError(f"{directory} has no adapter weights: expected {ADAPTER_WEIGHTS}")
     tensors = {}
@@ -274,6 +305,9 @@ def _read_adapter_tensors(directory: Path) -> dict[str, Tensor]:
         if match is None:
             raise UserError(f"{directory}: unexpected tensor {key!r}; only LoRA weights of GPT-2's "
                             f"{', '.join(TARGETS)} layers are supported")
+        if not torch.isfinite(tensor).all():  # it would make every output NaN: generation prints nothing
+            raise UserError(f"{file}: tensor {key!r} holds NaN or infinite values (its training diverged); "
+                            "use an earlier checkpoint of its run, or train it again")
         tensors[f"{match[1]}.{match[3]}"] = tensor
     return tensors
 

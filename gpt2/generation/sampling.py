@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from gpt2.generation.config import ContextWindowReached, GenerationConfig
-from gpt2.model import KVCache, Transformer
+from gpt2.kv_cache import KVCache
+from gpt2.model import Transformer
 from gpt2.util.errors import UserError
 from gpt2.util.memory import release_freed_memory
 

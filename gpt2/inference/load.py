@@ -1,32 +1,27 @@
-"""A model ready for inference, decided once when it is loaded (as gpt-fast's ``_load_model``).
+"""A model built for inference, once, when it is loaded (as gpt-fast's ``_load_model``).
 
 ``load_for_inference`` takes the precision, the device and the compile choice and returns a model in
 eval mode that every inference path (generation, chat, the paper's tasks, serving, evaluation,
-detection) uses as it is: nothing in a decode loop converts, quantises or compiles.
+detection) uses as it is: nothing in a decode loop converts, quantises or compiles. The network's
+layers are replaced with layers built from them for that precision and device:
 
 - ``fp32``: the published weights as they are. On the CPU the blocks' weights are reordered into
-  oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.2x faster decoding at
-  batch 8), which ``gpt2.inference.kernels``'s hand-written kernel reads when decoding (up to 8 rows: 1.3x
-  faster tokens at batch 1), and the tied LM head into the same layout in the embedding's own
-  memory (``gpt2.model.blocked_head``, which ``blocked_linears`` calls); on Intel CPUs the weights
-  stay plain (MKL for a row or two, measured faster there; oneDNN beyond, ``onednn_linears``).
-- ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision:
-  half the bytes per token (logits are processed in fp32). On the CPU the weights are reordered
-  into oneDNN's blocked layout (``gpt2.model.blocked_linears``: same values, 1.7x faster products),
-  read when decoding by ``gpt2.inference.kernels``'s kernel (1.6x faster tokens at batch 1), the LM head as
-  fp32's.
-- attention on the CPU (decoding's and prompts') reads the KV cache by hand too (``KVCache.attend``),
-  and the weights move onto 2 MB pages (``gpt2.util.memory.huge_pages``: 1.2x faster tokens).
-- ``int8``, ``int4``: quantisation (``gpt2.inference.quantization``; CPU only): the linear layers' weights in 8
-  or 4 bits, quantised tensor by tensor as the checkpoint is read (no float copy of the model is
-  ever held), float32 activations, a bfloat16 KV cache.
-- ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``), fp32's products
-  autotuned against Inductor's generated C++ kernels. Faster on a GPU; on a CPU with AVX-512, eager
-  decoding on ``gpt2.inference.kernels``'s kernels is faster (generate.py, batch 1: fp32 52.9 against 30.5
-  tok/s compiled, bf16 90.3 against 46.7, int8 125.1 against 114.1; int4 even, 152.6 against 159.5),
-  as the compiled step keeps Inductor's products and attention, and holds 200+ MB more.
-- ``adapter``: a LoRA adapter (``gpt2.adapters.lora``) is folded into its base's weights in float32 first
-  (``load_merged``), so that every precision and path above runs the merged model at the base's speed.
+  oneDNN's blocked layout (``cpu_layers.BlockedLinear``), which the hand-written kernels read when
+  decoding, and the tied LM head into the same layout in the embedding's own memory
+  (``cpu_layers.BlockedHead``); on Intel CPUs the weights stay plain (MKL for a row or two, oneDNN
+  beyond: ``cpu_layers.OneDNNLinear``).
+- ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision (logits
+  are processed in fp32); on the CPU in oneDNN's blocked layout, as fp32's.
+- ``int8``, ``int4``: quantisation (``gpt2.inference.quantization``; CPU only): the linear layers'
+  weights in 8 or 4 bits, quantised tensor by tensor as the checkpoint is read (no float copy of the
+  model is ever held), float32 activations, a bfloat16 KV cache.
+- on the CPU, attention over the KV cache (decoding's and prompts') is the hand-written kernel's
+  (``cpu_layers.HandAttention``) and the weights move onto 2 MB pages (``gpt2.util.memory.huge_pages``).
+- ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``). Faster on a GPU; the
+  benchmarks page compares it with eager decoding on the CPU.
+- ``adapter``: a LoRA adapter (``gpt2.adapters.lora``) is folded into its base's weights in float32
+  first (``load_merged``), so that every precision and path above runs the merged model at the base's
+  speed.
 """
 
 from __future__ import annotations
@@ -37,11 +32,17 @@ import torch
 
 from gpt2.adapters.lora import load_adapter, merge_lora, read_adapter_config
 from gpt2.api import GPT2
-from gpt2.checkpoints import ADAPTER_CONFIG, empty_model, find_adapter, finish_loading, read_weights, resolve
+from gpt2.checkpoints import ADAPTER_CONFIG, empty_model, find_adapter, read_tokenizer, read_weights, resolve
 from gpt2.config import PRECISIONS
+from gpt2.inference.cpu_layers import (
+    blocked_linears,
+    hand_attention,
+    intel_cpu,
+    onednn_linears,
+    weight_memory,
+)
 from gpt2.inference.quantization import BITS, quantize_weights
-from gpt2.model import blocked_linears, intel_cpu, onednn_linears, weight_memory
-from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files
+from gpt2.tokenizer.bpe import Tokenizer
 from gpt2.util.errors import UserError
 from gpt2.util.memory import huge_pages
 
@@ -74,8 +75,8 @@ def load_for_inference(
 ) -> GPT2:
     """A model ready to generate, score or serve: a checkpoint (directory, run directory or hub name)
     loaded in ``precision`` (see ``PRECISIONS``) on ``device`` (default: cuda when available), in
-    eval mode, its decode step compiled when ``compile``. Given a ``GPT2`` instead of a path, that
-    model is converted in place and returned.
+    eval mode, its decode step compiled when ``compile``. Given a ``GPT2`` instead of a path, the
+    inference model is built from it (at fp32 and bf16, from its own layers, which it takes over).
 
     ``adapter``: a LoRA adapter directory (or LoRA run) merged into ``model`` first (see
     ``load_merged``; ``model`` None: the base its adapter_config.json names). A LoRA run or adapter
@@ -89,33 +90,34 @@ def load_for_inference(
         raise UserError(f"{precision} runs on the CPU only; choose fp32 or bf16, or --device cpu")
     if adapter is not None or model is None or (not isinstance(model, GPT2) and find_adapter(model)):
         model = load_merged(model, adapter, device=dev)
-    if isinstance(model, GPT2):
+    if bits:
+        model = _quantized(model, bits)
+    elif isinstance(model, GPT2):
         model.to(device=dev, dtype=dtype)
-        if bits:
-            quantize_weights(model, model.state_dict().items(), bits)
-    elif bits:
-        model = _load_quantized(model, bits)
     else:
         model = GPT2.from_pretrained(model, device=dev, dtype=dtype)
-    model.eval()
     if dev.type == "cpu":
-        _cpu_products(model, precision, compile)
-        huge_pages(weight_memory(model))  # decoding streams the weights: 1.2x from 2 MB pages
-    if compile:  # autotuning: fp32 1.14-1.3x at batch 1 (measured); it gained nothing for bf16 or int4
+        _build_for_cpu(model, precision, compile)
+    model.eval()
+    if compile:  # autotuning: fp32's products are timed against Inductor's generated C++ kernels
         model.compile_decode_step(autotune=precision == "fp32")
     return model
 
 
-def _cpu_products(model: GPT2, precision: str, compile: bool) -> None:
-    """The faster CPU products: the hand kernels and oneDNN on blocked weights, the tied LM head
-    blocked in place (not when compiling, which blocks the weights itself, nor for fp32 on Intel
-    CPUs, where it stays on the plain weights: MKL for a row or two, measured faster there)."""
+def _build_for_cpu(model: GPT2, precision: str, compile: bool) -> None:
+    """Replace the layers of ``model`` with the faster CPU ones (``gpt2.inference.cpu_layers``): the
+    hand kernels and oneDNN on blocked weights, the tied LM head blocked in place (not when compiling,
+    which blocks the weights itself, nor for fp32 on Intel CPUs, where it stays on the plain weights:
+    MKL for a row or two, measured faster there), attention over the cache by hand; then put the
+    weights on 2 MB pages (decoding streams them)."""
     if precision == "fp32":
         if not compile and not intel_cpu():
             blocked_linears(model)
         onednn_linears(model)
     elif precision == "bf16" and not compile:
         blocked_linears(model)
+    hand_attention(model)
+    huge_pages(weight_memory(model))
 
 
 def load_merged(
@@ -136,21 +138,39 @@ def load_merged(
     if not isinstance(model, GPT2) and find_adapter(model) is not None:
         raise UserError(f"--model {model} is itself a LoRA adapter; give its base as --model, or merge it "
                         "first with `gpt2 merge`")
+    tokenizer = read_tokenizer(directory)
     if isinstance(model, GPT2):
         base = model.to(device=device, dtype=torch.float32)
+        tokenizer = tokenizer or base.tokenizer
+        if tokenizer is not base.tokenizer:  # a new model object, built from the given one's layers
+            base = _with_tokenizer(base, tokenizer)
     else:
-        base = GPT2.from_pretrained(model, device=device, dtype=torch.float32)
+        base = GPT2.from_pretrained(model, device=device, dtype=torch.float32, tokenizer=tokenizer)
     load_adapter(base, directory)
     merge_lora(base)
-    if find_tokenizer_files(directory):
-        base.tokenizer = Tokenizer.from_pretrained(directory)
     return base
 
 
-def _load_quantized(path: str | Path, bits: int) -> GPT2:
-    """The checkpoint at ``path`` with its linear layers quantised to ``bits`` as each tensor is read
-    (the float copy of one tensor at a time)."""
-    directory = resolve(path)
-    model = empty_model(directory, GPT2)
-    quantize_weights(model, read_weights(directory, model, torch.device("cpu"), torch.float32), bits)
-    return finish_loading(model, directory)
+def _with_tokenizer(model: GPT2, tokenizer: Tokenizer | None) -> GPT2:
+    """A ``GPT2`` with the weights of float32 ``model`` (shared, not copied) and ``tokenizer``."""
+    with torch.device("meta"):
+        other = GPT2(model.config, tokenizer=tokenizer)
+    other.load_state_dict(model.state_dict(), assign=True)
+    other.lm_head.weight = other.transformer.wte.weight
+    return other.train(model.training)
+
+
+def _quantized(source: str | Path | GPT2, bits: int) -> GPT2:
+    """A model with the linear layers of ``source`` (a checkpoint, read a tensor at a time, or a
+    ``GPT2``'s weights) quantised to ``bits`` and a bfloat16 KV cache (as llama.cpp's 16-bit cache:
+    half the bytes, attention in float32)."""
+    if isinstance(source, GPT2):
+        with torch.device("meta"):
+            model = GPT2(source.config, tokenizer=source.tokenizer, cache_dtype=torch.bfloat16)
+        weights = source.state_dict().items()
+    else:
+        directory = resolve(source)
+        model = empty_model(directory, GPT2, tokenizer=read_tokenizer(directory), cache_dtype=torch.bfloat16)
+        weights = read_weights(directory, model, torch.device("cpu"), torch.float32)
+    quantize_weights(model, weights, bits)
+    return model.eval()

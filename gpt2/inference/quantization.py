@@ -15,19 +15,16 @@ more tokens per second.
   stays int8 (llama.cpp likewise keeps its output layer above 4 bits).
 
 The tied embedding and LM head is one ``Int8Linear``, whose int8 rows ``Int8Embedding`` looks tokens
-up in. Under ``torch.compile`` an ``Int8Linear`` is the custom op ``gpt2::int8_linear``, which
-``torch.compile`` can trace (neither a ctypes call nor fbgemm's packed weight, an object, can be
-traced, and they would split the compiled step at every layer): the op finds its layer by a key, so
-the step stays one graph. ``quantize_weights`` quantises a checkpoint tensor by tensor as it is read
+up in. Under ``torch.compile`` the hand-written products are the custom ops ``gpt2::int8_linear`` and
+``gpt2::int4_linear`` (a ctypes call cannot be traced, and would split the compiled step at every
+layer). ``quantize_weights`` quantises a checkpoint tensor by tensor as it is read
 (``gpt2.inference.load``), so no float copy of the model is ever held.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import warnings
-import weakref
 from collections.abc import Iterable
 
 import torch
@@ -35,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2.inference import kernels
-from gpt2.model import TiedEmbedding, Transformer, fuse_gelu
+from gpt2.inference.cpu_layers import TiedEmbedding, replace_linear
+from gpt2.model import Transformer
 from gpt2.util.errors import UserError
 
 BITS = {"int8": 8, "int4": 4}  # the quantised precisions of gpt2.config.PRECISIONS
@@ -63,19 +61,18 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-_INT8_LAYERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
-_INT8_KEYS = itertools.count()
-
-
 @torch.library.custom_op("gpt2::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, key: int) -> Tensor:
-    """``Int8Linear`` number ``key``'s product of ``x`` (float32), as ``torch.compile`` sees it."""
-    return _INT8_LAYERS[key].product(x)
+def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, sums: Tensor, bias: Tensor | None,
+                out_features: int, gelu: bool) -> Tensor:
+    """The hand-written int8 product (``gpt2.inference.kernels.int8_product``), as ``torch.compile``
+    sees it."""
+    return kernels.int8_product(x, weight, scales, sums, bias, out_features, gelu)
 
 
 @int8_linear.register_fake
-def _(x: Tensor, key: int) -> Tensor:
-    return x.new_empty(*x.shape[:-1], _INT8_LAYERS[key].out_features)
+def _(x: Tensor, weight: Tensor, scales: Tensor, sums: Tensor, bias: Tensor | None,
+      out_features: int, gelu: bool) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 class Int8Linear(nn.Module):
@@ -88,13 +85,14 @@ class Int8Linear(nn.Module):
     ``Int8Embedding`` looks tokens up in (fbgemm's packed copy cannot be read a row at a time, so its
     plain int8 rows are kept too)."""
 
-    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None, *, rows: bool = False) -> None:
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None, *, rows: bool = False,
+                 gelu: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("scales", scales)
         self.weight_bytes = 0  # bytes held outside the buffers: fbgemm's packed weight
         self.packed = None
-        self.gelu = False  # an MLP's input layer, computing its tanh-GELU too (``fuse_gelu``)
+        self.gelu = gelu  # an MLP's input layer, computing its tanh-GELU too (``replace_linear``)
         if kernels.kernel("int8", self.in_features):
             self.register_buffer("weight", kernels.int8_blocked(q))
             self.register_buffer("sums", kernels.row_sums(q))
@@ -103,8 +101,6 @@ class Int8Linear(nn.Module):
             self._pack(q, scales, bias)
             if rows:
                 self.register_buffer("weight", q)
-        self.key = next(_INT8_KEYS)
-        _INT8_LAYERS[self.key] = self
 
     def _pack(self, q: Tensor, scales: Tensor, bias: Tensor | None) -> None:
         zeros = torch.zeros(len(q), dtype=torch.long)
@@ -144,8 +140,9 @@ class Int8Linear(nn.Module):
         return q.float() * self.scales[idx, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            return int8_linear(x.float(), self.key)
+        if self.packed is None and torch.compiler.is_compiling():
+            return int8_linear(x.float(), self.weight, self.scales, self.sums, self.bias, self.out_features,
+                               self.gelu)
         return self.product(x.float())
 
 
@@ -167,7 +164,7 @@ class Int4Linear(nn.Module):
     (measured on the 124M shape's block products against tinygemm's: 2.1x faster at 1 row, 2.2-2.4x
     at 8, 2.0-2.4x at 512); elsewhere by tinygemm (channels padded to a multiple of 16)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, gelu: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         if self.in_features % GROUP:
@@ -196,7 +193,7 @@ class Int4Linear(nn.Module):
             self.register_buffer("weight", packed)
             self.register_buffer("scales_and_zeros", both)
         self.bias = _bias(bias)
-        self.gelu = False  # as ``Int8Linear``'s
+        self.gelu = gelu  # as ``Int8Linear``'s
         self.unpackable = not self.hand and padded % 64 == 0 and _unpacking_matches()  # for ``unpacked``
 
     def unpacked(self) -> Tensor:
@@ -262,33 +259,34 @@ class Int8Embedding(TiedEmbedding):
     """The token embedding tied to an ``Int8Linear`` LM head: a row is its int8 values times its scale."""
 
 
-def quantize_linear(weight: Tensor, bias: Tensor | None, bits: int) -> nn.Module:
-    """The quantised layer of a float ``weight`` (out, in) and ``bias``."""
-    return Int8Linear(*int8_rows(weight), bias) if bits == 8 else Int4Linear(weight, bias)
+def quantize_linear(weight: Tensor, bias: Tensor | None, bits: int, *, gelu: bool = False) -> nn.Module:
+    """The quantised layer of a float ``weight`` (out, in) and ``bias`` (computing tanh-GELU too when
+    ``gelu``)."""
+    return Int8Linear(*int8_rows(weight), bias, gelu=gelu) if bits == 8 else Int4Linear(weight, bias, gelu=gelu)
 
 
 def quantize_weights(model: Transformer, weights: Iterable[tuple[str, Tensor]], bits: int) -> None:
-    """Put ``weights`` ((name, float tensor) in the model's names, e.g. read from a checkpoint one at a
-    time) into ``model``: each linear layer's weight quantised as it comes, the tied embedding to
-    int8, every other tensor in float32."""
+    """Build ``model`` (made on the meta device) from ``weights`` ((name, float tensor) in the model's
+    names, e.g. read from a checkpoint one at a time): each linear layer replaced by its quantised
+    layer as its weight comes, the tied embedding and LM head by one int8 layer, every other tensor
+    in float32."""
     layers = {f"{name}.weight": name for name, module in model.named_modules()
               if type(module) is nn.Linear and name != "lm_head"}
     rest = {}
     for name, tensor in weights:
         if name in layers:
-            layer = model.get_submodule(layers[name])
-            model.set_submodule(layers[name], quantize_linear(tensor, layer.bias, bits))
+            replace_linear(model, layers[name], lambda layer, gelu, w=tensor: quantize_linear(
+                w, layer.bias, bits, gelu=gelu))
         elif name == "transformer.wte.weight":
             q, scales = int8_rows(tensor)
             tensor = None  # the float embedding, the largest tensor, goes before its int8 rows are laid out
             head = Int8Linear(q, scales, None, rows=True)
-            model.lm_head, model.transformer.wte = head, Int8Embedding(head)
+            model.set_submodule("lm_head", head)
+            model.set_submodule("transformer.wte", Int8Embedding(head))
         elif name != "lm_head.weight":
             rest[name] = tensor.float()
         del tensor  # before the next is read: the float copy goes now, not with the next one
     model.load_state_dict(rest, strict=False, assign=True)
-    model.kv_cache_dtype = torch.bfloat16  # as llama.cpp's 16-bit cache: half the bytes, attention in float32
     for module in model.modules():
         if isinstance(module, Int8Linear) and module.bias is not None:
             module.pack_bias()
-    fuse_gelu(model, (Int8Linear, Int4Linear))

@@ -44,7 +44,8 @@ from gpt2.generation.sampling import (
     sample,
     text_config,
 )
-from gpt2.model import KVCache, Transformer
+from gpt2.model import Transformer
+from gpt2.serving.batch_cache import BatchCache
 from gpt2.serving.prefix_cache import BLOCK, PrefixCache
 from gpt2.serving.structured import Constraint, Grammar, allowed_tokens
 from gpt2.util.errors import UserError
@@ -174,7 +175,7 @@ class EngineStats:
 class _Slots:
     """The shared cache, the sequences in its first rows and their next-token logits."""
 
-    cache: KVCache
+    cache: BatchCache
     rows: list[_Sequence] = field(default_factory=list)
     logits: Tensor | None = None  # (len(rows), vocab): to draw each row's next token from
 
@@ -191,7 +192,7 @@ class _Prefill:
     source: Tensor
     ids: Tensor
     mask: Tensor | None
-    cache: KVCache
+    cache: BatchCache
     full: bool
     done: int = 0
     logits: list[Tensor] = field(default_factory=list)
@@ -225,8 +226,8 @@ class Engine:
         self.stats = EngineStats()
         self.observers: list[Callable[[str, float], None]] = []  # told each timing (module docstring)
         # Rows start at different positions: attention always uses the cache's key mask.
-        cache = KVCache(model.config, max_batch_size, device=model.device, dtype=model.cache_dtype,
-                        padded=True, attention_dtype=model.attention_dtype)
+        cache = BatchCache(model.config, max_batch_size, device=model.device, dtype=model.cache_dtype,
+                           padded=True, attention_dtype=model.attention_dtype)
         self._slots = _Slots(cache)
         self.prefix_cache = None if prefix_cache_tokens < BLOCK else PrefixCache(
             model.config, prefix_cache_tokens, device=model.device, dtype=model.cache_dtype)
@@ -416,8 +417,8 @@ class Engine:
         source = [distinct.setdefault(tuple(s.request.prompt), len(distinct)) for s in joining]
         prompts = [list(p) for p in distinct]
         ids, mask = left_pad(prompts, self.tokenizer.eot_token, device)
-        own = KVCache(self.model.config, len(distinct), ids.shape[1], device=device, dtype=cache.dtype,
-                      attention_dtype=cache.attention_dtype)
+        own = BatchCache(self.model.config, len(distinct), ids.shape[1], device=device, dtype=cache.dtype,
+                         attention_dtype=cache.attention_dtype)
         full = any(s.request.prompt_logprobs for s in joining)
         padded = None if bool(mask.all()) else mask
         self.stats.prompt_tokens += sum(map(len, prompts))
@@ -425,7 +426,7 @@ class Engine:
         done = 0 if full or self.prefix_cache is None else self._reuse_prefixes(prompts, own, padded)
         return _Prefill(joining, prompts, torch.tensor(source, device=device), ids, padded, own, full, done)
 
-    def _reuse_prefixes(self, prompts: list[list[int]], own: KVCache, mask: Tensor | None) -> int:
+    def _reuse_prefixes(self, prompts: list[list[int]], own: BatchCache, mask: Tensor | None) -> int:
         """Start ``own`` (the left-padded ``prompts``' cache) with the keys and values of their
         cached prefixes, as far as every row has them; returns the position reading goes on from."""
         assert self.prefix_cache is not None

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from gpt2.config import GPT2Config
-from gpt2.model import KVCache
+from gpt2.kv_cache import KVCache
+from gpt2.serving.batch_cache import BatchCache
 
 BLOCK = 16  # positions per block
 
@@ -40,7 +41,7 @@ class PrefixCache:
         blocks = max_tokens // BLOCK
         KVCache.check_fits(config, 1, blocks * BLOCK, dtype)
         self.max_tokens = blocks * BLOCK
-        # blocks along the fourth axis: a run of them gathered is already laid out as ``KVCache.read``'s
+        # blocks along the fourth axis: a run of them gathered is already laid out as ``BatchCache.read``'s
         self.pool = torch.zeros(config.n_layer, 2, config.n_head, blocks, BLOCK, config.head_dim,
                                 device=device, dtype=dtype)
         self._index: OrderedDict[_Key, int] = OrderedDict()  # block -> its place in the pool; LRU first
@@ -70,7 +71,7 @@ class PrefixCache:
         places = torch.tensor([self._index[k] for k in found], device=self.pool.device)
         return self.pool[:, :, :, places].flatten(3, 4)
 
-    def store(self, prompt: list[int], cache: KVCache, row: int, start: int) -> None:
+    def store(self, prompt: list[int], cache: BatchCache, row: int, start: int) -> None:
         """Keep the whole blocks of ``prompt``, read into ``cache``'s row ``row`` from position
         ``start``, that are not kept yet, evicting the least recently used blocks of other prompts."""
         keys = [tuple(prompt[:end]) for end in range(BLOCK, len(prompt) + 1, BLOCK)]

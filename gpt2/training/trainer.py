@@ -67,7 +67,7 @@ from gpt2.training.optimizers import (
     muon_parameters,
     set_learning_rates,
 )
-from gpt2.util.atomic import replace_dir, write_atomic
+from gpt2.util.atomic import check_apart, followed, replace_dir, write_atomic
 from gpt2.util.errors import UserError
 from gpt2.util.memory import check_fits, physical_memory
 
@@ -175,6 +175,7 @@ def flops_per_token(config: GPT2Config, seq_len: int) -> float:
 def _open_run_dir(cfg: TrainConfig) -> Path | None:
     """Check (and with --overwrite clear) the run directory; the checkpoint to resume from, if any."""
     run = Path(cfg.out)
+    check_apart(run, [cfg.data, cfg.init_from, cfg.tokenizer])  # --overwrite would delete them first
     if cfg.resume:
         checkpoint = checkpoints.latest_checkpoint(run)
         if checkpoint is None:
@@ -193,18 +194,13 @@ def _open_run_dir(cfg: TrainConfig) -> Path | None:
             )
         if not any((run / name).exists() for name in (CONFIG_FILE, LATEST, METRICS_FILE)):
             raise UserError(f"{run} is not empty and holds no training run; --overwrite refuses to clear it")
-        source = Path(cfg.init_from).resolve() if cfg.init_from else None
-        if source is not None and source.exists() and source.is_relative_to(run.resolve()):
-            raise UserError(
-                f"--init-from {cfg.init_from} is inside --out {run}, which --overwrite would delete before "
-                "anything new is saved; choose another --out"
-            )
     return None
 
 
 def _start_run_dir(cfg: TrainConfig, resume_from: Path | None) -> None:
-    """Rank 0: clear an overwritten run or the debris of a killed one, and save the config."""
-    run = Path(cfg.out)
+    """Rank 0: clear an overwritten run or the debris of a killed one, and save the config. A run
+    directory that is a symbolic link: the directory it names is cleared, and the link kept."""
+    run = followed(Path(cfg.out))
     if resume_from is None and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -232,6 +228,14 @@ def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return a.n_vocab == b.n_vocab and a.encode(TOKENIZER_PROBE) == b.encode(TOKENIZER_PROBE)
 
 
+def _model_tokenizer(data: Tokenizer | None, checkpoint: Tokenizer | None) -> Tokenizer | None:
+    """The tokenizer a model trained on ``data``'s tokens keeps: the data's when it has a chat template
+    (the same ids, checked, and the template the data was made with), else the checkpoint's."""
+    if data is not None and data.chat_template is not None:
+        return data
+    return checkpoint or data
+
+
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path | None) -> GPT2:
     """A float32 model from a checkpoint being resumed, a model to fine-tune, or a preset; with
     ``lora_rank``, the model to fine-tune frozen under a LoRA adapter (a LoRA checkpoint being resumed
@@ -242,13 +246,14 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path
                         f"first (gpt2 merge --adapter {cfg.init_from} --out DIR) and fine-tune DIR")
     if resume_from is not None or cfg.init_from:
         source = cfg.init_from if adapter is not None else resume_from or cfg.init_from
-        model = GPT2.from_pretrained(source, dtype=torch.float32)
-        theirs = model.tokenizer
+        directory = checkpoints.resolve(source)
+        theirs = checkpoints.read_tokenizer(directory)
         if tokenizer is not None and theirs is not None and not _same_tokenizer(tokenizer, theirs):
             raise UserError(
                 f"the data in {cfg.data} was tokenized with another tokenizer than {cfg.init_from}'s; "
                 f"prepare it with `gpt2 prepare ... --tokenizer {cfg.init_from}`"
             )
+        model = GPT2.from_pretrained(directory, dtype=torch.float32, tokenizer=_model_tokenizer(tokenizer, theirs))
         if cfg.dropout is not None and cfg.dropout != model.config.dropout:
             model.set_dropout(cfg.dropout)
     else:
@@ -258,16 +263,12 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path
             overrides["dropout"] = cfg.dropout
         config = GPT2Config.from_preset(cfg.preset, **overrides)
         torch.manual_seed(cfg.seed)  # every rank starts from the same weights
-        model = GPT2(config)
+        model = GPT2(config, tokenizer=tokenizer)
     if tokenizer is not None and tokenizer.n_vocab > model.config.vocab_size:
         raise UserError(
             f"the data's tokenizer has {tokenizer.n_vocab} tokens but the model only "
             f"{model.config.vocab_size}; prepare the data with the model's tokenizer"
         )
-    if tokenizer is not None and tokenizer.chat_template is not None:
-        model.tokenizer = tokenizer  # the same ids (checked above), and the template the data was made with
-    else:
-        model.tokenizer = model.tokenizer or tokenizer
     if adapter is not None:
         lora.load_adapter(model, adapter)
     elif cfg.lora_rank is not None:
@@ -361,13 +362,12 @@ def full_model(model: GPT2, sharded: bool, env: Distributed) -> GPT2 | None:
     if not env.is_main:
         return None
     with torch.device("meta"):
-        whole = GPT2(model.config)
+        whole = GPT2(model.config, tokenizer=model.tokenizer)
     adapter = lora.lora_config_of(model)
     if adapter is not None:
         lora.add_lora(whole, adapter)  # on the meta device too: the gathered tensors fill both
     whole.load_state_dict(weights, assign=True)
     whole.lm_head.weight = whole.transformer.wte.weight  # gathered as two copies: tie them again
-    whole.tokenizer = model.tokenizer
     return whole
 
 
@@ -493,9 +493,9 @@ def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
     seq_len, batch_tokens, accum = _batch_shape(cfg, env, model.config, chat and chat["seq_len"])
     check_memory(cfg.micro_batch, seq_len, model.config, env.device)
     train_loader = ShardLoader(train_files, cfg.micro_batch, seq_len, rank=env.rank,
-                               world_size=env.world_size, seed=cfg.seed)
-    val_loader = (ShardLoader(val_files, cfg.micro_batch, seq_len, rank=env.rank,
-                              world_size=env.world_size, shuffle=False) if val_files else None)
+                               world_size=env.world_size, seed=cfg.seed, masked=chat is not None)
+    val_loader = (ShardLoader(val_files, cfg.micro_batch, seq_len, rank=env.rank, world_size=env.world_size,
+                              shuffle=False, masked=chat is not None) if val_files else None)
     for loader in (train_loader, val_loader):
         if loader is not None:
             loader.check_vocab(model.config.vocab_size)

@@ -1,0 +1,75 @@
+"""The KV cache of the serving engine's batch: a ``KVCache`` plus the operations that continuous
+batching and prefix caching need on its rows (filling rows from another cache, reading and restoring
+stored prefixes, moving and shifting rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gpt2.kv_cache import KVCache
+
+
+class BatchCache(KVCache):
+    """A ``KVCache`` whose rows the engine manages: it keeps its live sequences in the first rows,
+    fills freed rows with new ones and aligns them all at the end of the written positions."""
+
+    def insert(self, other: KVCache, source: Tensor, first_row: int) -> None:
+        """Copy rows ``source`` of ``other`` (prompts read together) into the rows from ``first_row``
+        on, so that they end at this cache's ``length`` (at least ``other.length``); the positions
+        before them become padding."""
+        rows = slice(first_row, first_row + len(source))
+        start, end = self.length - other.length, self.length
+        for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values), strict=True):
+            mine[rows, :, start:end] = theirs[source, :, : other.length]
+        self.key_mask[rows, :start] = False
+        self.key_mask[rows, start:end] = other.key_mask[source, : other.length]
+        self.next_position[rows] = other.next_position[source]
+
+    def read(self, row: int, start: int, end: int) -> Tensor:
+        """A copy of row ``row``'s keys and values at positions ``start`` to ``end``, every layer's:
+        (layers, 2, heads, end - start, head_dim), as ``restore`` takes them."""
+        k0 = self.keys[0]
+        out = k0.new_empty(len(self.keys), 2, k0.shape[1], end - start, k0.shape[3])
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            out[layer, 0] = k[row, :, start:end]
+            out[layer, 1] = v[row, :, start:end]
+        return out
+
+    def restore(self, length: int, real: Tensor | None, rows: Sequence[tuple[int, int, Tensor]]) -> None:
+        """Make an empty cache as if its first ``length`` positions had been read: ``real`` (rows,
+        length) marks their real tokens (None: all are), and each (row, start, kv) writes ``kv``
+        (as ``read`` gives it) at row ``row`` from position ``start``; every real position must be
+        written so."""
+        for row, start, kv in rows:
+            end = start + kv.shape[3]
+            for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+                k[row, :, start:end] = kv[layer, 0]
+                v[row, :, start:end] = kv[layer, 1]
+        if real is None:
+            self.next_position += length
+        else:
+            self.key_mask[: len(real), :length] = real
+            self.next_position[: len(real)] = real.long().sum(dim=1)
+            self.padded = self.padded or not bool(real.all())
+        self.advance(length)
+
+    def move_rows(self, dst: list[int], src: list[int]) -> None:
+        """Copy rows ``src`` into rows ``dst`` (the engine fills freed rows with live ones)."""
+        to, of = torch.tensor(dst, device=self.slot.device), torch.tensor(src, device=self.slot.device)
+        for t in (*self.keys, *self.values, self.key_mask, self.next_position):
+            t[to] = t[of]
+
+    def shift(self, by: int, rows: int) -> None:
+        """Move the first ``rows`` rows ``by`` positions along the time axis (left when negative),
+        keeping them aligned at the end; positions that open up at the start become padding."""
+        old, new = self.length, self.length + by
+        keep = min(old, new)
+        for t in (*self.keys, *self.values):
+            t[:rows, :, new - keep : new] = t[:rows, :, old - keep : old].clone()
+        self.key_mask[:rows, new - keep : new] = self.key_mask[:rows, old - keep : old].clone()
+        self.key_mask[:rows, : new - keep] = False
+        self.length = new
+        self.slot.fill_(new)
