@@ -23,7 +23,8 @@ own 50,257 (``$GPT2_SHARED_DATA/gpt2.tiktoken``). For ``--budget`` minutes of tr
 
 Validation: every ``15 s`` of training time and at the end, the loss per token of the same first
 32,768 held-out tokens (16 batches of the validation split, in order), on each side in its own
-precision (ours is told when by wrapping ``gpt2.training.trainer.validate``). Only training counts on the clock,
+precision (ours is told when by wrapping ``gpt2.training.trainer.validate``). Only training counts on the
+clock,
 on both sides: ``gpt2 train`` takes validations and checkpoints off its own (its time limit and
 schedule run on training time), and theirs stops its clock around them. Set-up (building the model, reading
 the shards) counts on neither.
@@ -195,7 +196,8 @@ def run_transformers(data: Path, vocab: int, spec: dict[str, Any]) -> dict[str, 
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": NANOGPT["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=NANOGPT["lr"], betas=(NANOGPT["beta1"], NANOGPT["beta2"]))
-    schedule = TrainConfig(**NANOGPT)  # gpt2.training.optimizers.lr_factor: the same warm-up and cosine as ours
+    # gpt2.training.optimizers.lr_factor: the same warm-up and cosine as ours
+    schedule = TrainConfig(**NANOGPT)
     train = ShardLoader(find_shards(data, "train"), s["micro_batch"], s["seq_len"], seed=SEED)
     val = ShardLoader(find_shards(data, "val"), s["micro_batch"], s["seq_len"], shuffle=False)
     batches = validation_batches(s, val.num_samples)
@@ -228,7 +230,8 @@ def run_transformers(data: Path, vocab: int, spec: dict[str, Any]) -> dict[str, 
 
 @contextlib.contextmanager
 def training_clock(clock: Clock, every_s: float, budget_s: float) -> Iterator[None]:
-    """Within: ``gpt2.training.trainer`` validates every ``every_s`` of training time and at the end (it is told
+    """Within: ``gpt2.training.trainer`` validates every ``every_s`` of training time and at the end (it is
+    told
     to consider it after every step; ``gpt2 train`` itself takes validations off its clock)."""
     import gpt2.training.trainer as training
 

@@ -4,7 +4,8 @@ transformers' GPT2LMHeadModel, each engine, shape and precision in its own fresh
 Shapes: ``tiny`` (preset tiny: 4 layers x 256, batch 8 x 256) and ``124M`` (preset gpt2, batch
 4 x 1024), both with the 50,257-token vocabulary, whose logits dominate a small model's training
 memory (4 x 1024 x 50,257 float32 logits are 823 MB). Ours is the real ``gpt2 train`` setup and loop
-(``gpt2.training.config.load_config`` + ``gpt2.training.trainer``'s ``setup`` and ``fit``, the final checkpoint
+(``gpt2.training.config.load_config`` + ``gpt2.training.trainer``'s ``setup`` and ``fit``, the final
+checkpoint
 left out) on random-token shards, whose loss computes the LM head and the cross-entropy a chunk of
 positions at a time (``gpt2.loss``), with AdamW and with ``--optimizer muon`` (one momentum buffer per
 block matrix where AdamW holds two). Theirs is GPT2LMHeadModel (SDPA attention) in the plain loop its

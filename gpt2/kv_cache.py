@@ -2,8 +2,9 @@
 over them without recomputing them.
 
 ``KVCache`` holds what every decoder needs: the network writes a chunk's keys and values, records
-which positions are real tokens and advances; a decoder that slides its window empties it. The serving engine's operations on rows (moving,
-shifting, filling them from other caches) live with it, in ``gpt2.serving.batch_cache``.
+which positions are real tokens and advances; a decoder that slides its window empties it. The
+serving engine's operations on rows (moving, shifting, filling them from other caches) live with
+the engine, in ``gpt2.serving.batch_cache``.
 """
 
 from __future__ import annotations

@@ -131,7 +131,8 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype: the weights' too, unless they are quantised (``gpt2.inference.quantization``)."""
+        """The activations' dtype: the weights' too, unless they are quantised
+        (``gpt2.inference.quantization``)."""
         return self.transformer.ln_f.weight.dtype
 
     @property
@@ -145,9 +146,9 @@ class Transformer(nn.Module):
 
     @property
     def attention_dtype(self) -> torch.dtype:
-        """The dtype cached attention runs in: float32 on the CPU, where bfloat16 attention runs 4x
-        (1 row) to 8x (8 rows) slower over the 124M shape's cache (measured; a bfloat16 cache is read
-        into float32 room a layer at a time), else the activations'."""
+        """The dtype cached attention runs in: float32 on the CPU, where bfloat16 attention runs several
+        times slower (a bfloat16 cache is read into float32 room a layer at a time), else the
+        activations'."""
         return torch.float32 if self.device.type == "cpu" else self.dtype
 
     def set_dropout(self, rate: float) -> None:
@@ -296,7 +297,7 @@ def _step_guards(entries: list) -> list[bool]:
 
 def _embedding(rows: int, width: int, loading: bool) -> nn.Embedding:
     """An embedding table; made empty when the model is built to be loaded (torch's own initialisation
-    on the meta device imports torch._dynamo: 1.3 s and 70 MB)."""
+    on the meta device imports torch._dynamo, a second and more of start-up)."""
     if loading:
         return nn.Embedding(rows, width, _weight=torch.empty(rows, width))
     return nn.Embedding(rows, width)

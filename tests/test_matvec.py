@@ -1,4 +1,5 @@
-"""The hand-written decoding products (``gpt2.inference.kernels``): on oneDNN's blocked weights they give oneDNN's
+"""The hand-written decoding products (``gpt2.inference.kernels``): on oneDNN's blocked weights they give
+oneDNN's
 products for every number of rows they take, the blocked layers of a loaded model use them, the
 library is built once per machine into the cache and shares PyTorch's OpenMP threads, and
 ``GPT2_MATVEC=0`` leaves oneDNN's products."""

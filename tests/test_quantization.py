@@ -83,8 +83,8 @@ def test_each_precision_stays_close_to_fp32_on_a_trained_model(trained: Path, pr
 
 @pytest.fixture
 def pytorch_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Layers made while ``gpt2.inference.kernels``'s kernels are off (``GPT2_MATVEC=0``, as on a CPU they cannot
-    run on): fbgemm's and tinygemm's products."""
+    """Layers made while ``gpt2.inference.kernels``' kernels are off (``GPT2_MATVEC=0``, as on a CPU they
+    cannot run on): fbgemm's and tinygemm's products."""
     monkeypatch.setenv("GPT2_MATVEC", "0")
     kernels.library.cache_clear()
     yield

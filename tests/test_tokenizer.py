@@ -54,7 +54,7 @@ ADVERSARIAL = [
 LONE_SURROGATES = ["\ud800", "a\udfffb", "smile \ud83d!"]
 
 
-# -- references built here, independently of gpt2.tokenizer.bpe ------------------------------------------------
+# -- references built here, independently of gpt2.tokenizer.bpe -----------------------------------------
 
 
 @functools.cache

@@ -50,7 +50,8 @@ def intel_cpu() -> bool:
         return False
 
 
-def replace_linears(model: nn.Module, names: list[str], build: Callable[[nn.Linear, bool], nn.Module]) -> None:
+def replace_linears(model: nn.Module, names: list[str],
+                    build: Callable[[nn.Linear, bool], nn.Module]) -> None:
     """Replace the ``nn.Linear`` layers ``names`` of ``model`` with ``build(layer, gelu)`` (see
     ``replace_linear``), one at a time: each old layer can be freed as soon as its replacement is made."""
     for name in names:
@@ -298,7 +299,8 @@ class HandAttention(CausalSelfAttention):
     def __init__(self, attention: CausalSelfAttention) -> None:
         nn.Module.__init__(self)
         self.n_head, self.dropout = attention.n_head, attention.dropout
-        self.c_attn, self.c_proj, self.resid_dropout = attention.c_attn, attention.c_proj, attention.resid_dropout
+        self.c_attn, self.c_proj = attention.c_attn, attention.c_proj
+        self.resid_dropout = attention.resid_dropout
         self.train(attention.training)
 
     def attend(
@@ -314,7 +316,8 @@ def hand_attention(model: Transformer) -> None:
     the CPU, for heads of 64 (every GPT-2 size's), float32 activations over a float32 or bfloat16
     cache, or bfloat16 ones over a bfloat16 cache."""
     config = model.config
-    pairs = {(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)}
+    f32, bf16 = torch.float32, torch.bfloat16
+    pairs = {(f32, f32), (f32, bf16), (bf16, bf16)}
     if model.device.type != "cpu" or config.head_dim != 64 or (model.dtype, model.cache_dtype) not in pairs \
             or model.attention_dtype != torch.float32 or not kernels.kernel("attention", 64):
         return

@@ -6,7 +6,7 @@ more tokens per second.
 - ``int8``: weights int8 with a scale per output channel; each input row is quantised to 8 bits on
   the fly and multiplied by ``gpt2.inference.kernels``'s int8 kernel (AVX512-VNNI; on our blocked layout) or,
   where that cannot run, by fbgemm's int8 product (``quantized::linear_dynamic``, what PyTorch's
-  dynamic quantisation runs; measured here, 2-3x faster than the weight-only int8 kernel).
+  dynamic quantisation runs, faster than PyTorch's weight-only int8 kernel).
 - ``int4``: groups of ``GROUP`` inputs with a scale and a zero point each (asymmetric, as llama.cpp's
   Q4_1), multiplied by ``gpt2.inference.kernels``'s int4 kernel (AVX512-VNNI; each input row quantised to 8
   bits, as llama.cpp's Q4 products quantise theirs) or, where that cannot run, by
@@ -40,7 +40,7 @@ BITS = {"int8": 8, "int4": 4}  # the quantised precisions of gpt2.config.PRECISI
 GROUP = 32  # int4: inputs per scale and zero point (llama.cpp's Q4 blocks are 32 too)
 _INT4_ROWS = 16  # tinygemm packs output channels in tiles of 16
 # From this many rows on, unpacking an int4 weight to bfloat16 and multiplying that is faster than
-# tinygemm's product (measured on the 124M shape's layers: equal at about 160 rows, 2x at 512).
+# tinygemm's product (the two cross a little below this on the 124M shape's layers).
 _UNPACK_ROWS = 192
 _CHUNK_ROWS = 1024  # rows quantised at a time: the float temporaries stay small (the LM head has 50,257)
 
@@ -77,9 +77,8 @@ def _(x: Tensor, weight: Tensor, scales: Tensor, sums: Tensor, bias: Tensor | No
 
 class Int8Linear(nn.Module):
     """``y = x W^T + b``, W int8 with a scale per output channel (``q`` and ``scales``: the weight's
-    ``int8_rows``). Where ``gpt2.inference.kernels``'s int8 kernel runs (AVX512-VNNI), W is held in its blocked
-    layout and multiplied by it, each input row quantised to 8 bits (measured on the 124M shape's
-    products against fbgemm's: 1.35x faster at 1 row, 1.6x at 4, 1.25x at 8, 1.1-1.25x at 512). Elsewhere
+    ``int8_rows``). Where ``gpt2.inference.kernels``' int8 kernel runs (AVX512-VNNI), W is held in its blocked
+    layout and multiplied by it, each input row quantised to 8 bits (faster than fbgemm's). Elsewhere
     fbgemm's dynamic int8 product multiplies it, adding the float32 bias itself (packed with the weight:
     one pass over the output, not two). ``rows``: the layer is the tied LM head, whose rows
     ``Int8Embedding`` looks tokens up in (fbgemm's packed copy cannot be read a row at a time, so its
@@ -148,7 +147,8 @@ class Int8Linear(nn.Module):
 
 @torch.library.custom_op("gpt2::int4_linear", mutates_args=())
 def int4_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, gelu: bool) -> Tensor:
-    """The hand-written int4 product (``gpt2.inference.kernels.int4_product``), as ``torch.compile`` sees it."""
+    """The hand-written int4 product (``gpt2.inference.kernels.int4_product``), as ``torch.compile``
+    sees it."""
     return kernels.int4_product(x, weight, bias, out_features, gelu)
 
 
@@ -161,8 +161,8 @@ class Int4Linear(nn.Module):
     """``y = x W^T + b`` with W in 4 bits, groups of ``GROUP`` inputs sharing a scale and a zero point.
     Where ``gpt2.inference.kernels``'s int4 kernel runs (AVX512-VNNI), W is held in its blocked layout (output
     channels padded to a multiple of 64) and multiplied by it, each input row quantised to 8 bits
-    (measured on the 124M shape's block products against tinygemm's: 2.1x faster at 1 row, 2.2-2.4x
-    at 8, 2.0-2.4x at 512); elsewhere by tinygemm (channels padded to a multiple of 16)."""
+    (faster than tinygemm's at every number of rows); elsewhere by tinygemm (channels padded to a
+    multiple of 16)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, *, gelu: bool = False) -> None:
         super().__init__()
@@ -262,7 +262,9 @@ class Int8Embedding(TiedEmbedding):
 def quantize_linear(weight: Tensor, bias: Tensor | None, bits: int, *, gelu: bool = False) -> nn.Module:
     """The quantised layer of a float ``weight`` (out, in) and ``bias`` (computing tanh-GELU too when
     ``gelu``)."""
-    return Int8Linear(*int8_rows(weight), bias, gelu=gelu) if bits == 8 else Int4Linear(weight, bias, gelu=gelu)
+    if bits == 8:
+        return Int8Linear(*int8_rows(weight), bias, gelu=gelu)
+    return Int4Linear(weight, bias, gelu=gelu)
 
 
 def quantize_weights(model: Transformer, weights: Iterable[tuple[str, Tensor]], bits: int) -> None:
