@@ -60,3 +60,35 @@ def test_no_function_is_longer_than_80_lines() -> None:
             if function and node.end_lineno - node.lineno >= 80:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert long == []
+
+
+def module_imports(path: Path) -> set[str]:
+    """The gpt2 modules that module ``path`` imports when it is itself imported (its top-level
+    statements; imports inside functions run later, when called)."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "gpt2":
+            names |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.split(".")[0] == "gpt2"}
+    return names
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No import cycle between modules, inside a package as well as between packages."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph = {name: {m for m in module_imports(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        assert name not in trail, f"import cycle: {' -> '.join([*trail[trail.index(name):], name])}"
+        if name in done:
+            return
+        for other in sorted(graph[name]):
+            visit(other, [*trail, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
