@@ -410,7 +410,7 @@ def test_config_options_we_do_not_implement(saved: Path, change: dict, expected:
 
 def test_config_that_is_not_json(saved: Path) -> None:
     (saved / "config.json").write_text("{n_layer: 4")
-    assert "cannot read it as JSON" in load_error(saved)
+    assert "config.json is not valid JSON" in load_error(saved)
 
 
 def test_cli_prints_one_error_line_without_traceback(saved: Path, capsys) -> None:

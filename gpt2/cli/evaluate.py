@@ -12,6 +12,7 @@ from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer
 from gpt2.config import PUBLISHED_SIZES
 from gpt2.evaluation import perplexity
 from gpt2.evaluation.hub import HUB_DATASETS
+from gpt2.util.atomic import check_apart
 from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
@@ -141,6 +142,9 @@ def run_report(args: argparse.Namespace) -> int:
     from gpt2.evaluation import report
 
     entries = report.load_suite(args.suite)
+    inputs = [args.suite, args.model, args.adapter, args.tokenizer, *(e.get("file") for e in entries)]
+    for output in report.report_files(args.out):  # the files, not --out: its default "." holds the suite
+        check_apart(output, inputs)
     scorer = scorer_for(args)
 
     def progress(name: str, result: dict) -> None:

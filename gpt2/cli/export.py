@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gpt2.cli.options import MODEL_HELP, TOKENIZER_HELP
 from gpt2.inference.export import FORMATS, GGUF_TYPES
+from gpt2.util.atomic import check_apart
 from gpt2.util.errors import UserError
 
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise UserError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
     check_type(args.type)
+    check_apart(args.out, [args.model, args.tokenizer])
     check_output(args.out, overwrite=args.overwrite)  # before the model is loaded
     import_gguf()
 

@@ -16,7 +16,7 @@ from gpt2.cli.options import (
     sampling_config,
 )
 from gpt2.generation.config import ContextWindowReached
-from gpt2.util.atomic import write_atomic
+from gpt2.util.atomic import check_apart, write_atomic
 from gpt2.util.errors import UserError
 
 
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     stream = args.stream if args.stream is not None else args.num_samples == 1
     if stream and args.num_samples != 1:
         raise UserError("--stream prints one sample at a time; use --no-stream with --num-samples")
+    if args.output:
+        check_apart(args.output, [args.prompt_file, args.model, args.adapter, args.tokenizer], "--output")
     prompt = _read_prompt(args)
     model, tokenizer = load_model_and_tokenizer(args)
     with warnings.catch_warnings(record=True) as caught:

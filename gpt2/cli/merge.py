@@ -28,9 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gpt2 import checkpoints
     from gpt2.inference.load import load_merged  # torch: only when the verb runs
-    from gpt2.util.atomic import building_dir
+    from gpt2.util.atomic import building_dir, check_apart
 
     out: Path = args.out
+    check_apart(out, [args.adapter, args.model])
     if out.is_file():
         raise UserError(f"--out {out} is a file; give a directory")
     if args.overwrite and out.is_dir() and any(out.iterdir()) and not (out / checkpoints.CONFIG).is_file():

@@ -10,6 +10,7 @@ from gpt2.data.chat import TOO_LONG, is_chat_file, prepare_chat
 from gpt2.data.prepare import DEFAULT_SHARD_TOKENS, Corpus, prepare
 from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files
 from gpt2.tokenizer.chat_template import ChatTemplate
+from gpt2.util.atomic import check_apart
 from gpt2.util.errors import UserError
 
 
@@ -63,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_apart(args.out, [*args.inputs, args.tokenizer, args.chat_template])
     chat = [is_chat_file(path) for path in args.inputs]
     if any(chat):
         if not all(chat):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gpt2.cli.options import TOKENIZER_HELP, read_text_file
 from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files, train_tokenizer
+from gpt2.util.atomic import check_apart
 from gpt2.util.errors import UserError
 
 
@@ -51,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     out: Path = args.out
+    check_apart(out, args.files)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
     if not args.overwrite and out.is_dir() and (find_tokenizer_files(out) or (out / "config.json").is_file()):

@@ -38,6 +38,7 @@ from gpt2.tokenizer.bpe import Tokenizer
 from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate, Message, check_messages
 from gpt2.util.atomic import building_dir, write_atomic
 from gpt2.util.errors import UserError
+from gpt2.util.jsonfile import check_field, parse_json, read_json_object
 
 CHAT_INFO = "chat.json"
 TOO_LONG = ("truncate", "drop")
@@ -54,8 +55,8 @@ def is_chat_file(path: str | Path) -> bool:
         for raw in f:
             if raw.strip():
                 try:
-                    record = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                    record = parse_json(raw, str(path))
+                except UserError:  # then it is read as text, whose reading names what is wrong
                     return False
                 return isinstance(record, dict) and _format_of(record) is not None
     return False
@@ -271,10 +272,8 @@ def read_chat_info(directory: str | Path) -> dict | None:
     path = Path(directory) / CHAT_INFO
     if not path.is_file():
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(info, dict) or not isinstance(info.get("seq_len"), int):
-            raise ValueError("no seq_len")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: cannot read it ({e}); prepare the data again") from None
+    info = read_json_object(path)
+    check_field(info, "seq_len", (int,), str(path))
+    if info.get("seq_len", 0) < 1:
+        raise UserError(f"{path}: seq_len must be a positive integer; prepare the data again")
     return info

@@ -7,7 +7,6 @@ llm.c's .bin format (``gpt2.data.shards``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +25,7 @@ from gpt2.data.shards import (
 from gpt2.tokenizer.bpe import Tokenizer, train_tokenizer
 from gpt2.util.atomic import building_dir
 from gpt2.util.errors import UserError
+from gpt2.util.jsonfile import parse_json
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -164,18 +164,15 @@ class Corpus:
 
 def json_lines(path: Path, decode: Callable[[bytes], str]) -> Iterator[tuple[str, object]]:
     """The values of a JSON-lines file's non-blank lines (each line's bytes through ``decode``), with
-    where each is (``file:line``); a line that is not JSON is a one-line error naming it."""
+    where each is (``file:line``); a line that is not JSON, or holds what cannot be read
+    (``gpt2.util.jsonfile``), is a one-line error naming it."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             line = decode(raw)
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                where = f"{path}:{lineno}"
-                raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
-            yield f"{path}:{lineno}", value
+            where = f"{path}:{lineno}"
+            yield where, parse_json(line, where)
 
 
 def parquet_documents(path: Path, column: str, batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import re
 import time
@@ -22,6 +21,7 @@ from gpt2.evaluation.hub import hub_rows
 from gpt2.evaluation.perplexity import get_detokenizer
 from gpt2.evaluation.scoring import Request, Scorer
 from gpt2.util.errors import UserError
+from gpt2.util.jsonfile import parse_json
 
 GROUP = 1024  # examples scored together: sorting by length within a group keeps padding low
 
@@ -54,12 +54,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{path}: line {number} is not valid JSON ({e.msg}); fix or remove the line"
-                ) from None
+            obj = parse_json(line, f"{path}: line {number}")
             if not isinstance(obj, dict):
                 raise UserError(f"{path}: line {number} is not a JSON object; each line must be one {{...}}")
             found = True

@@ -216,11 +216,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_files(directory: str | Path) -> tuple[Path, Path]:
+    """The two files ``write_report`` writes into ``directory``: ``report.md`` and ``report.json``."""
+    return Path(directory) / "report.md", Path(directory) / "report.json"
+
+
 def write_report(report: dict, directory: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.json`` into ``directory`` (atomically); their paths."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    md, js = directory / "report.md", directory / "report.json"
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    md, js = report_files(directory)
     write_atomic(md, lambda p: p.write_text(markdown(report), encoding="utf-8"))
     write_atomic(js, lambda p: p.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
     return md, js

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from gpt2.tokenizer.bpe import GPT2_PATTERN
 from gpt2.util.errors import UserError
+from gpt2.util.jsonfile import parse_json
 
 JSON_OPTIONS = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions; compact JSON
 _ECHOED_SOURCE = re.compile(r"^\s*(\^+|\d+ \|.*)\s*$")  # lines of an error that point into the grammar
@@ -134,9 +135,9 @@ def _structured_outputs(given: StructuredOutputs, tokenizer: Any) -> Grammar:
         schema = given.json_
         if isinstance(schema, str):
             try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise FormatError(param, f"not valid JSON ({e})") from None
+                schema = parse_json(schema, "the schema")
+            except UserError as e:
+                raise FormatError(param, str(e)) from None
         if not isinstance(schema, dict):
             raise FormatError(param, "a JSON schema is an object")
         return json_grammar(schema, tokenizer, param)

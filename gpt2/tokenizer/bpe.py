@@ -31,6 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from gpt2.util.atomic import write_atomic
 from gpt2.util.errors import UserError
+from gpt2.util.jsonfile import parse_json_object
 
 # GPT-2's pre-tokenisation: text is split into these pieces, and BPE runs inside each piece.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -651,13 +652,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); is it damaged?") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
+    return parse_json_object(_read_text(path), str(path))
 
 
 def _checked_vocab(vocab: object, path: Path) -> dict[str, int]:

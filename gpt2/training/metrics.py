@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gpt2.util.atomic import write_atomic
+from gpt2.util.atomic import check_apart, write_atomic
 from gpt2.util.errors import UserError
+from gpt2.util.jsonfile import NotJSON, parse_json
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -41,9 +42,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); it is not a metrics log") from None
     records = []
     for number, line in enumerate(text.splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+        try:  # a diverged run logs NaN losses: kept, and drawn as gaps
+            record = parse_json(line, f"{path}, line {number}", finite=False)
+        except NotJSON:  # a line cut short by a kill
             continue
         if not _is_record(record):
             raise UserError(f"{path}, line {number}: not a metrics record (a JSON object with a numeric "
@@ -76,6 +77,8 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    path = Path(out) if out else run_dir / PLOT_FILE
+    check_apart(path, [run_dir / METRICS_FILE])
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -94,7 +97,6 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_title(run_dir.resolve().name)
     ax.grid(alpha=0.3)
     ax.legend()
-    path = Path(out) if out else run_dir / PLOT_FILE
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
     return path
