@@ -246,7 +246,7 @@ def test_two_processes_match_one_on_chat_data(
 
 BAD_EXAMPLES = {
     "unknown role": ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
-                     ["robot", "system, user or assistant", ":1"]),
+                     ["robot", "system, developer, user or assistant", ":1"]),
     "no assistant turn": ({"messages": [{"role": "user", "content": "x"}]}, ["no assistant turn", ":1"]),
     "non-string content": ({"messages": [{"role": "user", "content": ["x"]},
                                          {"role": "assistant", "content": "y"}]}, ["content", "string"]),

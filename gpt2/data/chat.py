@@ -2,7 +2,10 @@
 
 Each line is one example in one of three formats:
 
-- OpenAI's fine-tuning format: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``
+- OpenAI's fine-tuning format: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``,
+  in the shapes the server takes too (``gpt2.tokenizer.chat_template.check_messages``: the
+  ``developer`` role as ``system``, content as a list of text parts); an assistant message with
+  ``"weight": 0`` is not trained on;
 - prompt-completion (TRL's): ``{"prompt": ..., "completion": ...}``: a user turn and the reply;
 - Alpaca's: ``{"instruction": ..., "input": ... (optional), "output": ...}``: the instruction (and its
   input after a blank line) as a user turn, the output as the reply.
@@ -12,7 +15,8 @@ the assistant's turns, end-of-turn marker included, are the ones trained on. Exa
 whole into windows of ``seq_len`` tokens, the rest of a window padded with ``<|endoftext|>``; the
 trainer keeps attention and positions within each example (``Transformer.forward``'s ``segments``),
 so an example trains as if it were alone. An example longer than a window is truncated to it or
-dropped (``too_long``); one left with no trained token is dropped either way.
+dropped (``too_long``); one left with no trained token is dropped either way, and data where every
+example is dropped so is refused. A line longer than ``MAX_EXAMPLE_BYTES`` is refused.
 
 On disk, beside llm.c's token shards (``train_000000.bin``, windows one after the other, then one
 padding token, so the shard holds exactly its windows' samples), ``train_000000.mask.npy`` holds a
@@ -25,9 +29,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,11 @@ CHAT_INFO = "chat.json"
 TOO_LONG = ("truncate", "drop")
 FORMATS = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"),
            "alpaca": ("instruction", "output")}
+_CHAT_START = re.compile(rb'\s*\{\s*"(messages|prompt|instruction)"\s*:')
+# The most one example's line may hold. An example is cut to one window (--seq-len tokens, 1024 by
+# default: some kilobytes), and reading, rendering and tokenising one takes memory in proportion to it,
+# so a longer line is refused (and read no further) rather than letting one line decide the peak.
+MAX_EXAMPLE_BYTES = 1 << 22
 
 
 def is_chat_file(path: str | Path) -> bool:
@@ -52,10 +61,12 @@ def is_chat_file(path: str | Path) -> bool:
     if path.suffix != ".jsonl" or not path.is_file():
         return False
     with path.open("rb") as f:
-        for raw in f:
+        for raw in iter(lambda: f.readline(MAX_EXAMPLE_BYTES + 1), b""):
             if raw.strip():
-                try:
-                    record = parse_json(raw, str(path))
+                if len(raw) > MAX_EXAMPLE_BYTES:  # too long to parse: its first key tells (and
+                    return _CHAT_START.match(raw) is not None  # read_examples refuses it)
+                try:  # not UTF-8 is no sign of a text corpus: read_examples names the line
+                    record = parse_json(raw.decode("utf-8", errors="replace"), str(path))
                 except UserError:  # then it is read as text, whose reading names what is wrong
                     return False
                 return isinstance(record, dict) and _format_of(record) is not None
@@ -93,23 +104,35 @@ def example_messages(record: object, where: str) -> list[Message]:
     return messages
 
 
-def read_examples(files: Sequence[Path]) -> Iterator[tuple[list[Message], str]]:
-    """Every example of the .jsonl ``files`` in order, with where it is (``file:line``)."""
+def example_weights(record: dict, where: str) -> list[bool]:
+    """For each assistant message of an example, whether it is trained on: OpenAI's fine-tuning format
+    gives an assistant message ``"weight": 0`` to leave it out (1, or no weight, trains on it)."""
+    if _format_of(record) != "messages":
+        return [True]
+    weights = []
+    for i, message in enumerate(record["messages"]):
+        weight = message.get("weight", 1)
+        if type(weight) is not int or weight not in (0, 1):
+            raise UserError(f"{where}: message {i} has weight {weight!r}; a weight is 0 (not trained on) "
+                            "or 1 (trained on)")
+        if message["role"] == "assistant":
+            weights.append(weight == 1)
+    return weights
+
+
+def read_examples(files: Sequence[Path]) -> Iterator[tuple[list[Message], list[bool], str]]:
+    """Every example of the .jsonl ``files`` in order: its messages, whether each assistant message is
+    trained on (``example_weights``), and where it is (``file:line``). A line that is not UTF-8 or
+    longer than ``MAX_EXAMPLE_BYTES`` is a one-line error naming it."""
     for path in files:
         seen = False
-        for where, record in json_lines(path, partial(_strict_utf8, path)):
+        for where, record in json_lines(path, bytes.decode, MAX_EXAMPLE_BYTES):
             seen = True
-            yield example_messages(record, where), where
+            messages = example_messages(record, where)
+            assert isinstance(record, dict)
+            yield messages, example_weights(record, where), where
         if not seen:
             raise UserError(f"{path}: holds no examples; give one JSON object per line")
-
-
-def _strict_utf8(path: Path, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 ({e.reason} at a line's byte {e.start}); give UTF-8 "
-                        "text") from None
 
 
 @dataclass
@@ -126,13 +149,15 @@ class ChatCounts:
 
 class WindowWriter:
     """Packs examples whole into windows of ``seq_len`` tokens and writes them as shards of
-    ``windows_per_shard`` windows (plus the one padding token that ends each shard) and their masks."""
+    ``windows_per_shard`` windows (plus the one padding token that ends each shard) and their masks.
+    The buffers are left unwritten until used (and so take no memory until then): a small dataset
+    does not pay for a full shard."""
 
     def __init__(self, directory: Path, split: str, seq_len: int, windows_per_shard: int, pad: int) -> None:
         self.directory, self.split, self.seq_len, self.pad = directory, split, seq_len, pad
         size = windows_per_shard * seq_len + 1
-        self.tokens = np.full(size, pad, dtype=np.uint16)
-        self.mask = np.zeros(size, dtype=np.uint8)
+        self.tokens = np.empty(size, dtype=np.uint16)
+        self.mask = np.empty(size, dtype=np.uint8)
         self.filled = 0  # tokens in the buffer's finished windows and the current one
         self.shards = self.windows = 0
 
@@ -152,8 +177,11 @@ class WindowWriter:
 
     def _pad_window(self) -> None:
         if self.filled % self.seq_len:
+            end = self.filled + self.seq_len - self.filled % self.seq_len
+            self.tokens[self.filled : end] = self.pad
+            self.mask[self.filled : end] = 0
             self.mask[self.filled] = START  # the padding is a segment of its own
-            self.filled += self.seq_len - self.filled % self.seq_len
+            self.filled = end
             if self.filled == len(self.tokens) - 1:
                 self._write()
 
@@ -170,8 +198,6 @@ class WindowWriter:
         write_shard(self.directory / f"{name}.bin", self.tokens[: n + 1])
         write_mask(self.directory / f"{name}.bin", self.mask[: n + 1])
         self.shards += 1
-        self.tokens.fill(self.pad)
-        self.mask.fill(0)
         self.filled = 0
 
 
@@ -199,9 +225,9 @@ def prepare_chat(
         writers = {split: WindowWriter(tmp, split, seq_len, per_shard, tokenizer.eot_token)
                    for split in ("train", "val")}
         held: tuple[list[int], list[bool]] | None = None  # the newest example, routed once the next comes
-        for messages, where in read_examples([Path(f) for f in files]):
+        for messages, weights, where in read_examples([Path(f) for f in files]):
             try:
-                encoded = template.encode(messages, tokenizer)
+                encoded = template.encode(messages, tokenizer, trained_turns=weights)
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None
             example = _fitted(encoded, seq_len, too_long, counts)
@@ -210,8 +236,11 @@ def prepare_chat(
             if held is not None:
                 _route(held, writers, counts, val_fraction, last=False)
             held = example
-        if held is not None:
-            _route(held, writers, counts, val_fraction, last=True)
+        if held is None:  # training would see a loss of 0 throughout
+            raise UserError(f"{', '.join(map(str, files))}: no example has a token to train on (all "
+                            f"{counts.dropped} have every assistant message at \"weight\": 0 or past "
+                            f"--seq-len {seq_len}); give assistant messages weight 1 or raise --seq-len")
+        _route(held, writers, counts, val_fraction, last=True)
         if not counts.examples["train"]:
             raise UserError(f"{counts.examples['val']} example(s) fit --seq-len {seq_len}, too few for "
                             "training and validation; add examples, raise --seq-len or use --val-fraction 0")

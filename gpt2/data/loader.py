@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gpt2.data.shards import LOSS, START, read_mask, read_shard
+from gpt2.data.shards import LOSS, START, mask_path, read_mask, read_shard
 from gpt2.loss import IGNORE
 from gpt2.util.errors import UserError
 
@@ -33,7 +33,9 @@ class ShardLoader:
     micro-batches of ``batch_size`` samples and rank ``r`` of ``world_size`` takes micro-batches
     ``r, r + world_size, ...``: N ranks together read exactly what one process reads in N steps.
     ``state_dict``/``load_state_dict`` save and restore the position. Shards with loss masks beside
-    them (chat data, ``gpt2.data.shards.read_mask``) give masked targets and segments.
+    them (chat data, ``gpt2.data.shards.read_mask``) give masked targets and segments; with
+    ``masked`` (the directory holds chat data) every shard must have one, with a token to train on:
+    without, the run would train on every token, or on none, without a word.
     """
 
     def __init__(
@@ -46,13 +48,13 @@ class ShardLoader:
         world_size: int = 1,
         shuffle: bool = True,
         seed: int = 0,
+        masked: bool = False,
     ) -> None:
         self.files = list(files)
         self.shards = [read_shard(f) for f in self.files]
         masks = [read_mask(f, len(s)) for f, s in zip(self.files, self.shards, strict=True)]
-        if any(m is None for m in masks) and not all(m is None for m in masks):
-            raise UserError(f"only some shards of {self.files[0].parent} have loss masks; prepare the data "
-                            "again")
+        if masked or any(m is not None for m in masks):
+            _check_masks(self.files, masks)
         self.masks: list[np.ndarray] | None = None if masks and masks[0] is None else masks
         self.samples = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self.num_tokens = sum(len(s) for s in self.shards)
@@ -137,3 +139,16 @@ class ShardLoader:
             if self.sample_pos == len(order):
                 self.shard_pos, self.sample_pos = self.shard_pos + 1, 0
         return picks
+
+
+def _check_masks(files: Sequence[Path], masks: Sequence[np.ndarray | None]) -> None:
+    """Refuse chat shards whose loss mask is missing or marks no target (read a block at a time)."""
+    for file, mask in zip(files, masks, strict=True):
+        if mask is None:
+            raise UserError(f"{mask_path(file)} is missing: {file} is chat data, and its loss mask says "
+                            "which tokens to train on; copy the .mask.npy files with the shards, or prepare "
+                            "the data again with `gpt2 prepare`")
+        blocks = (mask[i : i + (1 << 24)] for i in range(0, len(mask), 1 << 24))
+        if not any(np.any((block & (LOSS | START)) == LOSS) for block in blocks):
+            raise UserError(f"{mask_path(file)} marks no token to train on (the loss would be 0); prepare "
+                            "the data again from examples whose assistant messages have weight 1")

@@ -7,6 +7,7 @@ llm.c's .bin format (``gpt2.data.shards``).
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,7 +23,7 @@ from gpt2.data.shards import (
     check_vocab_size,
     write_shard,
 )
-from gpt2.tokenizer.bpe import Tokenizer, train_tokenizer
+from gpt2.tokenizer.bpe import Tokenizer, safe_cut, train_tokenizer
 from gpt2.util.atomic import building_dir
 from gpt2.util.errors import UserError
 from gpt2.util.jsonfile import parse_json
@@ -34,10 +35,12 @@ log = logging.getLogger(__name__)
 
 VAL_PIECE_TOKENS = 4096  # the validation split takes whole pieces of this many tokens, spread evenly
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-PIECE_BYTES = 1 << 20  # a .txt file is read and tokenised in pieces of about this many bytes
+PIECE_BYTES = 1 << 20  # a .txt file is read, and any text tokenised, in pieces of about this many bytes
+# A stretch of text this long with no place to cut safely (one "word" of millions of characters) is cut
+# anyway: the bound on a piece, so on memory, whatever the lengths of lines and documents.
+MAX_PIECE_CHARS = 1 << 22
 PARQUET_BATCH_ROWS = 1024  # rows of a Parquet file's text column decoded at once
 BATCH_CHARS = 2_000_000  # characters encoded at once: a batch's text and ids are what memory holds
-ASCII_SPACE = b" \t\n\r\x0b\x0c"  # the ASCII characters of the regex class \s
 NAMED_CORPORA: dict[str, Callable[[], list[Path]]] = {"shakespeare": corpora.shakespeare}
 
 
@@ -51,7 +54,9 @@ class Corpus:
     rows skipped), directories of those, the named corpora of ``gpt2.data.corpora`` (``shakespeare``) and,
     with the ``datasets`` library and a network, Hugging Face datasets by name. Memory stays bounded: a
     .txt file is read ``piece_bytes`` at a time, a .jsonl file a line at a time, a .parquet file
-    ``parquet_batch_rows`` rows at a time.
+    ``parquet_batch_rows`` rows at a time, and all text is tokenised in pieces of at most
+    ``max_piece_chars`` characters, however long its lines: a .txt file of any line length takes
+    about 150 MB; a JSON line or a Parquet row is held whole as it is read (a few times its size).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class Corpus:
         dataset_config: str | None = None,
         piece_bytes: int = PIECE_BYTES,
         parquet_batch_rows: int = PARQUET_BATCH_ROWS,
+        max_piece_chars: int = MAX_PIECE_CHARS,
     ) -> None:
         if not inputs:
             raise UserError("no input given; name .txt/.jsonl/.parquet files, directories or a dataset")
@@ -72,14 +78,16 @@ class Corpus:
         self.dataset_split = dataset_split
         self.dataset_config = dataset_config
         self.piece_bytes = piece_bytes
+        self.max_piece_chars = max_piece_chars
         self._invalid: dict[str, int] = {}  # invalid UTF-8 sequences per file, not yet reported
         self._warned: set[str] = set()  # each file is reported once, not on every pass
         self._reading: str | None = None  # the file being read, whose count is not complete yet
 
     def pieces(self) -> Iterator[tuple[str, bool]]:
-        """Every non-blank document in input order, as (text, starts_document) pairs: a .txt file comes
-        in pieces of about ``piece_bytes``, cut where GPT-2's pre-tokeniser ends a token anyway, so the
-        pieces of a document encode to the ids of the whole document; the rest come whole."""
+        """Every non-blank document in input order, as (text, starts_document) pairs: a document longer
+        than ``piece_bytes`` comes in pieces of about that many characters, cut where GPT-2's
+        pre-tokeniser ends a token anyway (``gpt2.tokenizer.bpe.safe_cut``), so the pieces of a
+        document encode to the ids of the whole document."""
         for spec in self.inputs:
             path = Path(spec)
             if path.is_dir():
@@ -92,23 +100,49 @@ class Corpus:
             elif spec in NAMED_CORPORA:
                 yield from self._file_pieces(NAMED_CORPORA[spec]())
             else:
-                yield from ((doc, True) for doc in self._dataset_documents(spec))
+                for doc in self._dataset_documents(spec):
+                    yield from self._document(self._slices(doc), spec)
 
     def _file_pieces(self, files: Iterable[Path]) -> Iterator[tuple[str, bool]]:
         for path in files:
             self._reading = str(path)
-            if path.suffix == ".jsonl":
-                yield from ((doc, True) for doc in self._jsonl_documents(path))
-            elif path.suffix == ".parquet":
-                documents = parquet_documents(path, self.text_field, self.parquet_batch_rows)
-                yield from ((doc, True) for doc in documents if doc.strip())
+            if path.suffix not in (".jsonl", ".parquet"):  # text
+                yield from self._document(self._text_blocks(path), str(path))
             else:
-                for i, data in enumerate(_text_file_pieces(path, self.piece_bytes)):
-                    text = self._decode(path, data)
-                    # Every cut follows a non-space character, so only a file's single piece can be blank.
-                    if i or text.strip():
-                        yield text, i == 0
+                documents = (self._jsonl_documents(path) if path.suffix == ".jsonl" else
+                             parquet_documents(path, self.text_field, self.parquet_batch_rows))
+                for doc in documents:
+                    yield from self._document(self._slices(doc), str(path))
             self._reading = None
+
+    def _document(self, blocks: Iterable[str], name: str) -> Iterator[tuple[str, bool]]:
+        """One document, from its ``blocks``, in pieces (``_pieces``); nothing if it is blank. Every
+        safe cut follows a non-space character, so only a forced cut leaves a blank piece."""
+        started = False
+        for piece in _pieces(blocks, self.max_piece_chars, name):
+            if started or piece.strip():
+                yield piece, not started
+                started = True
+
+    def _slices(self, text: str) -> Iterator[str]:
+        """A document held whole, ``piece_bytes`` characters at a time (a short one as it is)."""
+        step = self.piece_bytes
+        yield from (text,) if len(text) <= step else (text[i : i + step] for i in range(0, len(text), step))
+
+    def _text_blocks(self, path: Path) -> Iterator[str]:
+        """The text of ``path``, read ``piece_bytes`` at a time and decoded as the whole file decodes
+        (a character split between two reads is decoded whole)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        before = b""  # the last two bytes read: a U+FFFD written in the file may straddle two reads
+        with path.open("rb") as f:
+            while True:
+                data = f.read(self.piece_bytes)
+                text = self._counted(path, before + data, decoder.decode(data, final=not data))
+                if text:
+                    yield text
+                if not data:
+                    return
+                before = (before + data)[-2:]
 
     def _jsonl_documents(self, path: Path) -> Iterator[str]:
         for where, record in json_lines(path, lambda raw: self._decode(path, raw)):
@@ -123,11 +157,15 @@ class Corpus:
 
     def _decode(self, path: Path, data: bytes) -> str:
         """UTF-8 text; NUL bytes mean a binary file (an error), invalid sequences are replaced."""
+        return self._counted(path, data, data.decode("utf-8", errors="replace"))
+
+    def _counted(self, path: Path, data: bytes, text: str) -> str:
+        """``text``, decoded from the end of ``data``, once ``data`` is checked for NUL bytes (a binary
+        file: an error) and the invalid sequences replaced in ``text`` are counted."""
         if b"\x00" in data:
             raise UserError(
                 f"{path}: binary file (it holds NUL bytes); give UTF-8 text files, or remove this one"
             )
-        text = data.decode("utf-8", errors="replace")
         # U+FFFD written in the file itself is EF BF BD; every other one replaced an invalid sequence.
         invalid = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
         if invalid:
@@ -162,16 +200,27 @@ class Corpus:
                 yield text
 
 
-def json_lines(path: Path, decode: Callable[[bytes], str]) -> Iterator[tuple[str, object]]:
+def json_lines(
+    path: Path, decode: Callable[[bytes], str], max_bytes: int | None = None
+) -> Iterator[tuple[str, object]]:
     """The values of a JSON-lines file's non-blank lines (each line's bytes through ``decode``), with
     where each is (``file:line``); a line that is not JSON, or holds what cannot be read
-    (``gpt2.util.jsonfile``), is a one-line error naming it."""
+    (``gpt2.util.jsonfile``), that ``decode`` finds is not UTF-8, or longer than ``max_bytes`` (read
+    no further: memory stays bounded) is a one-line error naming it."""
+    limit = -1 if max_bytes is None else max_bytes + 1
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = decode(raw)
+        for lineno, raw in enumerate(iter(lambda: f.readline(limit), b""), 1):
+            where = f"{path}:{lineno}"
+            if max_bytes is not None and len(raw) > max_bytes and not raw.endswith(b"\n"):
+                raise UserError(f"{where}: the line is longer than {max_bytes:,} bytes, the most one may "
+                                "hold here; shorten it or split it")
+            try:
+                line = decode(raw)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start + 1} of the line); "
+                                "save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             yield where, parse_json(line, where)
 
 
@@ -232,47 +281,28 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _text_file_pieces(path: Path, piece_bytes: int) -> Iterator[bytes]:
-    """The bytes of ``path`` in pieces of about ``piece_bytes`` (longer where no safe cut is near)."""
-    buffer = bytearray()
-    with path.open("rb") as f:
-        while block := f.read(piece_bytes):
-            buffer += block
-            cut = _safe_cut(buffer)
-            if cut:
-                yield bytes(buffer[:cut])
-                del buffer[:cut]
+def _pieces(blocks: Iterable[str], max_chars: int, name: str) -> Iterator[str]:
+    """The text of ``blocks`` in pieces of about a block (one block whole): when a block comes, what came
+    before it is cut at its last place where GPT-2's pre-tokeniser ends a token whatever surrounds it
+    (``safe_cut``), so that the pieces encode to the ids of the whole text. Text with no such place in
+    ``max_chars`` characters (a "word" of millions of characters) is cut anyway, with a warning: the
+    ids at that cut may differ, but no piece, and so no batch, grows past ``max_chars`` and a block."""
+    buffer, searched, warned = "", 0, False
+    for block in blocks:
+        cut = safe_cut(buffer, searched) if buffer else 0  # before ``searched``: looked at already
+        if not cut and len(buffer) >= max_chars:
+            cut = len(buffer)
+            if not warned:
+                log.warning(f"warning: {name}: {len(buffer):,} characters with no place where GPT-2's "
+                            "tokens end whatever follows; cut there anyway (the ids at the cut may differ)")
+                warned = True
+        if cut:
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+        searched = len(buffer)
+        buffer += block
     if buffer:
-        yield bytes(buffer)
-
-
-def _safe_cut(data: bytearray) -> int:
-    """The last place before a line break's run of whitespace where GPT-2's pre-tokeniser ends a token
-    whatever follows: a non-space character, then whitespace (no pattern takes whitespace after other
-    characters, and none looks behind). 0 if there is none. The cut is before an ASCII byte, so the
-    pieces decode, invalid sequences included, as the whole does."""
-    newline = data.rfind(b"\n")
-    while newline > 0:
-        cut = newline
-        while cut > 0 and data[cut - 1] in ASCII_SPACE:
-            cut -= 1
-        if cut > 0 and _ends_in_non_space(data, cut):
-            return cut
-        newline = data.rfind(b"\n", 0, cut)
-    return 0
-
-
-def _ends_in_non_space(data: bytearray, end: int) -> bool:
-    """Whether ``data[:end]`` ends in a valid UTF-8 character that is not whitespace (``str.isspace``
-    holds for every character of the regex class \\s, and a few more)."""
-    start = end - 1
-    while start > max(0, end - 4) and 0x80 <= data[start] < 0xC0:  # continuation bytes
-        start -= 1
-    try:
-        char = data[start:end].decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return len(char) == 1 and not char.isspace()
+        yield buffer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,6 +106,44 @@ def _long_runs(text: str) -> Iterator[tuple[int, int]]:
         start = before.end() if before else lowest
         if end - start >= LONG_WHITESPACE:
             yield start, end
+
+
+def _piece_class(char: str) -> str | None:
+    """The class that decides where GPT-2's pre-tokeniser ends a piece: "s" (``\\s``), "L" (``\\p{L}``),
+    "N" (``\\p{N}``) or "o" (the rest); None for a character this Python's Unicode tables do not know
+    (tiktoken's may be newer), which never borders a cut."""
+    if char in WHITESPACE:
+        return "s"
+    category = unicodedata.category(char)
+    if category in ("Cn", "Cs"):
+        return None
+    return category[0] if category[0] in "LN" else "o"
+
+
+def _cuttable(left: str, right: str) -> bool:
+    """Whether GPT-2's pre-tokeniser ends a piece between ``left`` and ``right`` whatever surrounds
+    them. ``left`` must not be whitespace (a space joins the word after it, ``\\s+(?!\\S)`` looks at
+    what follows) and the two must differ in class: then no pattern takes both (``' ?\\p{L}+'``,
+    ``' ?\\p{N}+'``, ``' ?[^\\s\\p{L}\\p{N}]+'`` each hold one class after their optional leading
+    space), except an apostrophe before a letter, which may start a contraction (``'s``, ``'ll``)."""
+    a, b = _piece_class(left), _piece_class(right)
+    return a in ("L", "N", "o") and b is not None and a != b and not (left == "'" and b == "L")
+
+
+def safe_cut(text: str, lo: int = 1) -> int:
+    """The last position ``p >= lo`` in ``text`` where GPT-2's pre-tokeniser ends a piece whatever
+    comes before or after (``_cuttable``), else 0. The pattern looks behind nothing, and no piece
+    reaches across ``p`` or looks past it, so ``text[:p]`` and ``text[p:]`` encode to ids whose
+    concatenation is the ids of ``text``: long texts are encoded in pieces cut here. Special tokens
+    are not considered (cut only text encoded as plain text)."""
+    lo = max(lo, 1)
+    for space in " \n":  # the common case, found at C speed: a word's end before a space or a newline
+        at = text.rfind(space, lo)
+        while at >= lo and not _cuttable(text[at - 1], text[at]):
+            at = text.rfind(space, lo, at)
+        if at >= lo:
+            return at
+    return next((p for p in range(len(text) - 1, lo - 1, -1) if _cuttable(text[p - 1], text[p])), 0)
 
 
 class Tokenizer:

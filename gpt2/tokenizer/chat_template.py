@@ -41,7 +41,9 @@ from gpt2.util.errors import UserError
 # The plain transcript's opening (``gpt2.generation.prompts.Transcript``) when no system message is given.
 CHAT_HEADER = "A conversation between a curious user and a helpful assistant.\n\n"
 
-ROLES = ("system", "user", "assistant")
+# The roles a message may have, as OpenAI's chat API takes them, with the role each is rendered as:
+# ``developer`` is what newer OpenAI models call the system message.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 Message = dict[str, str]
 
 GPT2_CHAT_TEMPLATE = (
@@ -137,7 +139,7 @@ class ChatTemplate:
         self, messages: Sequence[Message], tokenizer: Tokenizer, *, add_generation_prompt: bool = False
     ) -> tuple[str, list[Span]]:
         """The conversation as text, and where the assistant's parts (generation blocks) are in it."""
-        check_messages(messages)
+        messages = check_messages(messages)
         names = {"eos_token": ENDOFTEXT, "bos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}  # as saved
         rendered: list[str] = []
         spans: list[Span] = []
@@ -155,12 +157,20 @@ class ChatTemplate:
         return "".join(rendered), spans
 
     def encode(
-        self, messages: Sequence[Message], tokenizer: Tokenizer, *, add_generation_prompt: bool = False
+        self, messages: Sequence[Message], tokenizer: Tokenizer, *, add_generation_prompt: bool = False,
+        trained_turns: Sequence[bool] | None = None,
     ) -> tuple[list[int], list[bool]]:
         """The conversation's ids (special tokens in the text are special, as transformers encodes a
         rendered chat) and, for each, whether it lies in an assistant's part: a token overlapping a
-        generation block is trained on, as transformers' ``assistant_masks``."""
+        generation block is trained on, as transformers' ``assistant_masks``. ``trained_turns`` says,
+        for each assistant message in order, whether its part is (OpenAI's ``"weight"``; default: all)."""
         text, spans = self.render(messages, tokenizer, add_generation_prompt=add_generation_prompt)
+        if trained_turns is not None and not all(trained_turns):
+            if len(spans) != len(trained_turns):
+                raise UserError(f"{self.origin} marks {len(spans)} {{% generation %}} block(s) for "
+                                f"{len(trained_turns)} assistant message(s), so those of weight 0 cannot "
+                                "be left out; wrap each assistant message in one block")
+            spans = [span for span, trained in zip(spans, trained_turns, strict=True) if trained]
         ids = _encode(text, tokenizer)
         return ids, _overlapping(ids, text, spans, tokenizer)
 
@@ -197,8 +207,11 @@ def _overlapping(ids: list[int], text: str, spans: list[Span], tokenizer: Tokeni
 
 
 def check_messages(messages: object, where: str = "the conversation") -> list[Message]:
-    """``messages`` as a list of {"role", "content"} string dicts, or a one-line error naming the
-    problem: not a list, an unknown role, content that is not a string."""
+    """``messages`` as a list of {"role", "content"} string dicts, the shapes OpenAI's chat API takes
+    made one (the rule shared by training data and the server, which ``gpt2.serving`` should apply
+    too): ``developer`` becomes ``system`` (``ROLES``), content given as text parts is joined
+    (``message_text``). A one-line error names the problem: not a list, an unknown role, content that
+    is neither."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
     checked = []
@@ -206,11 +219,30 @@ def check_messages(messages: object, where: str = "the conversation") -> list[Me
         if not isinstance(message, dict):
             raise UserError(f"{where}: message {i} is not an object; give "
                             '{"role": ..., "content": ...}')
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise UserError(f"{where}: message {i} has unknown role {role!r}; use system, user or assistant")
-        if not isinstance(content, str):
-            raise UserError(f"{where}: message {i} ({role}) has content of type {type(content).__name__}; "
-                            "content must be a string")
-        checked.append({"role": role, "content": content})
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise UserError(f"{where}: message {i} has unknown role {role!r}; use system, developer, user "
+                            "or assistant")
+        checked.append({"role": ROLES[role],
+                        "content": message_text(message.get("content"), f"{where}: message {i} ({role})")})
     return checked
+
+
+def message_text(content: object, where: str) -> str:
+    """A message's text: its content, a string, or OpenAI's list of text parts
+    (``[{"type": "text", "text": ...}]``) joined by newlines, as the server reads them."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(_is_text_part(part) for part in content):
+        return "\n".join(part["text"] for part in content)
+    got = "a list of other than text parts" if isinstance(content, list) else _JSON_TYPES.get(
+        type(content), type(content).__name__)
+    raise UserError(f"{where} has {got} as content; content must be a string or a list of "
+                    '{"type": "text", "text": "..."} parts')
+
+
+_JSON_TYPES = {dict: "an object", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def _is_text_part(part: object) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
