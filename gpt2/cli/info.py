@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "info",
-        description="Print a model's config, parameter count, dtype, size in memory and tokenizer.",
+        description="Print a model's config, parameter count, dtype, size in memory and tokenizer, and "
+                    "whether this machine decodes with the hand-written CPU kernels (and if not, why).",
     )
     p.add_argument("model", nargs="?", help="a Hugging Face-format directory, a training run, or a hub name")
     p.add_argument("--preset", choices=list(PRESETS), help="describe a preset instead of a saved model")
@@ -41,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(model: GPT2, name: str) -> str:
-    """A few aligned lines: config, parameters, dtype, size, tokenizer."""
+    """A few aligned lines: config, parameters, dtype, size, tokenizer; then whether the CPU kernels are in
+    use here and if not why (a CPU load is slower without them, and nothing else would say so)."""
+    from gpt2.inference import kernels
+
     c = model.config
     dtype = next(model.parameters()).dtype
     size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -55,5 +59,6 @@ def describe(model: GPT2, name: str) -> str:
         ("dtype", str(dtype).removeprefix("torch.")),
         ("size", f"{size / 2**20:,.1f} MiB"),
         ("tokenizer", f"{tok.n_vocab} tokens, <|endoftext|> = {tok.eot_token}" if tok else "none"),
+        ("kernels", kernels.summary()),
     ]
     return "\n".join(f"{k:<11} {v}" for k, v in rows)

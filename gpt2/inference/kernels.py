@@ -1,42 +1,51 @@
 """Inference's products, written by hand (``kernels.cpp``): rows of x (decoding's, one per sequence:
 up to ``MAX_ROWS`` for the blocks, any number for the LM head) times a float32 or bfloat16 weight in
-oneDNN's blocked layout, the one ``gpt2.model``'s blocked layers and head hold, read from memory once
-for 8 rows; and any number of rows times an int8 weight in a blocked layout of ours
-(``gpt2.inference.quantization``'s int8 and int4 layers), each row quantised to 8 bits; and a decoding step's or
-a prompt's attention (``attend``), read straight from a float32 or bfloat16 KV cache.
+oneDNN's blocked layout, the one ``gpt2.inference.cpu_layers``' blocked layers and head hold, read
+from memory once for 8 rows; and any number of rows times an int8 weight in a blocked layout of ours
+(``gpt2.inference.quantization``'s int8 and int4 layers), each row quantised to 8 bits; and a
+decoding step's or a prompt's attention (``attend``), read straight from a float32 or bfloat16 KV
+cache.
 
 Why by hand: a decoding step reads every weight once for a row or a few, so its speed is the speed
-at which the products stream their weights. Measured on the 124M shape's 49 products of a token (AMD
-EPYC, 2 threads, the same weights): oneDNN's own product on the blocked weights streams them at 18-25
-GB/s at 1 row; this one, reading each block of 64 rows input by input and multiplying 16 rows per
-instruction (no sums across a vector), at 26-45 GB/s: 1.3-1.9x at 1 row, 1.5x at 4 and 1.15-1.3x at
-8 rows, in float32 and in bfloat16. In int8 (vpdpbusd on the same kind of blocks) it is 1.35x
-fbgemm's product at 1 row, 1.6x at 4, 1.25x at 8 and 1.1-1.25x at 512 (a prompt). No PyTorch kernel
-streams a row through a weight faster on this CPU (MKL, oneDNN plain and blocked, fbgemm, tinygemm
-and Inductor's generated products were measured). In int4 (our layout: each group's scales beside
-its values, one stream), 2.1x tinygemm's at 1 row and 2.0-2.4x at 8 and 512. Attention by hand
-replaces, per layer and token, a float32 copy of the whole bfloat16 cache, the conversions around
-it and PyTorch's attention call over every position of the cache, written or not; for a prompt of
-512 tokens it takes 3.1 ms a layer against 6.3-9.6 ms for PyTorch's causal attention (flash
-attention's CPU kernel) on the 124M shape.
+at which the products stream their weights. These read each block of 64 rows input by input and
+multiply 16 rows per instruction (no sums across a vector), in float32 and bfloat16, and in int8
+and int4 with vpdpbusd on blocks of the same kind (int4: each group's scales beside its values, one
+stream). Attention by hand replaces, per layer and token, a float32 copy of the whole bfloat16
+cache, the conversions around it and PyTorch's attention call over every position of the cache,
+written or not. The benchmarks page of the docs compares them with oneDNN's, fbgemm's, tinygemm's
+and PyTorch's attention.
 
-The source is compiled once per machine by the system's C++ compiler (``-march=native``) into
-``cache_dir() / "kernels"`` and loaded with ctypes; its threads are the OpenMP pool PyTorch runs.
-Where there is no compiler or no AVX-512, or a weight's blocked layout is not the one the kernel
-reads (each float layer is checked against oneDNN's product when it is made), the layers keep
-oneDNN's and fbgemm's products. ``GPT2_MATVEC=0`` turns it off.
+The source is compiled once per machine by the system's C++ compiler (``$CXX``, else ``g++``;
+``-march=native``) into ``cache_dir() / "kernels"`` and loaded with ctypes; its threads are the
+OpenMP pool PyTorch runs. The library is written whole or not at all, and its size and SHA-256 beside
+it (``.sha256``), written last; a library that does not match them is never loaded (loading a
+truncated one kills the process with SIGBUS) but rebuilt, once. Every call to the compiler is bounded
+in time: ``$GPT2_KERNELS_TIMEOUT`` seconds for the build (default ``BUILD_TIMEOUT``), at most
+``PROBE_TIMEOUT`` for ``--version``. A failed build is remembered beside the library
+(``kernels-<key>.so.failed``, holding its reason; the key covers the source, the compiler's version and
+the CPU's flags), so later processes go straight to PyTorch's products; delete that file, or set
+``GPT2_KERNELS_RETRY=1``, to build again.
+
+Where there is no compiler, its build fails or times out, the library lacks a kernel's symbol, or the
+CPU has no AVX-512, the layers keep oneDNN's and fbgemm's products, and the first use of the kernels
+in a process prints why, in one line (a WARNING of this module's logger); ``gpt2 info`` shows it too.
+Where a weight's blocked layout is not the one the kernel reads (each float layer is checked against
+oneDNN's product when it is made), that layer keeps oneDNN's. ``GPT2_MATVEC=0`` turns the kernels off,
+silently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,28 +53,44 @@ import torch
 from torch import Tensor
 
 from gpt2.config import cache_dir
+from gpt2.util.atomic import write_atomic
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 MAX_ROWS = 8  # rows of x the blocks' layers give the kernel (decoding's batches); oneDNN's beyond
+BUILD_TIMEOUT = 120.0  # seconds a build may take, unless GPT2_KERNELS_TIMEOUT says otherwise
+PROBE_TIMEOUT = 10.0  # seconds for `c++ --version` (at most the build's bound)
+SYMBOLS = ("matvec_f32", "matvec_bf16", "matvec_i8", "matvec_i4", "matvec_attend", "matvec_abilities")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()
 _MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs
 _FLOATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest output, against oneDNN's
 
+log = logging.getLogger(__name__)
+_off: str | None = None  # why library() gave None, for summary()
+_told: set[str] = set()  # the reasons already printed in this process
+
+
+class Unavailable(Exception):
+    """Why the kernels cannot be had here, in one line for the user."""
+
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels (built on first use, then read from the cache), or None where they cannot
-    be had here."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if os.environ.get("GPT2_MATVEC") == "0" or compiler is None or platform.machine() != "x86_64":
-        return None
+    """The compiled kernels (built on first use, then read from the cache once verified), or None
+    where they cannot be had here; then the reason is printed once per process (a WARNING of this
+    module's logger; not for ``GPT2_MATVEC=0``, which asks for it) and kept for ``summary``."""
+    global _off
     try:
-        path = _build(compiler)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
+        lib = _open()
+    except Unavailable as e:
+        _off = " ".join(str(e).split())  # one line, whatever the compiler printed
+        if os.environ.get("GPT2_MATVEC") != "0" and _off not in _told:
+            _told.add(_off)
+            log.warning("gpt2: the hand-written CPU kernels are off, so decoding runs on PyTorch's slower "
+                        "products: %s", _off)
         return None
+    _off = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name in ("matvec_f32", "matvec_bf16"):
         getattr(lib, name).argtypes = [pointer] * 4 + [size] * 4 + [ctypes.c_int] * 2
@@ -78,19 +103,141 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _build(compiler: str) -> Path:
-    """The library for this source, compiler and CPU: compiled into the cache unless it is there."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *_FLAGS, _cpu_flags()]).encode())
-    path = cache_dir() / "kernels" / f"kernels-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = Path(tmp) / path.name
-            command = [compiler, *_FLAGS, "-o", str(built), str(SOURCE)]
-            subprocess.run(command, capture_output=True, check=True, timeout=300)
-            os.replace(built, path)  # whole or not at all, for processes building at the same time
+def summary() -> str:
+    """``on (fp32, bf16, ...)``: what the kernels multiply here; or ``off: <why>``, for ``gpt2 info``
+    (which prints it as a row: no notice besides)."""
+    disabled, log.disabled = log.disabled, True
+    try:
+        lib = library()
+    finally:
+        log.disabled = disabled
+    if lib is None:
+        return f"off: {_off}"
+    return f"on ({', '.join(k for k, bit in _ABILITIES.items() if lib.matvec_abilities() & bit)})"
+
+
+def _open() -> ctypes.CDLL:
+    """The verified library, loaded; Unavailable, with the reason, where it cannot be."""
+    if os.environ.get("GPT2_MATVEC") == "0":
+        raise Unavailable("GPT2_MATVEC=0")
+    flags = _cpu_flags()
+    if platform.machine() != "x86_64" or ("flags" in flags and "avx512f" not in flags.split()):
+        raise Unavailable(f"this CPU ({platform.machine()}) has no AVX-512")
+    name = os.environ.get("CXX", "g++")
+    compiler = shutil.which(name)
+    if compiler is None:
+        raise Unavailable(f"no C++ compiler: {name} is not on PATH (install g++, or name one in CXX)")
+    timeout = _build_timeout()
+    path = _sound_library(_library_path(compiler, flags, min(PROBE_TIMEOUT, timeout)), compiler, timeout)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise Unavailable(f"cannot load {path}: {e}") from None
+    missing = [symbol for symbol in SYMBOLS if not hasattr(lib, symbol)]
+    if missing:
+        raise Unavailable(f"{path} lacks {', '.join(missing)}; delete it to rebuild it")
+    if not lib.matvec_abilities():
+        raise Unavailable(f"{Path(compiler).name} -march=native built no AVX-512 code for this CPU")
+    return lib
+
+
+def _build_timeout() -> float:
+    """The build's bound in seconds: ``$GPT2_KERNELS_TIMEOUT`` or ``BUILD_TIMEOUT``."""
+    given = os.environ.get("GPT2_KERNELS_TIMEOUT", str(BUILD_TIMEOUT))
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise Unavailable(f"GPT2_KERNELS_TIMEOUT must be a positive number of seconds, not {given!r}")
+    return seconds
+
+
+def _library_path(compiler: str, cpu: str, timeout: float) -> Path:
+    """Where the library for this source, compiler (its ``--version``) and CPU is kept in the cache."""
+    version = _run([compiler, "--version"], timeout, f"{Path(compiler).name} --version")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *_FLAGS, cpu]).encode())
+    return cache_dir() / "kernels" / f"kernels-{key.hexdigest()[:16]}.so"
+
+
+def _sound_library(path: Path, compiler: str, timeout: float) -> Path:
+    """``path`` when it matches the size and SHA-256 its build recorded (loading a truncated library
+    kills the process with SIGBUS); else built afresh, once. A failed build is remembered beside it
+    (``.failed``, with its reason) so that later processes skip straight to PyTorch's products."""
+    if _sound(path):
+        return path
+    failed = path.with_name(path.name + ".failed")
+    if failed.is_file() and os.environ.get("GPT2_KERNELS_RETRY") != "1":
+        try:
+            reason = failed.read_text(errors="replace").strip()
+        except OSError as e:
+            reason = f"the build failed ({e.strerror})"
+        raise Unavailable(f"{reason} (remembered in {failed}: delete it, or set GPT2_KERNELS_RETRY=1, "
+                          "to build again)")
+    unsound = path.exists()
+    try:
+        _build(path, compiler, timeout)
+    except Unavailable as e:
+        why = f"{path.name} in the cache was unsound and rebuilding it failed: {e}" if unsound else str(e)
+        with contextlib.suppress(OSError):  # a cache we cannot write: every process tries again
+            write_atomic(failed, lambda tmp: tmp.write_text(why + "\n"))
+        raise Unavailable(why) from None
+    failed.unlink(missing_ok=True)
     return path
+
+
+def _build(path: Path, compiler: str, timeout: float) -> None:
+    """Compile the source into ``path`` (written whole or not at all), then record its size and
+    SHA-256 beside it (``.sha256``), the record written last."""
+    name = Path(compiler).name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: _run([compiler, *_FLAGS, "-o", str(tmp), str(SOURCE)], timeout, name))
+        write_atomic(_record(path), lambda tmp: tmp.write_text(_fingerprint(path)))
+    except OSError as e:
+        raise Unavailable(f"cannot write the kernels into {path.parent}: {e.strerror or e}") from None
+
+
+def _record(path: Path) -> Path:
+    """The file holding ``path``'s size and SHA-256, as its build wrote it."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _fingerprint(path: Path) -> str:
+    """``path``'s size and SHA-256, one line."""
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
+
+
+def _sound(path: Path) -> bool:
+    """Whether ``path`` is the library its build recorded: whole, and not changed since."""
+    try:
+        return path.is_file() and _record(path).read_text() == _fingerprint(path)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _run(command: list[str], timeout: float, what: str) -> str:
+    """``command``'s standard output; Unavailable (its first error line, or that it did not answer
+    within ``timeout`` seconds: its whole process group is killed) where it fails."""
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, errors="replace",
+                                   start_new_session=True)  # its own group: killed whole on a timeout
+    except OSError as e:
+        raise Unavailable(f"{what} cannot run: {e.strerror or e}") from None
+    with process:  # its pipes closed, and the process waited for, on the way out
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise Unavailable(f"{what} did not answer within {timeout:g} s (GPT2_KERNELS_TIMEOUT)") from None
+    if process.returncode:
+        lines = [line.strip() for line in err.splitlines() if line.strip()]
+        first = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
+        raise Unavailable(f"{what} failed: {first or f'exit status {process.returncode}'}")
+    return out
 
 
 def _cpu_flags() -> str:
@@ -174,7 +321,7 @@ def int8_blocked(q: Tensor) -> Tensor:
 def row_sums(q: Tensor) -> Tensor:
     """Each row's sum of int8 values ``q`` (out, in), int32. By numpy, which converts a few thousand
     values at a time: torch converts all of its input first (the LM head's: 4x its int8 bytes), and
-    chunk by chunk its freed temporaries stayed resident (97 MB for a 50,257 x 512 head)."""
+    chunk by chunk its freed temporaries stay resident."""
     return torch.from_numpy(q.numpy().sum(axis=1, dtype=np.int32))
 
 
