@@ -55,8 +55,10 @@ class Corpus:
     with the ``datasets`` library and a network, Hugging Face datasets by name. Memory stays bounded: a
     .txt file is read ``piece_bytes`` at a time, a .jsonl file a line at a time, a .parquet file
     ``parquet_batch_rows`` rows at a time, and all text is tokenised in pieces of at most
-    ``max_piece_chars`` characters, however long its lines: a .txt file of any line length takes
-    about 150 MB; a JSON line or a Parquet row is held whole as it is read (a few times its size).
+    ``max_piece_chars`` characters (``_pieces``), however long its lines. So a .txt file's peak does
+    not grow with its length or its lines' (under 400 MB for a 50 MB line without a break, as
+    tests/test_prepare_long_lines.py holds it); a JSON line is held whole as it is read (a few times
+    its size), a Parquet row by pyarrow (about three times its size: under 600 MB for a 50 MB row).
     """
 
     def __init__(
@@ -111,8 +113,8 @@ class Corpus:
             else:
                 documents = (self._jsonl_documents(path) if path.suffix == ".jsonl" else
                              parquet_documents(path, self.text_field, self.parquet_batch_rows))
-                for doc in documents:
-                    yield from self._document(self._slices(doc), str(path))
+                for doc in documents:  # a long Parquet row comes in pieces already
+                    yield from self._document(self._slices(doc) if isinstance(doc, str) else doc, str(path))
             self._reading = None
 
     def _document(self, blocks: Iterable[str], name: str) -> Iterator[tuple[str, bool]]:
@@ -224,11 +226,15 @@ def json_lines(
             yield where, parse_json(line, where)
 
 
-def parquet_documents(path: Path, column: str, batch_rows: int = PARQUET_BATCH_ROWS) -> Iterator[str]:
+def parquet_documents(
+    path: Path, column: str, batch_rows: int = PARQUET_BATCH_ROWS
+) -> Iterator[str | Iterator[str]]:
     """The strings of a Parquet file's ``column``, one document per row, null rows skipped. Only that
     column is read, ``batch_rows`` rows at a time (pyarrow's ``iter_batches``, row group after row
     group) through a buffer of ``PIECE_BYTES`` (not a whole column chunk), so memory holds about one
-    batch whatever the sizes of the file and its row groups. A file that is not Parquet, a missing
+    batch whatever the sizes of the file and its row groups. A row longer than ``PIECE_BYTES`` comes
+    as an iterator of its text, decoded from pyarrow's bytes a piece at a time (not as one Python
+    string, up to 4 bytes a character, beside pyarrow's copy). A file that is not Parquet, a missing
     column or one that is not text is a one-line error."""
     import pyarrow as pa  # imported here: only Parquet inputs pay for it
     import pyarrow.parquet as pq
@@ -244,13 +250,59 @@ def parquet_documents(path: Path, column: str, batch_rows: int = PARQUET_BATCH_R
         while True:
             try:
                 batch = next(batches, None)
-                texts = [] if batch is None else batch.column(0).to_pylist()
+                values = None if batch is None else batch.column(0)
+                long = values is not None and _has_long_row(values)
+                texts = [] if values is None or long else values.to_pylist()
             except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
-                raise UserError(f"{path}: the Parquet data is corrupt ({_one_line(e)}); fetch the file "
-                                "again or remove it") from None
-            if batch is None:
+                raise _corrupt(path, e) from None
+            if values is None:
                 return
-            yield from (text for text in texts if text is not None)
+            yield from _row_texts(path, values) if long else (text for text in texts if text is not None)
+
+
+def _corrupt(path: Path, error: Exception) -> UserError:
+    """The one error for Parquet data pyarrow cannot read or that is not UTF-8, wherever it shows."""
+    return UserError(f"{path}: the Parquet data is corrupt ({_one_line(error)}); fetch the file again or "
+                     "remove it")
+
+
+def _has_long_row(values: pa.Array) -> bool:
+    """Whether a row of the batch ``values`` holds more than ``PIECE_BYTES`` (the batch's size first)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if values.nbytes <= PIECE_BYTES:
+        return False
+    strings = values.dictionary if pa.types.is_dictionary(values.type) else values
+    try:
+        return (pc.max(pc.binary_length(strings)).as_py() or 0) > PIECE_BYTES
+    except pa.ArrowNotImplementedError:  # string views: taken row by row
+        return True
+
+
+def _row_texts(path: Path, values: pa.Array) -> Iterator[str | Iterator[str]]:
+    """The texts of a batch holding a long row, one row at a time: a long one as its pieces."""
+    import pyarrow as pa
+
+    try:
+        if pa.types.is_dictionary(values.type):
+            values = values.dictionary_decode()
+        for value in values:
+            if value.is_valid:
+                data = value.as_buffer()
+                yield value.as_py() if data.size <= PIECE_BYTES else _decoded(path, memoryview(data))
+    except (pa.ArrowException, UnicodeDecodeError) as e:
+        raise _corrupt(path, e) from None
+
+
+def _decoded(path: Path, data: memoryview) -> Iterator[str]:
+    """The UTF-8 ``data`` as text, ``PIECE_BYTES`` at a time (a character split between two is whole)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for start in range(0, len(data), PIECE_BYTES):
+            yield decoder.decode(data[start : start + PIECE_BYTES], final=start + PIECE_BYTES >= len(data))
+    except UnicodeDecodeError as e:
+        raise _corrupt(path, e) from None
 
 
 def _check_text_column(path: Path, schema: pa.Schema, column: str) -> None:
