@@ -4,9 +4,10 @@ Fixtures (found by name), the shared data, loaded once: ``gpt2_ranks_file``, ``g
 ``reference_encoding`` (tiktoken's own GPT-2 encoding) and ``shakespeare_files``.
 Plain functions and constants (``from conftest import run_cli``; pytest puts tests/ on ``sys.path``):
 ``shared_file``; ``BYTES`` and ``random_model``, a tokenizer and random models small enough to run in
-milliseconds; ``saved_model_dir``; ``random_words``; ``run_cli`` and ``assert_one_line_error`` for the
-``gpt2`` command; ``printed_table`` for a benchmark's output; ``endless_model``, ``serving`` and
-``wait_for`` for a server in a thread.
+milliseconds; ``saved_model_dir``, ``saved_adapter_dir``; ``random_words``; ``run_cli`` (in this
+process), ``run_gpt2`` (a process of its own) and ``assert_one_line_error`` for the ``gpt2`` command;
+``printed_table`` for a benchmark's output; ``endless_model``, ``serving`` and ``wait_for`` for a server
+in a thread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import random
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -117,6 +120,22 @@ def saved_model_dir(model: GPT2, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return directory
 
 
+def saved_adapter_dir(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new temporary directory holding a LoRA adapter of rank 2 on the c_attn layers of the model
+    saved in ``base`` (its adapter_config.json names ``base``), B random so that it changes the output."""
+    from gpt2.adapters.lora import LoRAConfig, add_lora, lora_layers, save_adapter
+
+    model = GPT2.from_pretrained(base)
+    add_lora(model, LoRAConfig(2, base_model=str(base)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.02)
+    directory = tmp_path_factory.mktemp("adapter")
+    save_adapter(model, directory)
+    return directory
+
+
 def random_words(words: list[str], n: int, seed: int) -> str:
     """``n`` words drawn from ``words`` by ``random.Random(seed)``, joined by spaces."""
     rng = random.Random(seed)
@@ -143,6 +162,14 @@ def run_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_gpt2(*argv: object, cwd: Path | None = None, timeout: float = 300) -> tuple[int, str, str]:
+    """``gpt2 ARGV`` as a process of its own (``python -m gpt2``, each argument through ``str``): its
+    exit status, stdout and stderr, so that what a user sees is what is checked, a traceback included."""
+    done = subprocess.run([sys.executable, "-m", "gpt2", *map(str, argv)], capture_output=True, text=True,
+                          errors="replace", cwd=cwd, timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
 
 
 def assert_one_line_error(code: int, err: str, *words: str) -> None:

@@ -142,7 +142,8 @@ def run_report(args: argparse.Namespace) -> int:
     from gpt2.evaluation import report
 
     entries = report.load_suite(args.suite)
-    inputs = [args.suite, args.model, args.adapter, args.tokenizer, *(e.get("file") for e in entries)]
+    inputs = {"--suite": args.suite, "--model": args.model, "--adapter": args.adapter,
+              "--tokenizer": args.tokenizer, "suite's data": [e["file"] for e in entries if "file" in e]}
     for output in report.report_files(args.out):  # the files, not --out: its default "." holds the suite
         check_apart(output, inputs)
     scorer = scorer_for(args)

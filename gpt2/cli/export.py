@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise UserError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
     check_type(args.type)
-    check_apart(args.out, [args.model, args.tokenizer])
+    check_apart(args.out, {"--model": args.model, "--tokenizer": args.tokenizer})
     check_output(args.out, overwrite=args.overwrite)  # before the model is loaded
     import_gguf()
 

@@ -51,14 +51,16 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output:
+        inputs = {"--prompt-file": args.prompt_file, "--model": args.model, "--adapter": args.adapter,
+                  "--tokenizer": args.tokenizer}
+        check_apart(args.output, inputs, "--output")
     from gpt2.generation.sampling import generate_text, stream_text  # torch: only when the verb runs
 
     config = sampling_config(args, num_samples=args.num_samples)
     stream = args.stream if args.stream is not None else args.num_samples == 1
     if stream and args.num_samples != 1:
         raise UserError("--stream prints one sample at a time; use --no-stream with --num-samples")
-    if args.output:
-        check_apart(args.output, [args.prompt_file, args.model, args.adapter, args.tokenizer], "--output")
     prompt = _read_prompt(args)
     model, tokenizer = load_model_and_tokenizer(args)
     with warnings.catch_warnings(record=True) as caught:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from gpt2.cli.options import ADAPTER_HELP, MODEL_HELP
+from gpt2.util.atomic import check_apart
 from gpt2.util.errors import UserError
 
 
@@ -26,12 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    check_apart(out, {"--adapter": args.adapter, "--model": args.model})
+
     from gpt2 import checkpoints
     from gpt2.inference.load import load_merged  # torch: only when the verb runs
-    from gpt2.util.atomic import building_dir, check_apart
+    from gpt2.util.atomic import building_dir
 
-    out: Path = args.out
-    check_apart(out, [args.adapter, args.model])
     if out.is_file():
         raise UserError(f"--out {out} is a file; give a directory")
     if args.overwrite and out.is_dir() and any(out.iterdir()) and not (out / checkpoints.CONFIG).is_file():

@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_apart(args.out, [*args.inputs, args.tokenizer, args.chat_template])
+    check_apart(args.out, {"input": args.inputs, "--tokenizer": args.tokenizer,
+                           "--chat-template": args.chat_template})
     chat = [is_chat_file(path) for path in args.inputs]
     if any(chat):
         if not all(chat):

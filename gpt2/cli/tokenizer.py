@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     out: Path = args.out
-    check_apart(out, args.files)
+    check_apart(out, {"input": args.files})
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
     if not args.overwrite and out.is_dir() and (find_tokenizer_files(out) or (out / "config.json").is_file()):

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 
 from gpt2.training.config import TrainConfig, field_types, load_config
-from gpt2.util.atomic import check_apart
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,10 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "handler", "verb")}
+    cfg = load_config(args.config, **options)  # checked before torch is imported: refused at once
+
     from gpt2.training.trainer import train  # torch and the trainer: only when training
 
-    options = {k: v for k, v in vars(args).items() if k not in ("config", "handler", "verb")}
-    cfg = load_config(args.config, **options)
-    check_apart(cfg.out, [args.config])  # the trainer checks the inputs that the config names
     train(cfg)
     return 0

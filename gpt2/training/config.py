@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.config import read_settings
+from gpt2.util.atomic import check_apart
 from gpt2.util.errors import UserError
 
 SEED_LIMIT = 2**63  # seeds torch.manual_seed, and numpy (seed + rank, + steps), all accept
@@ -259,6 +260,10 @@ def load_config(config_file: str | Path | None = None, **options: Any) -> TrainC
         raise UserError("give either --preset NAME (train from scratch) or --init-from MODEL (fine-tune)")
     if cfg.max_steps is None and cfg.time_limit is None:
         raise UserError("give --max-steps N or --time-limit MINUTES (or both)")
+    # --overwrite clears the run directory: none of what the run reads may be in it (refused here, before
+    # torch is imported; the trainer checks again for a TrainConfig made without this function).
+    check_apart(cfg.out, {"--data": cfg.data, "--init-from": cfg.init_from, "--tokenizer": cfg.tokenizer,
+                          "--config": config_file})
     return cfg
 
 

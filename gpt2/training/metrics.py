@@ -71,14 +71,14 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw training loss (raw and smoothed) and validation loss against steps into ``RUN/loss.png``
     (or ``out``); returns the path."""
+    path = Path(out) if out else Path(run_dir) / PLOT_FILE
+    check_apart(path, {"metrics log": Path(run_dir) / METRICS_FILE})
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    path = Path(out) if out else run_dir / PLOT_FILE
-    check_apart(path, [run_dir / METRICS_FILE])
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]

@@ -175,7 +175,7 @@ def flops_per_token(config: GPT2Config, seq_len: int) -> float:
 def _open_run_dir(cfg: TrainConfig) -> Path | None:
     """Check (and with --overwrite clear) the run directory; the checkpoint to resume from, if any."""
     run = Path(cfg.out)
-    check_apart(run, [cfg.data, cfg.init_from, cfg.tokenizer])  # --overwrite would delete them first
+    check_apart(run, {"--data": cfg.data, "--init-from": cfg.init_from, "--tokenizer": cfg.tokenizer})
     if cfg.resume:
         checkpoint = checkpoints.latest_checkpoint(run)
         if checkpoint is None:

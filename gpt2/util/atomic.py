@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,20 +40,25 @@ def followed(path: Path) -> Path:
     return _real(path) if path.is_symlink() else path
 
 
-def check_apart(output: str | Path, inputs: Iterable[str | Path | None], option: str = "--out") -> None:
-    """Refuse an ``output`` that is, holds or lies inside one of ``inputs``, symbolic links followed:
-    replacing it would destroy what is read (``prepare DOCS --out DOCS --overwrite``), and writing
-    inside an input would mix the output into it. Inputs that are not on disk (a hub model's name, a
-    named corpus) are skipped. Every verb calls it with its own inputs before it writes anything."""
+Inputs = Mapping[str, "str | Path | Iterable[str | Path] | None"]
+
+
+def check_apart(output: str | Path, inputs: Inputs, option: str = "--out") -> None:
+    """Refuse an ``output`` that is, holds or lies inside one of ``inputs`` (what names them, such as
+    ``--data``, -> a path or paths), symbolic links followed: replacing it would destroy what is read
+    (``prepare DOCS --out DOCS --overwrite``), and writing inside an input would mix the output into
+    it. Inputs that are not on disk (a hub model's name, a named corpus) are skipped. Every verb calls
+    it with its own inputs before it writes anything."""
     out = _real(Path(output))
-    for given in inputs:
-        if given is None or str(given) == "-" or not os.path.lexists(Path(given).expanduser()):
-            continue
-        source = _real(Path(given))
-        if out == source or out in source.parents or source in out.parents:
-            how = "is" if out == source else "holds" if out in source.parents else "lies inside"
-            raise UserError(f"{option} {output} {how} the input {given}: writing it would destroy or mix "
-                            f"with what is read; choose an {option} apart from every input")
+    for name, value in inputs.items():
+        for given in [value] if value is None or isinstance(value, str | Path) else value:
+            if given is None or str(given) == "-" or not os.path.lexists(Path(given).expanduser()):
+                continue
+            source = _real(Path(given))
+            if out == source or out in source.parents or source in out.parents:
+                how = "is" if out == source else "holds" if out in source.parents else "lies inside"
+                raise UserError(f"{option} {output} {how} the {name} {given}: writing it would destroy or "
+                                f"mix with what is read; choose an {option} apart from every input")
 
 
 def _real(path: Path) -> Path:
