@@ -68,7 +68,8 @@ FIXED_OPTIONS = {
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
 HF_DROPOUT = 0.1  # Hugging Face's default for the three *_pdrop keys
 LATEST = "latest"  # in a training run directory: names its newest complete checkpoint
-ADAPTER_CONFIG = "adapter_config.json"  # a LoRA run's checkpoint holds an adapter instead (gpt2.adapters.lora)
+# A LoRA run's checkpoint holds an adapter instead (gpt2.adapters.lora).
+ADAPTER_CONFIG = "adapter_config.json"
 # What writing a checkpoint raises when the disk is full or failing: torch.save reports it as a
 # RuntimeError, safetensors as its own error.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -133,7 +134,8 @@ def resolve(name_or_path: str | Path) -> Path:
         return path
     if find_adapter(path) is not None:
         raise UserError(f"{path} holds a LoRA adapter, not a whole model; load it on its base with --adapter "
-                        "(gpt2.inference.load.load_for_inference(adapter=...)), or merge them with `gpt2 merge`")
+                        "(gpt2.inference.load.load_for_inference(adapter=...)), or merge them with "
+                        "`gpt2 merge`")
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest
@@ -182,7 +184,8 @@ def _download(name: str, *, local: bool) -> Path:
     """The local snapshot of hub model ``name``: config, safetensors weights and tokenizer files
     (``pytorch_model.bin`` only for repositories without safetensors). ``local``: a directory of that
     name exists here (but holds no model), which the error messages mention. (huggingface_hub is
-    imported here only: with its HTTP stack it would add 12 MB to every process that loads a model.)"""
+    imported here only: with its HTTP stack it would add memory and start-up time to every process that
+    loads a model.)"""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 

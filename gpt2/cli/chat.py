@@ -1,4 +1,5 @@
-"""``gpt2 chat``: talk with a model in the terminal (the prompt formats are in ``gpt2.generation.prompts``)."""
+"""``gpt2 chat``: talk with a model in the terminal (the prompt formats are in
+``gpt2.generation.prompts``)."""
 
 from __future__ import annotations
 

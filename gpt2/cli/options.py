@@ -47,9 +47,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, generates: bool = True) -
     if generates:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step first (a minute or two of compiling, fp32's "
-                       "products autotuned): faster afterwards on a GPU; on a CPU with AVX-512 slower than "
-                       "eager decoding, whose hand-written kernels it does not use (measured: fp32, bf16 "
-                       "and int8 1.1-1.9x slower, int4 even), and 200+ MB more memory")
+                       "products autotuned): faster afterwards on a GPU; on a CPU with AVX-512 eager "
+                       "decoding on the hand-written kernels is faster (see the docs' benchmarks page) "
+                       "and holds less memory")
 
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT2, Tokenizer]:

@@ -153,7 +153,8 @@ class Tokenizer:
     256 single bytes; ``special_tokens`` maps text such as ``<|endoftext|>`` to ids outside the ranks.
     ``<|endoftext|>`` is added after the highest id when not given. ``source`` names the vocabulary in
     error messages. ``chat_template``: the Jinja chat template saved with it (Hugging Face's
-    ``chat_template`` in tokenizer_config.json; see ``gpt2.tokenizer.chat_template``), None for a base model's.
+    ``chat_template`` in tokenizer_config.json; see ``gpt2.tokenizer.chat_template``), None for a base
+    model's.
     """
 
     chat_template: str | None = None

@@ -135,9 +135,8 @@ def _on_main(env: Distributed, fn: Callable[[], Any]) -> Any:
 
 
 def autocast_dtype(option: str, device: torch.device) -> torch.dtype:
-    """bfloat16 where the hardware computes it natively: GPUs, and CPUs with AVX512-BF16 or AMX (about
-    1.7x float32's speed on this project's 2-core AVX512-BF16 machine); elsewhere bfloat16 is
-    emulated and slower, so float32."""
+    """bfloat16 where the hardware computes it natively: GPUs, and CPUs with AVX512-BF16 or AMX (faster
+    than float32 there); elsewhere bfloat16 is emulated and slower, so float32."""
     if option != "auto":
         return getattr(torch, option)
     if device.type == "cuda":
@@ -253,7 +252,8 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path
                 f"the data in {cfg.data} was tokenized with another tokenizer than {cfg.init_from}'s; "
                 f"prepare it with `gpt2 prepare ... --tokenizer {cfg.init_from}`"
             )
-        model = GPT2.from_pretrained(directory, dtype=torch.float32, tokenizer=_model_tokenizer(tokenizer, theirs))
+        model = GPT2.from_pretrained(directory, dtype=torch.float32,
+                                     tokenizer=_model_tokenizer(tokenizer, theirs))
         if cfg.dropout is not None and cfg.dropout != model.config.dropout:
             model.set_dropout(cfg.dropout)
     else:
