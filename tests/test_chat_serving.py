@@ -228,6 +228,19 @@ def test_the_server_answers_in_the_template(client, messages, reply) -> None:
     assert client.models.list().data[0].model_extra["chat_template"] is True
 
 
+def test_the_server_reads_messages_as_prepare_does(client) -> None:
+    """OpenAI's ``developer`` role is the system's and content may come as text parts, as in training
+    data (``gpt2.tokenizer.chat_template.check_messages``): the same prompt, the same reply."""
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    shaped = [{"role": "developer", "content": SYSTEM}, {"role": "user", "content": parts}]
+    joined = "What is the capital\nof France?"
+    plain = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": joined}]
+    one = client.chat.completions.create(model="tiny", messages=plain, max_tokens=40, temperature=0)
+    two = client.chat.completions.create(model="tiny", messages=shaped, max_tokens=40, temperature=0)
+    assert two.choices[0].message.content == one.choices[0].message.content
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens
+
+
 def test_the_server_stops_at_a_stop_string_too_and_takes_any_order(client, learned: GPT2) -> None:
     messages = CONVERSATIONS[0][:4]
     cut = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0,
@@ -271,7 +284,8 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 @pytest.mark.parametrize(
     ("messages", "words"),
     [
-        ([{"role": "tool", "content": "x"}], ["messages.0.role", "'system', 'user' or 'assistant'"]),
+        ([{"role": "tool", "content": "x"}],
+         ["messages.0.role", "'system', 'developer', 'user' or 'assistant'"]),
         ([{"role": "user", "content": 5}], ["messages.0.content", "must be a string", "got a number"]),
         ([{"role": "user", "content": None}], ["messages.0.content", "got null"]),
         ([{"role": "user", "content": [5]}], ["messages.0.content", "must be a string"]),

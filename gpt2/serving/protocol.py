@@ -25,6 +25,8 @@ from pydantic_core import PydanticCustomError
 
 from gpt2.serving.errors import APIError
 from gpt2.serving.structured import ResponseFormat, StructuredOutputs
+from gpt2.tokenizer.chat_template import ROLES, message_text
+from gpt2.util.errors import UserError
 
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 4
@@ -69,9 +71,17 @@ _JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a
 
 
 class ChatMessage(BaseModel):
+    """A message as OpenAI's chat API takes it, read by the rule training data is read by
+    (``gpt2.tokenizer.chat_template``): ``developer`` is ``system``, content is a string or text parts."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]]  # a string, or OpenAI's content parts (text ones only here)
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        return ROLES[value]
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -87,15 +97,14 @@ class ChatMessage(BaseModel):
     @property
     def text(self) -> str:
         """The message's text: its content, or its text parts joined by newlines."""
-        if isinstance(self.content, str):
-            return self.content
-        kinds = [part.get("type") for part in self.content]
-        texts = [part.get("text") for part in self.content]
-        if any(kind != "text" for kind in kinds) or not all(isinstance(t, str) for t in texts):
+        try:
+            return message_text(self.content, "messages: a message")
+        except UserError:
+            kinds = [part.get("type") for part in self.content]
             other = next((k for k in kinds if k != "text"), "text without a 'text' string")
             raise APIError(400, f"messages: a content part of type {other!r}; this model reads only "
-                           "{'type': 'text', 'text': ...} parts", param="messages", code="invalid_value")
-        return "\n".join(texts)
+                           "{'type': 'text', 'text': ...} parts", param="messages",
+                           code="invalid_value") from None
 
 
 class ChatRequest(Sampling):
