@@ -240,10 +240,11 @@ def serving(model: GPT2, **options: object) -> Iterator[tuple[str, Engine]]:
                     max_queue=int(options.pop("max_queue", 64)),
                     prefill_chunk=int(options.pop("prefill_chunk", 256)),
                     prefix_cache_tokens=int(options.pop("prefix_cache_tokens", PREFIX_CACHE_TOKENS)))
+    served = dict(options.pop("uvicorn", {}))  # uvicorn.Config options (connections.uvicorn_options)
     app = create_app(engine, model_name="tiny", **options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **served))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_for(lambda: server.started, "the server to start")

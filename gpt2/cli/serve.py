@@ -22,6 +22,7 @@ from gpt2.util.errors import UserError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from gpt2.serving.connections import Limits
     from gpt2.serving.middleware import Shutdown
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -75,6 +76,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="refuse longer prompts (default: the context window less one)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                    help="refuse request bodies over N bytes with 413 (default 1 MiB)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="close a connection whose request's head (its line and headers) is not whole S "
+                   "seconds after it opened, or after its previous response (default 10); a client that "
+                   "sends its headers a byte at a time holds nothing longer")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="S",
+                   help="close a kept-alive connection idle for S seconds (default 5)")
+    p.add_argument("--max-connections", type=int, default=1000, metavar="N",
+                   help="connections open at once (default 1000): over it a new connection closes the one "
+                   "that has waited longest for a request's head; when every one is running a request, "
+                   "a few more answer /health alone and others get 503. The limit on open files is raised "
+                   "to fit it")
     p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
                    help="on SIGTERM or SIGINT, answer new requests 503 and give the running ones S "
                    "seconds to finish (default 30; 0: none); those still running are then cut, ending "
@@ -85,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2.serving import Engine, create_app
+    from gpt2.serving.connections import Limits, allow_descriptors
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
@@ -97,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.drain_seconds >= 0:  # NaN too
         raise UserError(f"--drain-seconds must be 0 or more, got {args.drain_seconds}")
     hosts = _allowed_hosts(args.host, args.allowed_hosts)
+    limits = Limits(header_timeout=args.header_timeout, timeout_keep_alive=args.timeout_keep_alive,
+                    max_connections=args.max_connections)
+    allow_descriptors(limits)
     model, tokenizer = load_model_and_tokenizer(args)
     template = chat_template(args, tokenizer)
     batch = 1 if args.no_batching else args.max_batch_size
@@ -112,14 +128,17 @@ def run(args: argparse.Namespace) -> int:
     chat = "its chat template" if template is not None else "the plain transcript (no chat template)"
     print(f"serving {name!r} on http://{args.host}:{args.port}/ (batch {batch}), chat in {chat}",
           file=sys.stderr)
-    _serve(app, args.host, args.port, args.drain_seconds)
+    _serve(app, args.host, args.port, args.drain_seconds, limits)
     return 0
 
 
-def _serve(app: FastAPI, host: str, port: int, drain_seconds: float) -> None:
-    """Serve ``app`` until a signal of ``SHUTDOWN_SIGNALS``, then drain it (``_DrainingServer``)."""
+def _serve(app: FastAPI, host: str, port: int, drain_seconds: float, limits: Limits) -> None:
+    """Serve ``app`` under ``limits`` (``gpt2.serving.connections``) until a signal of
+    ``SHUTDOWN_SIGNALS``, then drain it (``_DrainingServer``)."""
+    from gpt2.serving.connections import uvicorn_options
+
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=CLOSE_S)
+                            timeout_graceful_shutdown=CLOSE_S, **uvicorn_options(limits))
     _DrainingServer(config, app.state.shutdown, drain_seconds).run()
 
 

@@ -17,6 +17,11 @@ so a long prompt delays the others' next tokens by one chunk's time, not by the 
 Sequences with the same prompt (the ``n`` choices of a request) read it once and copy its keys and
 values.
 
+A sequence's own failure (its grammar failing while it generates, its settings failing on its logits)
+ends that sequence alone with its error, a ``UserError`` when its request is at fault; the others go
+on. A failure of the batch's own work (a forward pass: a bug, out of memory) fails the requests running
+then, and the engine goes on with the next ones.
+
 Timings go to ``Engine.observers`` (callables taking a kind and seconds) as they happen, measured in
 the worker: "time_to_first_token" (a job's first token, from its submission), "inter_token_latency"
 (each later token of a sequence, from its previous one) and "e2e_request_latency" (a job's last token,
@@ -47,7 +52,7 @@ from gpt2.generation.sampling import (
 from gpt2.model import Transformer
 from gpt2.serving.batch_cache import BatchCache
 from gpt2.serving.prefix_cache import BLOCK, PrefixCache
-from gpt2.serving.structured import Constraint, Grammar, allowed_tokens
+from gpt2.serving.structured import Constraint, FormatError, Grammar, allowed_tokens
 from gpt2.util.errors import UserError
 from gpt2.util.memory import release_freed_memory
 
@@ -496,7 +501,8 @@ class Engine:
             s.job.prompt_logprobs[s.index] = entries
 
     def _draw(self, logits: Tensor) -> dict[_Sequence, int]:
-        """Draw each row's next token, send it to its client and mark the finished rows."""
+        """Draw each row's next token, send it to its client and mark the finished rows. What fails
+        for one row (its grammar, its text) ends that sequence alone (``_fail``); the others go on."""
         rows = self._slots.rows
         logprobs = None
         if any(s.request.logprobs is not None for s in rows):
@@ -506,26 +512,44 @@ class Engine:
         now = time.perf_counter()
         for row, (s, token) in enumerate(zip(rows, drawn, strict=True)):
             tokens[s] = token
-            s.generated.append(token)
-            self.stats.tokens_generated += 1
-            logprob, top = (None, None)
-            if logprobs is not None and s.request.logprobs is not None:
-                logprob, top = _logprob_entry(logprobs[row], token, s.request.logprobs)
-            if token in s.stop_ids:
-                text, finish = s.stream.finish(), "stop"
-            else:
-                text = s.stream.push(token)
-                finish = "stop" if s.stream.done else None
-                if s.constraint is not None:
-                    s.constraint.advance(token)
-                    if finish is None and s.constraint.done:  # nothing but the end could follow
-                        text, finish = text + s.stream.finish(), "stop"
-                if finish is None and len(s.generated) >= s.request.config.max_new_tokens:
-                    text, finish = text + s.stream.finish(), "length"
-            s.finished = finish is not None
-            self._time(s, now)
-            s.job.post(s.index, Step(token, text, logprob, top, finish))
+            if s.finished:  # failed while its logits were adjusted
+                continue
+            try:
+                self._take(s, token, None if logprobs is None else logprobs[row], now)
+            except Exception as e:
+                self._fail(s, e)
         return tokens
+
+    def _take(self, s: _Sequence, token: int, logprobs: Tensor | None, now: float) -> None:
+        """Give ``s`` its drawn ``token`` (``logprobs``: its row's, if any row reports them): the
+        grammar takes it, the text grows, the client gets the step."""
+        s.generated.append(token)
+        self.stats.tokens_generated += 1
+        logprob, top = (None, None)
+        if logprobs is not None and s.request.logprobs is not None:
+            logprob, top = _logprob_entry(logprobs, token, s.request.logprobs)
+        if token in s.stop_ids:
+            text, finish = s.stream.finish(), "stop"
+        else:
+            if s.constraint is not None:
+                s.constraint.advance(token)
+            text = s.stream.push(token)
+            finish = "stop" if s.stream.done else None
+            if finish is None and s.constraint is not None and s.constraint.done:  # only the end could follow
+                text, finish = text + s.stream.finish(), "stop"
+            if finish is None and len(s.generated) >= s.request.config.max_new_tokens:
+                text, finish = text + s.stream.finish(), "length"
+        s.finished = finish is not None
+        self._time(s, now)
+        s.job.post(s.index, Step(token, text, logprob, top, finish))
+
+    def _fail(self, s: _Sequence, error: Exception) -> None:
+        """End ``s`` alone with ``error``, its own failure (a grammar that failed while generating is
+        the request's 400): its client gets the error, its slot is freed with the finished rows, and
+        the batch goes on."""
+        s.finished = True
+        self.stats.errors += 1
+        s.job.post(s.index, error)
 
     def _time(self, s: _Sequence, now: float) -> None:
         """Tell the observers the timings of the token ``s`` just drew at ``now`` (before the client
@@ -548,19 +572,34 @@ class Engine:
     def _adjusted(self, logits: Tensor) -> Tensor:
         """``logits`` after the penalties and bias of the rows that ask for any, and with the tokens
         their grammar does not allow next at -inf (a copy if so: log probabilities are reported from
-        the model's own distribution)."""
-        rows = [row for row, s in enumerate(self._slots.rows) if s.request.config.adjusts_logits]
-        constrained = [row for row, s in enumerate(self._slots.rows) if s.constraint is not None]
+        the model's own distribution). A row whose adjustment fails, or whose grammar fails or allows
+        nothing, ends alone (``_fail``), its logits left as they are."""
+        sequences = self._slots.rows
+        rows = [row for row, s in enumerate(sequences) if s.request.config.adjusts_logits]
+        constrained = [row for row, s in enumerate(sequences) if s.constraint is not None]
         if not rows and not constrained:
             return logits
         logits = logits.to(torch.float32, copy=True)
         for row in rows:
-            prompt, config = self._slots.rows[row].request.prompt, self._slots.rows[row].request.config
-            history = torch.tensor([prompt + self._slots.rows[row].generated], device=logits.device)
-            logits[row] = adjust_logits(logits[row : row + 1], config, history, len(prompt))[0]
+            s = sequences[row]
+            try:
+                history = torch.tensor([s.request.prompt + s.generated], device=logits.device)
+                logits[row] = adjust_logits(logits[row : row + 1], s.request.config, history,
+                                            len(s.request.prompt))[0]
+            except Exception as e:
+                self._fail(s, e)
         if constrained:
-            constraints = [c for row in constrained if (c := self._slots.rows[row].constraint) is not None]
+            constraints = [c for row in constrained if (c := sequences[row].constraint) is not None]
             allowed = allowed_tokens(constraints, logits.shape[1], logits.device)
+            empty = (~allowed.any(dim=1)).tolist()
+            for i, (row, c) in enumerate(zip(constrained, constraints, strict=True)):
+                error = c.error
+                if error is None and empty[i]:
+                    error = FormatError(c.param, "the format allows no token here")
+                if error is not None or sequences[row].finished:
+                    allowed[i] = True  # its logits as they are: a row of -inf cannot be drawn from
+                if error is not None and not sequences[row].finished:
+                    self._fail(sequences[row], error)
             logits[constrained] = logits[constrained].masked_fill(~allowed, float("-inf"))
         return logits
 

@@ -1,7 +1,9 @@
 """Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so that its clients
 report them as they report OpenAI's: a 4xx status for anything the client can fix (``APIError``, and
 FastAPI's and Starlette's own errors converted by the handlers ``install_error_handlers`` adds); a 500
-(``failure``) says only that the server failed, with an id that finds its traceback in the log.
+(``failure``) says only that the server failed, with an id that finds its traceback in the log, where
+the exception's message is cut to ``LOGGED_CHARS`` (a message may quote a megabyte of the request).
+``error_of`` is the one way from an exception to its answer, for a stream's last event too.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from gpt2.util.errors import UserError
+from gpt2.util.errors import UserError, bounded
 
 log = logging.getLogger("gpt2.serving")
+LOGGED_CHARS = 1000  # of an exception's message in the log
 
 
 class APIError(Exception):
@@ -58,7 +61,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     async def user_error(_: Request, exc: UserError) -> JSONResponse:
-        return APIError(400, str(exc), code="invalid_value").response()
+        return error_of(exc).response()
 
     async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_error(exc).response()
@@ -78,9 +81,25 @@ def install_error_handlers(app: FastAPI) -> None:
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+def error_of(exc: BaseException) -> APIError:
+    """The answer to ``exc``: itself if an ``APIError``, a 400 if a ``UserError`` (its ``param`` named,
+    if it has one), else the 500 of ``failure``."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UserError):
+        return APIError(400, str(exc), param=getattr(exc, "param", None), code="invalid_value")
+    return failure(exc)
+
+
+class _Logged(Exception):
+    """An exception as logged: its type and message, cut to ``LOGGED_CHARS``, with its traceback."""
+
+
 def failure(exc: BaseException) -> APIError:
-    """The 500 for ``exc``: its traceback goes to the log under an id, the client gets only the id."""
+    """The 500 for ``exc``: its traceback goes to the log under an id (its message cut to
+    ``LOGGED_CHARS``), the client gets only the id."""
     error_id = uuid.uuid4().hex[:12]
-    log.error("request failed (error id %s)", error_id, exc_info=exc)
+    logged = _Logged(bounded(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", LOGGED_CHARS))
+    log.error("request failed (error id %s)", error_id, exc_info=logged.with_traceback(exc.__traceback__))
     return APIError(500, f"the server failed (error id {error_id}; the server's log has the details)",
                     type="server_error", code="internal_error")

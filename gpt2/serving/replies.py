@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from gpt2.serving.engine import Job, Step
-from gpt2.serving.errors import failure
+from gpt2.serving.errors import error_of
 from gpt2.serving.metrics import Metrics
 from gpt2.serving.protocol import Sampling
 
@@ -52,7 +52,7 @@ def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
         except Exception as e:  # the status line is sent already: report it in the stream
-            yield f"data: {json.dumps(failure(e).payload())}\n\n"
+            yield f"data: {json.dumps(error_of(e).payload())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
