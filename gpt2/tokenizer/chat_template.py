@@ -208,8 +208,8 @@ def _overlapping(ids: list[int], text: str, spans: list[Span], tokenizer: Tokeni
 
 def check_messages(messages: object, where: str = "the conversation") -> list[Message]:
     """``messages`` as a list of {"role", "content"} string dicts, the shapes OpenAI's chat API takes
-    made one (the rule shared by training data and the server's
-    ``gpt2.serving.protocol.ChatMessage``): ``developer`` becomes ``system`` (``ROLES``), content given as text parts is joined
+    made one (the rule shared by training data and the server's ``gpt2.serving.protocol.ChatMessage``):
+    ``developer`` becomes ``system`` (``ROLES``), content given as text parts is joined
     (``message_text``). A one-line error names the problem: not a list, an unknown role, content that
     is neither."""
     if not isinstance(messages, list) or not messages:
