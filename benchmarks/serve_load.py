@@ -117,6 +117,7 @@ class Load:
     wall_s: float = 0.0
     peak_running: int = 0
     peak_waiting: int = 0
+    max_batch: int = 0  # the server's own count: the most sequences it decoded in one forward pass
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
 
@@ -160,23 +161,20 @@ def cpu_s(pid: int) -> float:
 
 @contextlib.contextmanager
 def server(model: str, extra: list[str]) -> Iterator[tuple[subprocess.Popen, int]]:
-    """`gpt2 serve` on a free loopback port with ``extra`` options, once /health answers; (process, port)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gpt2", "serve", "--model", model, "--device", "cpu", "--port", str(port),
-         "--model-name", "bench", *extra],
-    )
+    """`gpt2 serve` on a free loopback port with ``extra`` options, once /health answers; (process, port).
+    A port that another process takes between its choice and the server's bind: another port."""
+    for _ in range(5):
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gpt2", "serve", "--model", model, "--device", "cpu", "--port", str(port),
+             "--model-name", "bench", *extra],
+        )
+        up = started(process, port)
+        if up or process.poll() is None or not taken(port):
+            break
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if request(port, "GET", "/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start (exit status {process.poll()})")
-            time.sleep(0.2)
+        if not up:
+            raise SystemExit(f"the server did not start (exit status {process.poll()})")
         yield process, port
     finally:
         process.terminate()
@@ -185,6 +183,27 @@ def server(model: str, extra: list[str]) -> Iterator[tuple[subprocess.Popen, int
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def started(process: subprocess.Popen, port: int) -> bool:
+    """Whether ``process`` answers /health on ``port`` (within 120 s) before it ends."""
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if request(port, "GET", "/health", timeout=5)[0] == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def taken(port: int) -> bool:
+    """Whether another process holds ``port`` now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def plan_prompts(port: int, args: argparse.Namespace, requests: int, seed: int) -> list[list[str]]:
@@ -306,6 +325,7 @@ def run_clients(port: int, pid: int, plans: list[list[str]], max_tokens: int, se
     load.server_cpu_s, load.client_cpu_s = cpu_s(pid) - server_cpu, time.process_time() - client_cpu
     done.set()
     watcher.join()
+    load.max_batch = request(port, "GET", "/health")[1]["max_batch"]
     return load
 
 
@@ -356,7 +376,8 @@ def print_load(load: Load, memory: dict[str, dict[str, float]]) -> None:
     prompts = [r.prompt_tokens for r in load.results if r.error is None]
     print(f"\nwall {load.wall_s:.1f} s; prompt tokens {min(prompts, default=0)}-{max(prompts, default=0)} "
           f"(mean {statistics.fmean(prompts) if prompts else 0:.0f}); server's most at once: "
-          f"{load.peak_running} running, {load.peak_waiting} waiting")
+          f"{load.peak_running} running, {load.peak_waiting} waiting (polled); most decoded together: "
+          f"{load.max_batch}")
     print(f"CPU time over the run: the server {load.server_cpu_s:.1f} s, the clients (this process) "
           f"{load.client_cpu_s:.1f} s, of {os.cpu_count()} cores x {load.wall_s:.1f} s\n")
     print_table([[when, f"{m['VmRSS']:,.1f}", f"{m['VmHWM']:,.1f}"] for when, m in memory.items()],

@@ -35,6 +35,8 @@ from gpt2 import GPT2, GPT2Config
 from gpt2.tokenizer.bpe import Tokenizer
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from gpt2.serving import Engine
 
 
@@ -211,7 +213,11 @@ def printed_table(output: str, first: str) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# A server in a thread
+# A server in a thread (``serving``, ``serving_app``), its engine held at a known step (``Hold``), a
+# ``gpt2 serve`` process on a free port (``serve_process``), and ``wait_for`` a state: no test waits for
+# time to pass or expects a busy machine to keep up.
+
+SAFETY_S = 120.0  # how long a test waits for a state before it fails: a safety net, never a measure
 
 
 def endless_model(n_positions: int = 96) -> GPT2:
@@ -231,6 +237,15 @@ def endless_model(n_positions: int = 96) -> GPT2:
 @contextlib.contextmanager
 def serving(model: GPT2, **options: object) -> Iterator[tuple[str, Engine]]:
     """Serve ``model`` on a free loopback port in a thread; yields (base URL, engine)."""
+    with serving_app(model, **options) as (url, app):
+        yield url, app.state.engine
+
+
+@contextlib.contextmanager
+def serving_app(model: GPT2, **options: object) -> Iterator[tuple[str, FastAPI]]:
+    """``serving``, yielding the app itself: (base URL, app). Its ``state`` holds the engine and the
+    graceful shutdown, whose ``running`` counts the requests being answered (a stream ends once its
+    client is gone and its job is cancelled)."""
     import uvicorn
 
     from gpt2.serving import Engine, create_app
@@ -249,20 +264,130 @@ def serving(model: GPT2, **options: object) -> Iterator[tuple[str, Engine]]:
     thread.start()
     wait_for(lambda: server.started, "the server to start")
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Poll ``condition`` every 20 ms until it is true; fail naming ``what`` after ``timeout`` seconds."""
+def wait_for(condition: Callable[[], object], what: str, timeout: float = SAFETY_S) -> None:
+    """Poll ``condition`` every 20 ms until it is true; fail naming ``what`` after ``timeout`` seconds
+    (a safety net: wait for a state, never for time to pass)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+class Hold:
+    """Holds a serving engine's worker at the start of every forward pass of ``model`` (a forward
+    pre-hook) until the test lets it go on, so that a test knows at which step the engine is however
+    busy the machine is: requests sent while it is held wait in its queue and join at its next step.
+
+    ``wait()`` returns once the worker is held (at the first pass from now, or the first after those
+    ``allow`` let through); ``allow(n)`` lets ``n`` more passes start; ``release()``, also called on
+    leaving the ``with`` block, lets it run freely. Passes of the thread that made the hold (the test's
+    own ``generate`` calls) are never held. A worker held for ``SAFETY_S`` goes on by itself (a safety
+    net: the test then fails on what it expected)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model, self._owner = model, threading.get_ident()
+        self._lock = threading.Condition()
+        self._allowed = 0  # passes that may start before the next is held
+        self._held = False  # whether the worker waits at a pass now
+        self._free = False
+
+    def __enter__(self) -> Hold:
+        self._hook = self._model.register_forward_pre_hook(self._at_pass)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+        self._hook.remove()
+
+    def _at_pass(self, *_: object) -> None:
+        if threading.get_ident() == self._owner:
+            return
+        with self._lock:
+            if not self._allowed and not self._free:
+                self._held = True
+                self._lock.notify_all()
+                self._lock.wait_for(lambda: self._allowed or self._free, SAFETY_S)
+                self._held = False
+            self._allowed = max(self._allowed - 1, 0)
+
+    def wait(self) -> None:
+        """Until the worker is held at a pass (all the passes allowed have started)."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._held and not self._allowed, SAFETY_S):
+                raise AssertionError("the engine never came to the forward pass it is held at")
+
+    def allow(self, passes: int = 1) -> None:
+        """Let ``passes`` more forward passes start; the one after them is held."""
+        with self._lock:
+            self._allowed += passes
+            self._lock.notify_all()
+
+    def release(self) -> None:
+        """Let the worker run freely from now on."""
+        with self._lock:
+            self._free = True
+            self._lock.notify_all()
+
+
+def free_port() -> int:
+    """A loopback port free now (another process may take it before it is bound: ``serve_process``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (Linux's /proc; elsewhere, True
+    while it runs: the caller's first answer then comes from whoever listens)."""
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        return True
+    inodes = set()
+    for table in tables:
+        for line in table.read_text().splitlines()[1:] if table.exists() else []:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(fields[9])
+    with contextlib.suppress(OSError):  # the process has ended
+        return any(os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes
+                   for fd in Path(f"/proc/{pid}/fd").iterdir() if os.path.islink(fd))
+    return False
+
+
+def serve_process(command: list[object], tries: int = 5) -> tuple[subprocess.Popen[str], int]:
+    """``command`` (a ``gpt2 serve ...`` line) with ``--port`` a free port added, started with its stderr
+    piped, once the process itself listens on that port: a port taken by another process between its
+    choice and the bind makes the server exit, and it is started again on another one. Returns the
+    process and its port."""
+    for _ in range(tries):
+        port = free_port()
+        process = subprocess.Popen([*map(str, command), "--port", str(port)], stderr=subprocess.PIPE,
+                                   text=True)
+        if _listening(process, port):
+            return process, port
+        err = process.communicate()[1]
+        assert "address already in use" in err.lower(), err
+    raise AssertionError(f"no free port found in {tries} tries")
+
+
+def _listening(process: subprocess.Popen[str], port: int) -> bool:
+    """Wait until ``process`` listens on ``port`` (True) or has ended (False)."""
+    try:
+        wait_for(lambda: process.poll() is not None or listens(process.pid, port),
+                 f"the server to listen on port {port}")
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    return process.poll() is None
 
 
 # ----------------------------------------------------------------------------------------------------

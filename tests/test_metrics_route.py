@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import endless_model, serving, wait_for
+from conftest import SAFETY_S, Hold, endless_model, serving, serving_app, wait_for
 
 from gpt2 import GPT2
 
@@ -136,19 +136,26 @@ def test_the_key_is_required_and_unknown_paths_are_one_series(server) -> None:
 
 
 def test_public_metrics_gauges_and_a_registry_per_app(server, model) -> None:
-    with serving(model, api_key=KEY, public_metrics=True) as (url, engine):
+    # a completion of the module's server of its own, so that the test does not need the others before it
+    assert request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}, AUTH)[0] == 200
+    with serving_app(model, api_key=KEY, public_metrics=True) as (url, app), Hold(model) as hold:
+        engine = app.state.engine
         assert request(url, "GET", "/v1/models")[0] == 401  # the rest still needs the key
         fresh = scrape(url, headers={})  # no key needed
         assert value(fresh, "gpt2_requests_total", route="/v1/completions", status="200") == 0
         assert value(scrape(server), "gpt2_requests_total", route="/v1/completions", status="200") > 0
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=SAFETY_S)
         stream = client.completions.create(model="tiny", prompt="abcdef", max_tokens=80, stream=True)
-        next(iter(stream))  # generating now
+        hold.wait()
+        hold.allow(1)
+        hold.wait()  # generating now: its first token out, held before its second
         busy = scrape(url, headers={})
         assert value(busy, "gpt2_num_requests_running") == 1
         assert value(busy, "gpt2_num_requests_waiting") == 0
         assert 6 <= value(busy, "gpt2_kv_cache_positions_in_use") <= 6 + 80
         stream.close()
+        wait_for(lambda: app.state.shutdown.running == 0, "the stream's end (its job cancelled)")
+        hold.release()
         wait_for(lambda: engine.load()["running"] == 0, "the slot to be freed")
         idle = scrape(url, headers={})
         assert value(idle, "gpt2_num_requests_running") == 0

@@ -14,7 +14,7 @@ import concurrent.futures
 from collections.abc import Iterator
 
 import pytest
-from conftest import assert_one_line_error, endless_model, run_cli, saved_model_dir, serving
+from conftest import assert_one_line_error, endless_model, run_cli, saved_model_dir, serving, wait_for
 
 from gpt2 import GPT2
 from gpt2.generation.sampling import GenerationConfig
@@ -36,10 +36,15 @@ def model() -> GPT2:
 
 
 @pytest.fixture(scope="module")
-def servers(model: GPT2) -> Iterator[dict[str, str]]:
-    """One server with the default prefix cache and one without, by name."""
-    with serving(model) as (cached, _), serving(model, prefix_cache_tokens=0) as (plain, _):
-        yield {"cached": cached, "plain": plain}
+def served(model: GPT2) -> Iterator[tuple[dict[str, str], Engine]]:
+    """One server with the default prefix cache and one without, by name, and the first's engine."""
+    with serving(model) as (cached, engine), serving(model, prefix_cache_tokens=0) as (plain, _):
+        yield {"cached": cached, "plain": plain}, engine
+
+
+@pytest.fixture(scope="module")
+def servers(served: tuple[dict[str, str], Engine]) -> dict[str, str]:
+    return served[0]
 
 
 def client(url: str) -> openai.OpenAI:
@@ -120,14 +125,21 @@ def test_a_conversation_s_next_turn_reuses_the_last_reply(model) -> None:
     assert replies[PREFIX_CACHE_TOKENS] == replies[0]
 
 
-def test_prompts_arriving_together_equal_one_by_one(servers) -> None:
+def test_prompts_arriving_together_equal_one_by_one(served) -> None:
     """Prompts of different lengths sharing a new start, sent at once (the engine reads the first and
     holds the others back so that they find it cached), beside prompts of their own."""
+    servers, engine = served
     fresh = "A different document, never seen by this server before, about the river and its mills. "
     prompts = [fresh + q for q in QUESTIONS] + ["short one", QUESTIONS[0] * 3]
     before = metrics(servers["cached"])["gpt2_prefix_cache_hits_total"]
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: complete(servers["cached"], p, temperature=1.0, seed=5), prompts))
+        engine.stop()  # they wait in its queue until every one is there: they do arrive together
+        try:
+            replies = [pool.submit(complete, servers["cached"], p, temperature=1.0, seed=5) for p in prompts]
+            wait_for(lambda: engine.load()["waiting"] == len(prompts), "every prompt to be queued")
+        finally:
+            engine.start()
+        together = [reply.result() for reply in replies]
     hits = metrics(servers["cached"])["gpt2_prefix_cache_hits_total"] - before
     for prompt, reply in zip(prompts, together, strict=True):
         assert_same(reply, complete(servers["plain"], prompt, temperature=1.0, seed=5))

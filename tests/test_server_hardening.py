@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import (
     BYTES,
+    SAFETY_S,
     assert_one_line_error,
     endless_model,
     random_model,
@@ -32,6 +33,9 @@ from gpt2.util.errors import UserError
 pytest.importorskip("uvicorn")
 
 KEY = "secret-key"
+# The longest a /health request may take while a huge one is refused: a stall, not a slow answer on a
+# busy machine (about 0.1 s on a quiet one).
+STALL_S = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +100,19 @@ def test_a_huge_request_is_refused_at_once_while_health_answers(server) -> None:
     before = rss_bytes()
     sampler.start()
     sender.start()
-    health_times = []
-    while sender.is_alive() and len(health_times) < 50:
+    health_times: list[float] = []
+    while not health_times or (sender.is_alive() and len(health_times) < 50):
         start = time.monotonic()
         status, _ = request(server, "GET", "/health")
         health_times.append(time.monotonic() - start)
         assert status == 200
-    sender.join(timeout=60)
+    sender.join(timeout=SAFETY_S)
     done.set()
     sampler.join()
     status, payload = answer[0]
     assert status == 400 and payload["error"]["code"] == "too_many_sequences", payload
     assert "3200000 sequences" in payload["error"]["message"] and "256" in payload["error"]["message"]
-    assert max(health_times) < 1.0, health_times
+    assert max(health_times) < STALL_S, health_times
     assert peak[0] - before < 300 << 20, (before, peak[0])
 
 
@@ -288,7 +292,7 @@ def _fuzz_body(rng: random.Random, chat: bool) -> bytes:
 
 def test_fuzzed_bodies_never_get_a_5xx(server) -> None:
     rng = random.Random(1234)
-    start = time.monotonic()
+    start = time.process_time()  # of the client and the server in its thread: what the bodies cost
     connection = http.client.HTTPConnection(*_address(server), timeout=30)
     statuses: dict[int, int] = {}
     for i in range(300):
@@ -307,4 +311,4 @@ def test_fuzzed_bodies_never_get_a_5xx(server) -> None:
             connection = http.client.HTTPConnection(*_address(server), timeout=30)
     connection.close()
     assert statuses.get(200, 0) > 10 and sum(v for k, v in statuses.items() if k >= 400) > 100, statuses
-    assert time.monotonic() - start < 60
+    assert time.process_time() - start < 60  # CPU seconds (about 1 s); a body that hangs times out

@@ -11,17 +11,13 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import socket
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import BYTES, endless_model, serving, wait_for
-
+from conftest import BYTES, SAFETY_S, Hold, endless_model, serve_process, serving, serving_app, wait_for
 from gpt2 import GPT2
 from gpt2.cli import main
 from gpt2.generation.sampling import GenerationConfig, generate, generate_text
@@ -230,22 +226,29 @@ def test_max_tokens_is_capped_by_the_window(client) -> None:
 def test_concurrent_requests_share_forward_passes(server, client, model) -> None:
     _, engine = server
     before = dict(engine.load())
-    barrier = threading.Barrier(6)
     prompts = [f"request {i}: " + "xyz" * (5 * i) for i in range(6)]  # lengths 11 to 86
     results: dict[int, str] = {}
 
-    def ask(i: int) -> None:
-        barrier.wait()
-        time.sleep(0.01 * i)  # some join while others run
-        max_tokens = min(40, WINDOW - len(prompts[i]))
-        r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=max_tokens, temperature=0)
-        results[i] = r.choices[0].text
+    def ask(i: int) -> threading.Thread:
+        def run() -> None:
+            max_tokens = min(40, WINDOW - len(prompts[i]))
+            r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=max_tokens,
+                                          temperature=0)
+            results[i] = r.choices[0].text
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    # The first request runs alone; the other five arrive while its prompt is read and join it at the
+    # engine's next step (held there, so that they do arrive together however busy the machine is).
+    with Hold(model) as hold:
+        threads = [ask(0)]
+        hold.wait()
+        threads += [ask(i) for i in range(1, 6)]
+        wait_for(lambda: engine.load()["waiting"] == 5, "the five later requests to be queued")
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=SAFETY_S)
     after = engine.load()
     # Batched with others (left-padded, shifted in the shared cache), each is its own greedy continuation.
     for i, prompt in enumerate(prompts):
@@ -293,13 +296,18 @@ def test_a_long_prompt_does_not_stall_running_sequences(model, chunk: int, most:
                 order.append(name)
 
         try:
-            a = engine.submit([SequenceRequest([97], GenerationConfig(max_new_tokens=60, temperature=0))])
-            reading_a = asyncio.create_task(read(a, "a"))
-            while not order:
-                await asyncio.sleep(0.001)
-            b = engine.submit([SequenceRequest([98] * 88, GenerationConfig(max_new_tokens=3, temperature=0))])
-            order.append("b submitted")
-            await asyncio.gather(reading_a, read(b, "b"))
+            with Hold(model) as hold:
+                a = engine.submit([SequenceRequest([97], GenerationConfig(max_new_tokens=60, temperature=0))])
+                reading_a = asyncio.create_task(read(a, "a"))
+                await asyncio.to_thread(hold.wait)  # at a's prompt
+                hold.allow(1)
+                await asyncio.to_thread(hold.wait)  # at a's first decoding step: its first token is out
+                while not order:  # and read
+                    await asyncio.sleep(0.001)
+                b = engine.submit([SequenceRequest([98] * 88, GenerationConfig(max_new_tokens=3,
+                                                                               temperature=0))])
+                order.append("b submitted")
+            await asyncio.wait_for(asyncio.gather(reading_a, read(b, "b")), SAFETY_S)
         finally:
             engine.stop()
         return order[order.index("b submitted") : order.index("b")].count("a")
@@ -314,10 +322,11 @@ def test_a_request_cancelled_while_its_prompt_is_read_is_dropped(model) -> None:
         engine.start()
         try:
             greedy = GenerationConfig(max_new_tokens=3, temperature=0)
-            job = engine.submit([SequenceRequest([98] * 90, greedy)])
-            while engine.load()["running"] == 0:
-                await asyncio.sleep(0.001)
-            job.cancel()
+            with Hold(model) as hold:
+                job = engine.submit([SequenceRequest([98] * 90, greedy)])
+                await asyncio.to_thread(hold.wait)  # at the prompt's first chunk
+                assert engine.load()["running"] == 1
+                job.cancel()
             while engine.load()["running"]:
                 await asyncio.sleep(0.001)
             after = engine.submit([SequenceRequest([97], greedy)])
@@ -328,15 +337,18 @@ def test_a_request_cancelled_while_its_prompt_is_read_is_dropped(model) -> None:
         finally:
             engine.stop()
 
-    load = asyncio.run(run())
+    load = asyncio.run(asyncio.wait_for(run(), SAFETY_S))
     assert load["cancelled"] == 1 and load["forward_passes"] < 90
 
 
 def test_full_queue_answers_429_and_disconnect_frees_the_slot(model) -> None:
-    with serving(model, max_batch_size=1, max_queue=1) as (url, engine):
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    with serving_app(model, max_batch_size=1, max_queue=1) as (url, app), Hold(model) as hold:
+        engine = app.state.engine
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=SAFETY_S)
         stream = client.completions.create(model="tiny", prompt="a", max_tokens=WINDOW - 1, stream=True)
-        next(iter(stream))  # the first request holds the only slot
+        hold.wait()
+        hold.allow(1)
+        hold.wait()  # the first request holds the only slot, its first token out, held mid-stream
         waiting = threading.Thread(
             target=client.completions.create, kwargs=dict(model="tiny", prompt="b", max_tokens=4)
         )
@@ -346,7 +358,9 @@ def test_full_queue_answers_429_and_disconnect_frees_the_slot(model) -> None:
             client.completions.create(model="tiny", prompt="c", max_tokens=4)
         assert "busy" in refused.value.body["message"]
         stream.close()  # the client goes away mid-stream: its slot goes to the waiting request
-        waiting.join(timeout=30)
+        wait_for(lambda: app.state.shutdown.running == 1, "the stream's end (its job cancelled)")
+        hold.release()
+        waiting.join(timeout=SAFETY_S)
         wait_for(lambda: engine.load()["running"] == 0, "the slots to be freed")
         load = engine.load()
         assert load["cancelled"] == 1 and load["rejected"] == 1
@@ -482,9 +496,6 @@ def test_gpt2_serve_command(model, tmp_path, capsys) -> None:
     assert "--max-batch-size must be positive" in capsys.readouterr().err
     assert main(["serve", "--model", str(directory), "--prefill-chunk", "0"]) == 2
     assert "--prefill-chunk must be positive" in capsys.readouterr().err
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     command = [
         sys.executable,
         "-m",
@@ -492,15 +503,13 @@ def test_gpt2_serve_command(model, tmp_path, capsys) -> None:
         "serve",
         "--model",
         str(directory),
-        "--port",
-        str(port),
         "--api-key",
         KEY,
         "--no-batching",
         "--prefill-chunk",
         "2",
     ]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process, port = serve_process(command)  # on a free port, listening
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
 
@@ -511,7 +520,7 @@ def test_gpt2_serve_command(model, tmp_path, capsys) -> None:
             except openai.APIConnectionError:
                 return False
 
-        wait_for(up, "gpt2 serve to answer", timeout=90)
+        wait_for(up, "gpt2 serve to answer")
         result = client.completions.create(model="bytes-model", prompt="Hi", max_tokens=5, temperature=0)
         assert (
             result.choices[0].text
@@ -519,5 +528,5 @@ def test_gpt2_serve_command(model, tmp_path, capsys) -> None:
         )
     finally:
         process.terminate()
-        _, err = process.communicate(timeout=30)
+        _, err = process.communicate(timeout=SAFETY_S)
     assert f"on http://127.0.0.1:{port}/ (batch 1)" in err

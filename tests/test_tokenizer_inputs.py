@@ -4,6 +4,9 @@ one character in training, and a seeded fuzz of the round trip and of tiktoken-i
 tiktoken panics on a run of about a million whitespace characters, so beyond that the reference is
 tiktoken's BPE over a split made by the ``regex`` module (``Encoding._encode_only_native_bpe``), which
 follows the same pattern with another engine.
+
+Where a test bounds how long something takes (linear time, not quadratic), it measures the CPU time of
+this process, which other processes on a busy machine do not lengthen, and not the wall-clock time.
 """
 
 from __future__ import annotations
@@ -63,11 +66,11 @@ def test_many_runs_just_too_short_to_cut_take_linear_time(
     """Finding long runs does not rescan short ones: 1.3 million characters of runs one short of being
     cut (a regex such as ``\\s{65536,}`` takes over a minute on half of this)."""
     text = ("x" + " " * (LONG_WHITESPACE - 1)) * 20
-    start = time.perf_counter()
+    start = time.process_time()
     ids = gpt2_tokenizer.encode(text)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert ids == reference_encoding.encode_ordinary(text)
-    assert seconds < 5, f"{seconds:.1f} s to encode {len(text):,} characters"
+    assert seconds < 5, f"{seconds:.1f} CPU s to encode {len(text):,} characters"
 
 
 @pytest.mark.parametrize("chars", [" ", " \n\t", "\u3000", "\n"], ids=ascii)
@@ -77,12 +80,12 @@ def test_whitespace_runs_beyond_tiktokens_limit(
     """Runs of over a million characters encode in well under a second a time, to the ids of the
     ``regex``-split reference, and decode back to the text."""
     for text in (run_of(chars, BEYOND_LIMIT), "I" + run_of(chars, BEYOND_LIMIT) + " am."):
-        start = time.perf_counter()
+        start = time.process_time()
         ids = gpt2_tokenizer.encode(text)
-        seconds = time.perf_counter() - start
+        seconds = time.process_time() - start
         assert ids == reference_encoding._encode_only_native_bpe(text)
         assert gpt2_tokenizer.decode(ids) == text
-        assert seconds < 5, f"{seconds:.1f} s to encode {len(text):,} characters"
+        assert seconds < 5, f"{seconds:.1f} CPU s to encode {len(text):,} characters"
 
 
 def test_long_runs_with_special_tokens_and_batches(
@@ -177,12 +180,12 @@ def test_training_on_a_long_run_of_one_character_is_fast(
     about 0.1 s in the trainer underneath): the vocabulary it saves encodes the run and decodes back."""
     corpus = tmp_path / "a.txt"
     corpus.write_text("a" * 20_000 + "\nab " * 50)
-    start = time.perf_counter()
+    start = time.process_time()
     code, _, err = run_cli(capsys, "tokenizer", "train", corpus, "--vocab-size", 400, "--out",
                            tmp_path / "tok")
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert (code, err) == (0, ""), err
-    assert seconds < 10, f"{seconds:.1f} s to train and save"
+    assert seconds < 10, f"{seconds:.1f} CPU s to train and save"
     tokenizer = Tokenizer.from_pretrained(tmp_path / "tok")
     text = "a" * 20_000 + "\nab"
     assert tokenizer.decode(tokenizer.encode(text)) == text

@@ -10,7 +10,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -124,13 +123,14 @@ def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path, optimizer
     )
     killed_run = tmp_path / "killed"
     victim = subprocess.Popen(
-        gpt2_command(*args, "--out", killed_run), stdout=subprocess.DEVNULL, env=ONE_THREAD
+        [sys.executable, "-c", STOPPER, "15", *map(str, args), "--out", killed_run],
+        stdout=subprocess.DEVNULL, env=ONE_THREAD,
     )
-    while not (killed_run / "latest").exists() or len(losses(killed_run)) < 13:
-        assert victim.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
+    _, status = os.waitpid(victim.pid, os.WUNTRACED)  # until it stops itself, mid-run
+    assert os.WIFSTOPPED(status), "the run ended before it could be killed"
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
+    assert (killed_run / "latest").exists() and len(losses(killed_run)) >= 13
     assert not (killed_run / "step_000060").exists()
     subprocess.run(gpt2_command("train", "--out", killed_run, "--resume"), check=True,
                    stdout=subprocess.DEVNULL, env=ONE_THREAD)
@@ -140,6 +140,24 @@ def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path, optimizer
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     assert losses(killed_run) == losses(tmp_path / "ref")  # the log was cut back to the checkpoint
     assert losses(killed_run, "val_loss") == losses(tmp_path / "ref", "val_loss")
+
+
+# Runs `gpt2 train ...` that stops itself (SIGSTOP) at its AT-th training step, just after the first
+# optimizer's update (torch's hook after each optimizer step; the training itself is ours, unchanged), for
+# the test to kill it there: mid-run, at a step that no timing moves.
+STOPPER = """
+import os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+at, counted = int(sys.argv[1]), []
+def stop_at(optimizer, args, kwargs):
+    if not counted or optimizer is counted[0]:  # the first optimizer's steps (AdamW; Muon beside it)
+        counted.append(optimizer)
+        if len(counted) == at:
+            os.kill(os.getpid(), signal.SIGSTOP)
+register_optimizer_step_post_hook(stop_at)
+from gpt2.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 # Runs `gpt2 train ...` with one OS call replaced by SIGKILL once the first checkpoint is complete.
