@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from conftest import BYTES, SAFETY_S, Hold, endless_model, serve_process, serving, serving_app, wait_for
+
 from gpt2 import GPT2
 from gpt2.cli import main
 from gpt2.generation.sampling import GenerationConfig, generate, generate_text
