@@ -138,6 +138,18 @@ def saved_adapter_dir(base: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return directory
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny model over ``BYTES``, saved (for tests that run the ``gpt2`` command on one)."""
+    return saved_model_dir(random_model(tokenizer=BYTES), tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter of ``model_dir`` (``saved_adapter_dir``)."""
+    return saved_adapter_dir(model_dir, tmp_path_factory)
+
+
 def random_words(words: list[str], n: int, seed: int) -> str:
     """``n`` words drawn from ``words`` by ``random.Random(seed)``, joined by spaces."""
     rng = random.Random(seed)

@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BYTES, assert_one_line_error, random_model, run_gpt2, saved_adapter_dir, saved_model_dir
+from conftest import assert_one_line_error, run_gpt2
 from safetensors.torch import load_file, save_file
 
 from gpt2.adapters.lora import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return saved_model_dir(random_model(tokenizer=BYTES), tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return saved_adapter_dir(model_dir, tmp_path_factory)
 
 
 def spoiled(adapter_dir: Path, tmp_path: Path, value: float, *, bin: bool = False) -> tuple[Path, Path, str]:

@@ -13,13 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    BYTES,
     assert_one_line_error,
-    random_model,
     run_cli,
     run_gpt2,
-    saved_adapter_dir,
-    saved_model_dir,
 )
 
 # payload (the JSON text of a value) -> words its error holds
@@ -31,16 +27,6 @@ PAYLOADS = {
     "lone-surrogate": ('"\\ud800"', "lone surrogate"),  # UnicodeEncodeError once encoded
 }
 TEXT = "the cat sat on the mat and the dog sat on the log. " * 60
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return saved_model_dir(random_model(tokenizer=BYTES), tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return saved_adapter_dir(model_dir, tmp_path_factory)
 
 
 def with_extra(good: dict, payload: str, key: str = "extra") -> str:

@@ -122,7 +122,7 @@ def test_a_compiler_that_never_answers_is_given_up_on_within_the_bound(cache: Pa
     compiler = _fake_compiler(tmp_path / "bin", build="sleep 600", version="sleep 600")
     start = time.monotonic()
     used, seconds, notices = _load(cache, CXX=str(compiler), GPT2_KERNELS_TIMEOUT="2")
-    assert not used and seconds < 10, f"loading took {seconds} s (whole process: {time.monotonic() - start})"
+    assert not used and seconds < 60, f"loading took {seconds} s (whole process: {time.monotonic() - start})"
     assert len(notices) == 1 and "c++ --version did not answer within 2 s" in notices[0]
 
 
@@ -139,7 +139,7 @@ def test_a_build_that_never_ends_is_given_up_on_and_remembered(cache: Path, tmp_
     compiler = _fake_compiler(bin_dir, build=f"sleep 600 & echo $! > {bin_dir / 'pid'}; wait")
     env = {"CXX": str(compiler), "GPT2_KERNELS_TIMEOUT": "2"}
     used, seconds, notices = _load(cache, **env)
-    assert not used and seconds < 10 and len(notices) == 1
+    assert not used and seconds < 60 and len(notices) == 1
     assert "c++ did not answer within 2 s" in notices[0] and "remembered" not in notices[0]
     assert [p.suffix for p in (cache / "kernels").iterdir()] == [".failed"]  # no half-written library
     assert _gone(int((bin_dir / "pid").read_text())), "the compiler's own children are killed too"

@@ -13,21 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import BYTES, assert_one_line_error, random_model, run_gpt2, saved_adapter_dir, saved_model_dir
+from conftest import assert_one_line_error, run_gpt2
 
 TEXT = "the cat sat on the mat and the dog sat on the log. " * 60  # 3,060 tokens of bytes
 TRAIN = ["--seq-len", 32, "--micro-batch", 2, "--max-steps", 1, "--warmup-steps", 0, "--eval-interval", 0,
          "--sample-tokens", 0, "--log-interval", 0, "--dtype", "float32"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return saved_model_dir(random_model(tokenizer=BYTES), tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return saved_adapter_dir(model_dir, tmp_path_factory)
 
 
 def corpus(directory: Path) -> dict[str, str]:

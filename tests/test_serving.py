@@ -133,7 +133,8 @@ def test_chat_uses_the_transcript_and_streams_the_same(client, model) -> None:
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     reply = whole.choices[0].message
     assert reply.role == "assistant"
-    # The template of gpt2.generation.prompts.Chat, continued greedily (a reply is one line, leading spaces dropped).
+    # The template of gpt2.generation.prompts.Chat, continued greedily (a reply is one line, leading spaces
+    # dropped).
     transcript = "Two friends talk.\n\nUser: Hi!\nAssistant: Hello.\nUser: How are you?\nAssistant:"
     (expected,) = generate_text(
         model, BYTES, transcript, GenerationConfig(temperature=0, max_new_tokens=10, stop_strings=["\n"])
