@@ -318,8 +318,9 @@ def hand_attention(model: Transformer) -> None:
     config = model.config
     f32, bf16 = torch.float32, torch.bfloat16
     pairs = {(f32, f32), (f32, bf16), (bf16, bf16)}
+    # (on the CPU attention runs in float32: ``Transformer.attention_dtype``)
     if model.device.type != "cpu" or config.head_dim != 64 or (model.dtype, model.cache_dtype) not in pairs \
-            or model.attention_dtype != torch.float32 or not kernels.kernel("attention", 64):
+            or not kernels.kernel("attention", 64):
         return
     for i in range(config.n_layer):
         model.set_submodule(f"transformer.h.{i}.attn", HandAttention(model.transformer.h[i].attn))
