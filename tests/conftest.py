@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 
     from gpt2.serving import Engine
 
+# Torch on one thread in every test and every process a test starts (unless OMP_NUM_THREADS says
+# otherwise): the tiny models are no faster on more, and on a busy machine a thread pool that waits
+# for a descheduled thread makes each step several times slower. test_matvec runs its kernels on two.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def shared_file(name: str) -> Path:
     """A file of ``$GPT2_SHARED_DATA`` (default ``../shared/data`` beside the repo root).
@@ -154,15 +160,6 @@ def random_words(words: list[str], n: int, seed: int) -> str:
     """``n`` words drawn from ``words`` by ``random.Random(seed)``, joined by spaces."""
     rng = random.Random(seed)
     return " ".join(rng.choice(words) for _ in range(n))
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Torch on one thread for the test (tiny training runs are faster and repeatable so)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,8 +24,6 @@ from gpt2.loss import IGNORE
 from gpt2.tokenizer.chat_template import GPT2_CHAT_TEMPLATE, ChatTemplate
 from gpt2.training.metrics import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 EXAMPLES = [
     {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi!"},
                   {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Café?"},

@@ -20,7 +20,6 @@ from test_chat_data import EXAMPLES, SEQ, TRAIN, write_jsonl
 from gpt2 import Tokenizer
 from gpt2.data.shards import LOSS, START, find_shards, mask_path, read_mask, read_shard, write_mask
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 base = test_chat_data.base  # the fixture: a random tiny model over GPT-2's vocabulary, saved
 
 CONVERSATION = {"messages": [

@@ -80,13 +80,8 @@ def train(model: GPT2, tokenizer: Tokenizer, steps: int = 120) -> None:
 @pytest.fixture(scope="module")
 def learned_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model that learned CONVERSATIONS, saved with its tokenizer and our template."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny steps: faster on one thread, and repeatable
-    try:
-        model = random_model(n_layer=2, n_head=2, n_embd=64, n_positions=192, tokenizer=bytes_with_template())
-        train(model, model.tokenizer)
-    finally:
-        torch.set_num_threads(threads)
+    model = random_model(n_layer=2, n_head=2, n_embd=64, n_positions=192, tokenizer=bytes_with_template())
+    train(model, model.tokenizer)
     return saved_model_dir(model, tmp_path_factory)
 
 

@@ -230,7 +230,7 @@ def run_lm_eval(tmp_path: Path, runs: dict[str, dict[str, object]]) -> dict:
     home = tmp_path / "hf"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HOME": str(home), "HF_DATASETS_CACHE": str(home / "datasets"), "OPENAI_API_KEY": KEY,
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false"}
     argv = [sys.executable, "-c", LM_EVAL, str(tmp_path), json.dumps(runs), json.dumps(list(TASKS))]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

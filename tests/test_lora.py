@@ -22,7 +22,6 @@ from gpt2.training.trainer import finish, fit, init_distributed, setup
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = ("c_attn", "c_proj", "c_fc")
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "from", "home"]

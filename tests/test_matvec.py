@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ def _avx512(flag: str) -> bool:
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not _avx512("avx512_bf16"), reason="the bfloat16 kernel needs AVX512-BF16"))]
 pytestmark = pytest.mark.skipif(not _avx512("avx512f"), reason="the kernels need AVX-512")
+
+
+@pytest.fixture(autouse=True)
+def two_threads() -> Iterator[None]:
+    """The kernels split their rows between PyTorch's threads: two here (conftest sets one), so every
+    split is checked against the plain product."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _layer(out_features: int, in_features: int, dtype: torch.dtype) -> nn.Linear:

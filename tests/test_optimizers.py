@@ -20,8 +20,6 @@ from gpt2.training.config import TrainConfig
 from gpt2.training.optimizers import build_optimizers, lr_factor, muon_parameters
 from gpt2.training.trainer import DECAY_START_FILE
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # GPT-2's own vocabulary on a tiny network: the LM head is nearly all of it.
 WIDE = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
 

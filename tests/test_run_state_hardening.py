@@ -20,8 +20,6 @@ from gpt2 import GPT2, UserError
 from gpt2.data.shards import find_shards, read_shard, write_shard
 from gpt2.evaluation.report import load_suite
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny runs want one thread
-
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "from", "home"]
 TINY = ["--preset", "nano", "--seq-len", "32", "--micro-batch", "4", "--eval-tokens", "256",
         "--sample-tokens", "0", "--log-interval", "0", "--warmup-steps", "2"]
@@ -33,7 +31,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("hardening")
     (root / "words.txt").write_text(random_words(WORDS, 12_000, seed=0), encoding="utf-8")
-    torch.set_num_threads(1)
     from gpt2.cli import main
 
     assert main(["prepare", str(root / "words.txt"), "--vocab-size", "300", "--out", str(root / "data")]) == 0

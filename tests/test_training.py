@@ -46,14 +46,6 @@ NANO = [
 ]
 
 
-# One thread per process: on a loaded 2-core machine two OpenMP threads wait on each other for
-# milliseconds per operation, making these tiny models 30 times slower.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def data(shakespeare_files: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """~250 KB of two plays, a 512-token vocabulary trained on them, shards with 5% validation."""
@@ -119,12 +111,12 @@ def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path, optimizer
         0,
     ]
     reference = subprocess.Popen(
-        gpt2_command(*args, "--out", tmp_path / "ref"), stdout=subprocess.DEVNULL, env=ONE_THREAD
+        gpt2_command(*args, "--out", tmp_path / "ref"), stdout=subprocess.DEVNULL
     )
     killed_run = tmp_path / "killed"
     victim = subprocess.Popen(
         [sys.executable, "-c", STOPPER, "15", *map(str, args), "--out", killed_run],
-        stdout=subprocess.DEVNULL, env=ONE_THREAD,
+        stdout=subprocess.DEVNULL,
     )
     _, status = os.waitpid(victim.pid, os.WUNTRACED)  # until it stops itself, mid-run
     assert os.WIFSTOPPED(status), "the run ended before it could be killed"
@@ -133,7 +125,7 @@ def test_resume_after_sigkill_is_bit_exact(data: Path, tmp_path: Path, optimizer
     assert (killed_run / "latest").exists() and len(losses(killed_run)) >= 13
     assert not (killed_run / "step_000060").exists()
     subprocess.run(gpt2_command("train", "--out", killed_run, "--resume"), check=True,
-                   stdout=subprocess.DEVNULL, env=ONE_THREAD)
+                   stdout=subprocess.DEVNULL)
     assert reference.wait() == 0
     expected, resumed = final_weights(tmp_path / "ref"), final_weights(killed_run)
     assert expected.keys() == resumed.keys()
@@ -209,7 +201,6 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
                 "0",
             ],
             stdout=subprocess.DEVNULL,
-            env=ONE_THREAD,
         )
     for mode in modes:
         assert procs[mode].wait() == -signal.SIGKILL, mode
@@ -223,7 +214,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
     run = tmp_path / "latest"
     assert (run / "step_000020").is_dir()
     subprocess.run(
-        gpt2_command("train", "--out", run, "--resume"), check=True, stdout=subprocess.DEVNULL, env=ONE_THREAD
+        gpt2_command("train", "--out", run, "--resume"), check=True, stdout=subprocess.DEVNULL
     )
     assert (run / "latest").read_text().strip() == "step_000020"
     assert GPT2.from_pretrained(run).config.n_layer == 2
@@ -240,7 +231,7 @@ TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--np
 def torchrun(*args: object) -> str:
     """``gpt2 ARGS`` in 2 processes under real torchrun; its standard output."""
     return subprocess.run([*TORCHRUN, "-m", "gpt2", *(str(a) for a in args)], check=True,
-                          capture_output=True, text=True, env=ONE_THREAD, timeout=300).stdout
+                          capture_output=True, text=True, timeout=300).stdout
 
 
 def two_processes_beside_one(data: Path, two: Path, one: Path, *options: object) -> str:
@@ -248,8 +239,7 @@ def two_processes_beside_one(data: Path, two: Path, one: Path, *options: object)
     ``options`` (--fsdp only applies to the 2 processes); the 2-process run's standard output."""
     args = ["train", "--data", data, *NANO, *DISTRIBUTED]
     alone = [o for o in options if o != "--fsdp"]
-    single = subprocess.Popen(gpt2_command(*args, *alone, "--out", one), stdout=subprocess.DEVNULL,
-                              env=ONE_THREAD)
+    single = subprocess.Popen(gpt2_command(*args, *alone, "--out", one), stdout=subprocess.DEVNULL)
     out = torchrun(*args, *options, "--out", two)
     assert single.wait() == 0
     return out
