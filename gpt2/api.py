@@ -17,6 +17,7 @@ from gpt2 import checkpoints
 from gpt2.config import GPT2Config
 from gpt2.generation import sampling
 from gpt2.generation.sampling import GenerationConfig
+from gpt2.generation.speculative import Drafter
 from gpt2.model import Transformer
 from gpt2.tokenizer.bpe import Tokenizer
 
@@ -63,6 +64,7 @@ class GPT2(Transformer):
         attention_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         pad_token_id: int | None = None,
+        draft: Drafter | None = None,
         **settings: Any,
     ) -> Tensor:
         """Continue the prompts ``input_ids`` (B, T) (or (T,)): a LongTensor (B * num_samples, T + new).
@@ -74,10 +76,13 @@ class GPT2(Transformer):
         stop early are filled with ``pad_token_id`` (default: the tokenizer's ``<|endoftext|>``, else
         0). The model itself is left as it is; the options that trade exactness or start-up time for
         speed (bf16, int8, compile) are chosen when loading it (``gpt2.inference.load.load_for_inference``).
+        ``draft``: decode speculatively with its drafts (``PromptLookup()``, ``DraftModel(smaller)`` of
+        ``gpt2.generation.speculative``): the same greedy tokens and sampling distribution, faster
+        where the drafts are right.
         """
         ids, options = self._generation_inputs(input_ids, pad_token_id)
         return sampling.generate(self, ids, _config(config, settings), attention_mask=attention_mask,
-                                 generator=generator, **options)
+                                 generator=generator, draft=draft, **options)
 
     def stream(
         self,
@@ -87,13 +92,14 @@ class GPT2(Transformer):
         attention_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         pad_token_id: int | None = None,
+        draft: Drafter | None = None,
         **settings: Any,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """``generate`` step by step: yields ``(tokens, live)`` per step, each (B * num_samples,);
         ``live`` is False for the rows that have stopped (see ``gpt2.generation.sampling.stream_tokens``)."""
         ids, options = self._generation_inputs(input_ids, pad_token_id)
         return sampling.stream_tokens(self, ids, _config(config, settings), attention_mask=attention_mask,
-                                      generator=generator, **options)
+                                      generator=generator, draft=draft, **options)
 
     def _generation_inputs(
         self, input_ids: Tensor, pad_token_id: int | None

@@ -2,7 +2,8 @@
 over them without recomputing them.
 
 ``KVCache`` holds what every decoder needs: the network writes a chunk's keys and values, records
-which positions are real tokens and advances; a decoder that slides its window empties it. The
+which positions are real tokens and advances; a decoder that slides its window empties it, and
+speculative decoding rolls back the positions of the drafts it rejected. The
 serving engine's operations on rows (moving, shifting, filling them from other caches) live with
 the engine, in ``gpt2.serving.batch_cache``.
 """
@@ -140,6 +141,21 @@ class KVCache:
         self.padded = self.always_padded
         self.length = 0
         self.slot.zero_()
+
+    def rollback(self, length: int, batch: int) -> None:
+        """Forget positions ``length`` onwards of the first ``batch`` rows, as if never written (the
+        drafted tokens that speculative decoding's verification rejected): each row's next position
+        goes back by the real tokens forgotten."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length} positions: {self.length} are written")
+        rows, forgotten = slice(0, batch), slice(length, self.length)
+        if self.padded:
+            self.next_position[rows] -= self.key_mask[rows, forgotten].long().sum(dim=1)
+        else:
+            self.next_position[rows] -= self.length - length
+        self.key_mask[rows, forgotten] = True
+        self.length = length
+        self.slot.fill_(length)
 
     def advance(self, n: int) -> None:
         """Count ``n`` more positions as written (both forward paths call this after a chunk)."""

@@ -14,6 +14,7 @@ from conftest import BYTES, random_model
 from torch import nn
 
 from gpt2 import GPT2, GPT2Config, UserError
+from gpt2.generation.logits import next_token
 from gpt2.generation.sampling import (
     ContextWindowReached,
     GenerationConfig,
@@ -21,7 +22,6 @@ from gpt2.generation.sampling import (
     encode_prompt,
     generate,
     generate_text,
-    next_token,
     stream_text,
 )
 from gpt2.inference import kernels

@@ -1,12 +1,12 @@
 """Generating text with a GPT-2: logits processing, the KV-cached decode loop, text in and out.
 
 What to generate is one ``GenerationConfig`` (``gpt2.generation.config``), passed as it is from the
-command line or the server to the loop. Read top to bottom: ``next_token`` (penalties and logit
-bias, temperature, top-k, top-p, then greedy or a draw), ``stream_tokens`` (the loop: one forward pass
-over the prompts, then one cached step per new token), ``generate`` (the same, collected into a
-tensor) and the text layer (``generate_text``, ``stream_text`` and the incremental UTF-8 decoder
-behind it). Precision, quantisation and compilation are chosen when the model is loaded
-(``gpt2.inference.load``), never here.
+command line or the server to the loop; each token is chosen by ``gpt2.generation.logits``. Read top
+to bottom: ``stream_tokens`` (the loop: one forward pass over the prompts, then one cached step per
+new token, or with a drafter one verification per draft: ``gpt2.generation.speculative``),
+``generate`` (the same, collected into a tensor) and the text layer (``generate_text``,
+``stream_text`` and the incremental UTF-8 decoder behind it). Precision, quantisation and
+compilation are chosen when the model is loaded (``gpt2.inference.load``), never here.
 
 The loop is written for speed the way gpt-fast is: a KV cache preallocated for the whole generation,
 the prompt in one forward pass, logits for the last position only, the token history in one
@@ -16,7 +16,6 @@ preallocated buffer, and nothing per step that the settings in use do not need.
 from __future__ import annotations
 
 import codecs
-import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -25,89 +24,12 @@ import torch
 from torch import Tensor
 
 from gpt2.generation.config import ContextWindowReached, GenerationConfig
+from gpt2.generation.logits import adjust_logits, next_token
+from gpt2.generation.speculative import Draft, Drafter, Pace, accept
 from gpt2.kv_cache import KVCache
 from gpt2.model import Transformer
 from gpt2.util.errors import UserError
 from gpt2.util.memory import release_freed_memory
-
-# ----------------------------------------------------------------------------------------------------
-# Choosing the next token
-
-
-def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
-    """CTRL's penalty (Keskar et al. 2019), as transformers applies it: each token already in a row's
-    ``history`` (B, L) has its logit divided by ``penalty`` if positive, multiplied if negative."""
-    seen = logits.gather(1, history)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(1, history, seen)
-
-
-def adjust_logits(logits: Tensor, config: GenerationConfig, history: Tensor, prompt_length: int) -> Tensor:
-    """``logits`` (B, vocab) after ``config``'s penalties and bias. ``history`` (B, L): every token so
-    far, the first ``prompt_length`` of each row its prompt, the rest generated."""
-    if config.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, history, config.repetition_penalty)
-    if config.frequency_penalty or config.presence_penalty:
-        new = history[:, prompt_length:]
-        counts = torch.zeros_like(logits).scatter_add_(1, new, torch.ones_like(new, dtype=logits.dtype))
-        logits = logits - config.frequency_penalty * counts - config.presence_penalty * (counts > 0)
-    if config.logit_bias:
-        ids, biases = zip(*config.logit_bias, strict=True)
-        bias = torch.tensor(biases, dtype=logits.dtype, device=logits.device).expand(len(logits), -1)
-        logits = logits.index_add(1, torch.tensor(ids, device=logits.device), bias)
-    return logits
-
-
-def filter_logits(
-    logits: Tensor, top_k: int | None, top_p: float | None, min_p: float | None = None
-) -> Tensor:
-    """Set to -inf every logit outside the ``top_k`` largest, outside the nucleus (the smallest set of
-    most likely tokens whose probabilities add up to at least ``top_p``) and below ``min_p`` times
-    the likeliest token's probability."""
-    if top_k and top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = logits.scatter(-1, order, sorted_logits)
-    if min_p:  # p < min_p * p_max  <=>  logit < logit_max + log(min_p)
-        floor = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
-        logits = logits.masked_fill(logits < floor, float("-inf"))
-    return logits
-
-
-def next_token(
-    logits: Tensor,
-    config: GenerationConfig,
-    *,
-    history: Tensor | None = None,
-    prompt_length: int = 0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The next token (B,) of each row from the last position's ``logits`` (B, vocab). ``history``
-    and ``prompt_length`` (see ``adjust_logits``) are needed for the penalties."""
-    logits = logits.float()
-    if config.adjusts_logits and history is not None:
-        logits = adjust_logits(logits, config, history, prompt_length)
-    if config.temperature == 0:
-        return logits.argmax(dim=-1)
-    uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
-    return sample(logits, config, uniform)
-
-
-def sample(logits: Tensor, config: GenerationConfig, uniform: Tensor) -> Tensor:
-    """Tokens (B,) drawn from ``logits`` (B, vocab) after ``config``'s temperature, top-k, top-p and
-    min-p, by inverting the cumulative distribution at ``uniform`` (B,), one number in [0, 1) per row.
-    (One random number per row: ``torch.multinomial`` costs milliseconds per call at GPT-2's
-    vocabulary on a CPU.)"""
-    filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p, config.min_p)
-    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
-    picked = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
-    return picked.clamp_(max=cdf.shape[1] - 1)  # rounding can leave the last cdf value below u
-
 
 # ----------------------------------------------------------------------------------------------------
 # The decode loop
@@ -220,6 +142,7 @@ def stream_tokens(
     generator: torch.Generator | None = None,
     decode_bytes: Callable[[list[int]], bytes] | None = None,
     pad_token_id: int = 0,
+    draft: Drafter | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Generate step by step: yields ``(tokens, live)`` per step, both (B * num_samples,).
 
@@ -229,6 +152,9 @@ def stream_tokens(
     ``pad_token_id``. The loop ends when every row has stopped or ``max_new_tokens`` were made.
     ``decode_bytes`` (a tokenizer's) is needed for stop strings. With ``config.seed`` and no
     ``generator``, sampling is reproducible. The model is left as it was (its mode included).
+    ``draft``: decode speculatively with its drafts (``gpt2.generation.speculative``; one sequence at
+    a time): the same greedy tokens, the same distribution when sampling; its ``stats`` count the
+    drafts made and kept.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise UserError("input_ids must be a (batch, length) tensor with at least one token per row")
@@ -243,19 +169,36 @@ def stream_tokens(
         input_ids = input_ids.repeat_interleave(config.num_samples, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(config.num_samples, dim=0)
+    if draft is not None:
+        _check_speculative(model, draft, rows, config)
     rows = _Rows(input_ids, attention_mask, config, generator, decode_bytes, pad_token_id)
-    return _decode(model, rows, input_ids, attention_mask)  # checked now; generated as it is read
+    return _decode(model, rows, input_ids, attention_mask, draft)  # checked now; generated as it is read
+
+
+def _check_speculative(model: Transformer, draft: Drafter, rows: int, config: GenerationConfig) -> None:
+    """Refuse, in one line, what speculative decoding cannot do here."""
+    if rows != 1:
+        raise UserError(f"speculative decoding makes one sequence at a time here, not {rows}; give one "
+                        "prompt and one sample (the server decodes speculative requests together)")
+    if config.at_window == "slide":
+        raise UserError("speculative decoding cannot slide the context window; use at_window 'stop' or "
+                        "'error' (--at-window)")
+    draft.check(model)
 
 
 @torch.inference_mode()
-def _decode(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: Tensor | None
-            ) -> Iterator[tuple[Tensor, Tensor]]:
-    """The loop: one forward pass over the prompts, then one cached step per new token (in eval mode;
-    the model's mode is restored after; the memory of its cache goes back to the system)."""
+def _decode(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: Tensor | None,
+            draft: Drafter | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loop: one forward pass over the prompts, then one cached step per new token, or one
+    verification per draft (in eval mode; the model's mode is restored after; the memory of its cache
+    goes back to the system)."""
     was_training = model.training
     model.eval()
     try:
-        yield from _steps(model, rows, input_ids, attention_mask)
+        if draft is None:
+            yield from _steps(model, rows, input_ids, attention_mask)
+        else:
+            yield from _speculative_steps(model, rows, input_ids, draft)
     finally:
         model.train(was_training)
         release_freed_memory()
@@ -293,6 +236,55 @@ def _steps(model: Transformer, rows: _Rows, input_ids: Tensor, attention_mask: T
             logits = model.decode_step(token[:, None], cache)
 
 
+def _speculative_steps(model: Transformer, rows: _Rows, input_ids: Tensor, draft: Drafter
+                       ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Each new token of one row, decoded speculatively: the prompt's forward pass gives the first;
+    then, per round, the last token and a draft after it in one forward pass, whose positions are
+    verified in order (``speculative.accept``, each position's logits adjusted for the tokens before
+    it), and the cache rolled back past the first rejected draft."""
+    config, window, new = rows.config, model.config.n_positions, rows.config.max_new_tokens
+    cache = KVCache(model.config, 1, _cache_len(model, input_ids, config), device=input_ids.device,
+                    dtype=model.cache_dtype, attention_dtype=model.attention_dtype)
+    token = rows.choose(model(input_ids, cache=cache, last_only=True)[:, -1], 0)
+    yield token, rows.live
+    if rows.stop(token):
+        return
+    made, session, pace = 1, draft.session(cache.max_len + 1), Pace(draft.tokens)
+    while made < new:
+        known = rows.length + made  # tokens so far; the cache holds all but the last
+        if known >= window:
+            warnings.warn(f"stopped at the context window ({window} tokens) after {made} new tokens",
+                          ContextWindowReached, stacklevel=3)
+            return
+        history = rows.tokens[0, :known].tolist()
+        k = pace.next(min(new - made - 1, cache.max_len - known))
+        proposal = session.propose(history, k, config, rows.generator) if k else Draft([])
+        drafted, start = proposal.tokens[:k], cache.length
+        ids = torch.tensor([[history[-1], *drafted]], device=input_ids.device)
+        logits = model(ids, cache=cache)[0] if drafted else model.decode_step(ids, cache)
+        accepted = 0
+        for j in range(len(drafted) + 1):
+            adjusted = logits[j : j + 1].float()
+            if config.adjusts_logits:
+                adjusted = adjust_logits(adjusted, config, rows.tokens[:, : known + j], rows.length)
+            at = (drafted[j], None if proposal.probs is None else proposal.probs[j]) if j < len(drafted) \
+                else (None, None)
+            chosen, kept = accept(adjusted[0], config, *at, rows.generator)
+            accepted += kept
+            rows.tokens[0, known + j] = chosen
+            token = torch.tensor([chosen], device=input_ids.device)
+            made += 1
+            yield token, rows.live
+            stopped = rows.stop(token)
+            if stopped or not kept or made == new:
+                break
+        draft.stats.add(len(drafted), accepted)
+        pace.record(len(drafted), accepted)
+        if stopped:
+            return
+        cache.rollback(start + 1 + accepted, 1)
+
+
 def _cache_len(model: Transformer, input_ids: Tensor, config: GenerationConfig) -> int:
     """Positions the cache needs: the last new token is never fed back, so one less than the text."""
     window = model.config.n_positions
@@ -310,12 +302,14 @@ def generate(
     generator: torch.Generator | None = None,
     decode_bytes: Callable[[list[int]], bytes] | None = None,
     pad_token_id: int = 0,
+    draft: Drafter | None = None,
 ) -> Tensor:
     """Prompts (B, T) -> LongTensor (B * num_samples, T + new): the prompts (with their padding)
-    followed by the new tokens; rows that stopped early are filled with ``pad_token_id``."""
+    followed by the new tokens; rows that stopped early are filled with ``pad_token_id``. ``draft``:
+    as ``stream_tokens``'."""
     input_ids, attention_mask = _fit_to_window(input_ids, attention_mask, config, model.config.n_positions)
     steps = stream_tokens(model, input_ids, config, attention_mask=attention_mask, generator=generator,
-                          decode_bytes=decode_bytes, pad_token_id=pad_token_id)
+                          decode_bytes=decode_bytes, pad_token_id=pad_token_id, draft=draft)
     prompts = input_ids.repeat_interleave(config.num_samples, dim=0)
     out = torch.empty(len(prompts), prompts.shape[1] + config.max_new_tokens, dtype=prompts.dtype,
                       device=prompts.device)
@@ -399,15 +393,16 @@ def generate_text(
     tokenizer: TextTokenizer,
     prompts: str | Sequence[str],
     config: GenerationConfig | None = None,
+    draft: Drafter | None = None,
 ) -> list[str]:
     """The completions of one prompt or a batch of prompts: ``num_samples`` strings per prompt,
     prompt-major. Each stops before ``<|endoftext|>`` (or the given ``stop_token_ids``) and before
-    the first of ``stop_strings``."""
+    the first of ``stop_strings``. ``draft``: decode speculatively (``stream_tokens``)."""
     config = text_config(tokenizer, config)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.eot_token, model.device)
     steps = stream_tokens(model, ids, config, attention_mask=mask if not bool(mask.all()) else None,
-                          decode_bytes=tokenizer.decode_bytes, pad_token_id=tokenizer.eot_token)
+                          decode_bytes=tokenizer.decode_bytes, pad_token_id=tokenizer.eot_token, draft=draft)
     rows: list[list[int]] = [[] for _ in range(len(prompts) * config.num_samples)]
     stopped = set(config.stop_token_ids)
     for token, live in steps:
@@ -422,11 +417,13 @@ def stream_text(
     tokenizer: TextTokenizer,
     prompt: str | Sequence[int],
     config: GenerationConfig | None = None,
+    draft: Drafter | None = None,
 ) -> Iterator[str]:
     """Yield the completion of ``prompt`` (text, or token ids used as they are, such as a chat
     template's) piece by piece as it is generated; the pieces join to exactly what ``generate_text``
     returns for the same settings and seed. Never splits a character, and holds back text that might
-    be the start of a stop string until it is known not to be."""
+    be the start of a stop string until it is known not to be. ``draft``: decode speculatively
+    (``stream_tokens``)."""
     config = text_config(tokenizer, config)
     if config.num_samples != 1:
         raise UserError("streaming makes one sample at a time; set num_samples to 1")
@@ -434,7 +431,7 @@ def stream_text(
     ids = torch.tensor([given or [tokenizer.eot_token]], device=model.device)
     text = TextStream(tokenizer, config.stop_strings)
     stopped = set(config.stop_token_ids)
-    for token, _ in stream_tokens(model, ids, config, decode_bytes=tokenizer.decode_bytes):
+    for token, _ in stream_tokens(model, ids, config, decode_bytes=tokenizer.decode_bytes, draft=draft):
         t = int(token)
         if t in stopped:
             break

@@ -40,15 +40,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gpt2.generation.sampling import (
-    GenerationConfig,
-    TextStream,
-    TextTokenizer,
-    adjust_logits,
-    left_pad,
-    sample,
-    text_config,
-)
+from gpt2.generation.config import GenerationConfig
+from gpt2.generation.logits import adjust_logits, sample
+from gpt2.generation.sampling import TextStream, TextTokenizer, left_pad, text_config
 from gpt2.model import Transformer
 from gpt2.serving.batch_cache import BatchCache
 from gpt2.serving.prefix_cache import BLOCK, PrefixCache
@@ -652,7 +646,7 @@ def draw(
 ) -> list[int]:
     """The next token of each row of ``logits`` (rows, vocab), rows with the same settings together.
 
-    Greedy rows take the argmax; the others are drawn by ``gpt2.generation.sampling.sample`` with a uniform
+    Greedy rows take the argmax; the others are drawn by ``gpt2.generation.logits.sample`` with a uniform
     number from the row's own generator.
     """
     tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
