@@ -9,11 +9,14 @@ import warnings
 from pathlib import Path
 
 from gpt2.cli.options import (
+    add_draft_arguments,
     add_length_arguments,
     add_model_arguments,
     add_sampling_arguments,
     decode_utf8,
+    load_draft,
     load_model_and_tokenizer,
+    report_drafts,
     report_warnings,
     sampling_config,
 )
@@ -35,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p, preset="paper")
     add_length_arguments(p)
+    add_draft_arguments(p)
     p.add_argument("--system", metavar="TEXT",
                    help="with a chat template, the system message (default: none); without one, the line "
                    f"that opens the transcript and sets the scene (default: {CHAT_HEADER.strip()!r})")
@@ -67,13 +71,14 @@ def run(args: argparse.Namespace) -> int:
 
     config = sampling_config(args)
     model, tokenizer = load_model_and_tokenizer(args)
-    chat = Chat(chat_format(chat_template(args, tokenizer), args.system))
+    chat = Chat(chat_format(chat_template(args, tokenizer), args.system), draft=load_draft(args, model))
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             print("you> ", end="", flush=True)
         raw = sys.stdin.buffer.readline()
         if not raw.strip():
+            report_drafts(args, chat.draft)
             return 0
         try:
             reply = chat.stream_reply(model, tokenizer, decode_utf8(raw, "the message"), config)

@@ -7,11 +7,14 @@ import warnings
 from pathlib import Path
 
 from gpt2.cli.options import (
+    add_draft_arguments,
     add_length_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    load_draft,
     load_model_and_tokenizer,
     read_text_file,
+    report_drafts,
     report_warnings,
     sampling_config,
 )
@@ -34,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="read the prompt from this UTF-8 file ('-' for standard input)")
     add_sampling_arguments(p, preset="paper")
     add_length_arguments(p)
+    add_draft_arguments(p)
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="how many continuations to make of the prompt (default 1)")
     p.add_argument("--output", type=Path, metavar="FILE",
@@ -63,19 +67,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--stream prints one sample at a time; use --no-stream with --num-samples")
     prompt = _read_prompt(args)
     model, tokenizer = load_model_and_tokenizer(args)
+    draft = load_draft(args, model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ContextWindowReached)
         if stream:
             pieces = []
-            for piece in stream_text(model, tokenizer, prompt, config):
+            for piece in stream_text(model, tokenizer, prompt, config, draft):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
             print()
             texts = ["".join(pieces)]
         else:
-            texts = generate_text(model, tokenizer, prompt, config)
+            texts = generate_text(model, tokenizer, prompt, config, draft)
             print(_join(texts))
     report_warnings(caught)
+    report_drafts(args, draft)
     if args.output:
         write_atomic(args.output, lambda tmp: tmp.write_text(_join(texts) + "\n", encoding="utf-8"))
     return 0

@@ -1,7 +1,8 @@
 """Options that several verbs share, declared once: which model and how to load it (``--model``,
-``--adapter``, ``--tokenizer``, ``--precision``, ``--device``, ``--compile``), how to sample (``--preset``,
-``--temperature``...), and reading text files. Free of torch at import: ``gpt2 VERB --help`` stays
-fast; the model is loaded (``gpt2.inference.load``) only when a verb runs.
+``--adapter``, ``--tokenizer``, ``--precision``, ``--device``, ``--compile``), how to sample
+(``--preset``, ``--temperature``...), speculative decoding (``--draft``, ``--draft-tokens``), and
+reading text files. Free of torch at import: ``gpt2 VERB --help`` stays fast; the model is loaded
+(``gpt2.inference.load``) only when a verb runs.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpt2.config import PRECISIONS
-from gpt2.generation.config import SAMPLING_PRESETS, ContextWindowReached, GenerationConfig
+from gpt2.generation.config import (
+    DEFAULT_DRAFT_TOKENS,
+    MAX_DRAFT_TOKENS,
+    SAMPLING_PRESETS,
+    ContextWindowReached,
+    GenerationConfig,
+    check_draft_tokens,
+)
 from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
     from gpt2.api import GPT2
+    from gpt2.generation.speculative import Drafter
     from gpt2.tokenizer.bpe import Tokenizer
 
 TOKENIZER_HELP = "a .tiktoken file, or a directory of tokenizer files (tokenizer.json, vocab.json + ...)"
@@ -72,6 +81,55 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT2, Tokenizer]
                         f"tokenizer's ({tokenizer.n_vocab} ids, {tokenizer.source}); give the tokenizer "
                         "the model was trained with")
     return model, tokenizer
+
+
+def add_draft_arguments(p: argparse.ArgumentParser) -> None:
+    """--draft, --draft-tokens and -v (the verbs that generate: speculative decoding)."""
+    p.add_argument("--draft", metavar="lookup|DIR",
+                   help="decode speculatively, the same text (greedy) or the same distribution (sampling), "
+                   "faster where drafts are right: 'lookup' drafts the tokens that followed the last "
+                   "earlier occurrence of the text's last few tokens (pays where the output repeats the "
+                   "input: summaries, edits, code, quotes); DIR is a smaller model with the same "
+                   "tokenizer that drafts (see gpt2 train --distill-from), loaded like --model")
+    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
+                   help=f"at most K drafted tokens verified per forward pass (default {DEFAULT_DRAFT_TOKENS}:"
+                   f" with the token before them, the rows the CPU kernels multiply in one read of the "
+                   f"weights; 1 to {MAX_DRAFT_TOKENS})")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="with --draft, print to standard error how many drafted tokens were accepted")
+
+
+def load_draft(args: argparse.Namespace, model: GPT2) -> Drafter | None:
+    """The drafter --draft names for ``model`` (a draft model loaded as --precision and --device say),
+    or None; refused in one line where it cannot draft for it, a warning where it will be slower."""
+    from gpt2.generation.speculative import DraftModel, PromptLookup
+    from gpt2.inference.load import load_for_inference
+
+    if args.draft is None:
+        if args.draft_tokens != DEFAULT_DRAFT_TOKENS:
+            raise UserError("--draft-tokens needs --draft lookup or --draft DIR")
+        return None
+    if args.draft == "lookup":
+        return PromptLookup(tokens=args.draft_tokens)
+    check_draft_tokens(args.draft_tokens)  # before the draft model is loaded
+    small = load_for_inference(args.draft, precision=args.precision, device=args.device)
+    draft = DraftModel(small, tokens=args.draft_tokens)
+    draft.check(model)
+    if small.num_parameters() >= model.num_parameters():
+        print(f"warning: the draft model ({small.num_parameters():,} parameters) is not smaller than the "
+              f"model ({model.num_parameters():,}): speculative decoding will be slower than plain decoding",
+              file=sys.stderr)
+    return draft
+
+
+def report_drafts(args: argparse.Namespace, draft: Drafter | None) -> None:
+    """With -v, how speculative decoding went, on standard error."""
+    if draft is None or not args.verbose:
+        return
+    stats = draft.stats
+    rate = f" ({stats.acceptance:.0%})" if stats.acceptance is not None else ""
+    print(f"speculative decoding ({draft.name}): {stats.accepted:,} of {stats.drafted:,} drafted tokens "
+          f"accepted{rate} in {stats.rounds:,} verifications", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------

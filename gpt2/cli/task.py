@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2.cli.options import add_model_arguments, load_model_and_tokenizer, read_text_file
+from gpt2.cli.options import (
+    add_draft_arguments,
+    add_model_arguments,
+    load_draft,
+    load_model_and_tokenizer,
+    read_text_file,
+    report_drafts,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = kinds.add_parser("summarize", help="summarize an article",
                          description="Summarize an article: its text, then 'TL;DR:'.")
     add_model_arguments(s)
+    add_draft_arguments(s)
     _add_text(s, "the article")
     s.add_argument("--seed", type=int, help="random seed (the summary is sampled with top-k 2)")
     s.set_defaults(handler=run_summarize)
@@ -28,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          description="Translate a sentence after a few example pairs of the form "
                          "'english sentence = french sentence'.")
     add_model_arguments(t)
+    add_draft_arguments(t)
     _add_text(t, "the sentence to translate")
     t.add_argument("--examples", type=Path, metavar="FILE",
                    help="example pairs, one 'source sentence = target sentence' per line (default: a few "
@@ -38,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          description="Answer a question about a document, CoQA style: the document, the "
                          "earlier questions and answers, the question, then 'A:'.")
     add_model_arguments(a)
+    add_draft_arguments(a)
     _add_text(a, "the document")
     a.add_argument("--question", required=True, help="the question to answer")
     a.add_argument("--history", type=Path, metavar="FILE",
@@ -62,7 +72,9 @@ def run_summarize(args: argparse.Namespace) -> int:
     from gpt2.generation import prompts  # torch: only when the verb runs
 
     model, tokenizer = load_model_and_tokenizer(args)
-    print(prompts.summarize(model, tokenizer, _text(args), seed=args.seed))
+    draft = load_draft(args, model)
+    print(prompts.summarize(model, tokenizer, _text(args), seed=args.seed, draft=draft))
+    report_drafts(args, draft)
     return 0
 
 
@@ -73,7 +85,9 @@ def run_translate(args: argparse.Namespace) -> int:
     if args.examples:
         examples = prompts.read_pairs(_text(args, args.examples), str(args.examples))
     model, tokenizer = load_model_and_tokenizer(args)
-    print(prompts.translate(model, tokenizer, _text(args), examples))
+    draft = load_draft(args, model)
+    print(prompts.translate(model, tokenizer, _text(args), examples, draft))
+    report_drafts(args, draft)
     return 0
 
 
@@ -84,5 +98,7 @@ def run_answer(args: argparse.Namespace) -> int:
     if args.history:
         history = prompts.read_pairs(_text(args, args.history), str(args.history), "question = answer")
     model, tokenizer = load_model_and_tokenizer(args)
-    print(prompts.answer(model, tokenizer, _text(args), args.question, history))
+    draft = load_draft(args, model)
+    print(prompts.answer(model, tokenizer, _text(args), args.question, history, draft))
+    report_drafts(args, draft)
     return 0

@@ -23,6 +23,19 @@ AtWindow = Literal["error", "stop", "slide"]
 SEEDS = range(-(2**63), 2**64)  # what torch's generators accept
 
 
+# Speculative decoding (``gpt2.generation.speculative``): drafted tokens verified per forward pass.
+DEFAULT_DRAFT_TOKENS = 7  # with the token before them, the 8 rows the CPU kernels multiply per read
+MAX_DRAFT_TOKENS = 64  # more is never verified in one pass cheaply
+
+
+def check_draft_tokens(tokens: object) -> int:
+    """``tokens`` if it is a number of draft tokens that can be verified; else one line saying why."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= MAX_DRAFT_TOKENS:
+        raise UserError(f"draft tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {tokens!r} "
+                        "(--draft-tokens)")
+    return tokens
+
+
 class ContextWindowReached(UserWarning):
     """Generation stopped early because the context window is full (``at_window="stop"``)."""
 

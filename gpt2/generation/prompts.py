@@ -39,6 +39,7 @@ from gpt2.generation.sampling import (
     generate_text,
     stream_text,
 )
+from gpt2.generation.speculative import Drafter
 from gpt2.model import Transformer
 from gpt2.tokenizer.bpe import Tokenizer
 from gpt2.tokenizer.chat_template import CHAT_HEADER, ChatTemplate, Message
@@ -66,9 +67,11 @@ def summarize_prompt(article: str) -> str:
     return article.strip() + "\nTL;DR:"
 
 
-def summarize(model: Transformer, tokenizer: TextTokenizer, article: str, *, seed: int | None = None) -> str:
-    """A summary of ``article``: 100 tokens with top-k 2 after "TL;DR:", cut to 3 sentences."""
-    (text,) = generate_text(model, tokenizer, summarize_prompt(article), SUMMARY.replace(seed=seed))
+def summarize(model: Transformer, tokenizer: TextTokenizer, article: str, *, seed: int | None = None,
+              draft: Drafter | None = None) -> str:
+    """A summary of ``article``: 100 tokens with top-k 2 after "TL;DR:", cut to 3 sentences. ``draft``:
+    decode speculatively (``gpt2.generation.speculative``; the same distribution)."""
+    (text,) = generate_text(model, tokenizer, summarize_prompt(article), SUMMARY.replace(seed=seed), draft)
     return first_sentences(text, 3)
 
 
@@ -113,9 +116,11 @@ def translate(
     tokenizer: TextTokenizer,
     sentence: str,
     examples: Sequence[tuple[str, str]] = DEFAULT_EXAMPLES,
+    draft: Drafter | None = None,
 ) -> str:
-    """The translation of ``sentence``: greedy decoding after the example pairs, first sentence."""
-    (text,) = generate_text(model, tokenizer, translate_prompt(sentence, examples), TRANSLATION)
+    """The translation of ``sentence``: greedy decoding after the example pairs, first sentence
+    (``draft``: speculatively, the same text)."""
+    (text,) = generate_text(model, tokenizer, translate_prompt(sentence, examples), TRANSLATION, draft)
     return first_sentences(text, 1)
 
 
@@ -134,9 +139,11 @@ def answer(
     document: str,
     question: str,
     history: Sequence[tuple[str, str]] = (),
+    draft: Drafter | None = None,
 ) -> str:
-    """The answer to ``question`` about ``document`` after the dialogue ``history``: greedy, one line."""
-    (text,) = generate_text(model, tokenizer, answer_prompt(document, question, history), ANSWER)
+    """The answer to ``question`` about ``document`` after the dialogue ``history``: greedy, one line
+    (``draft``: speculatively, the same text)."""
+    (text,) = generate_text(model, tokenizer, answer_prompt(document, question, history), ANSWER, draft)
     return text.strip()
 
 
@@ -243,10 +250,12 @@ def _too_long(budget: int) -> UserError:
 @dataclass
 class Chat:
     """A chat: ``turns`` of (user message, assistant reply), oldest first, shown to the model in
-    ``format`` (``chat_format``: the model's chat template, else the plain transcript)."""
+    ``format`` (``chat_format``: the model's chat template, else the plain transcript); replies
+    decoded speculatively with ``draft`` when given."""
 
     format: Transcript | Templated = field(default_factory=Transcript)
     turns: list[tuple[str, str]] = field(default_factory=list)
+    draft: Drafter | None = None
 
     def prompt(self, message: str, tokenizer: TextTokenizer, budget: int) -> str | list[int]:
         """The prompt (transcript text, or a template's ids) for the reply to ``message`` after the
@@ -272,7 +281,8 @@ class Chat:
                             "context window")
         prompt = self.prompt(message, tokenizer, budget)
         config = config.replace(stop_strings=(*self.format.stops, *config.stop_strings))
-        return self._record(message, self.format.pieces(stream_text(model, tokenizer, prompt, config)))
+        pieces = stream_text(model, tokenizer, prompt, config, self.draft)
+        return self._record(message, self.format.pieces(pieces))
 
     def _record(self, message: str, pieces: Iterator[str]) -> Iterator[str]:
         reply = []

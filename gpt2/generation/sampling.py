@@ -257,7 +257,7 @@ def _speculative_steps(model: Transformer, rows: _Rows, input_ids: Tensor, draft
                           ContextWindowReached, stacklevel=3)
             return
         history = rows.tokens[0, :known].tolist()
-        k = pace.next(min(new - made - 1, cache.max_len - known))
+        k = pace.next(min(new - made - 1, min(cache.max_len, window - 1) - known))  # tokens fit the window
         proposal = session.propose(history, k, config, rows.generator) if k else Draft([])
         drafted, start = proposal.tokens[:k], cache.length
         ids = torch.tensor([[history[-1], *drafted]], device=input_ids.device)

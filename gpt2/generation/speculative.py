@@ -32,14 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gpt2.generation.config import GenerationConfig
+from gpt2.generation.config import DEFAULT_DRAFT_TOKENS, GenerationConfig, check_draft_tokens
 from gpt2.generation.logits import distribution, draw_from
 from gpt2.kv_cache import KVCache
 from gpt2.model import Transformer
 from gpt2.util.errors import UserError
-
-MAX_DRAFT_TOKENS = 64  # more is never verified in one pass cheaply
-DEFAULT_DRAFT_TOKENS = 7  # with the token before them, the 8 rows the CPU kernels multiply per read
 
 
 @dataclass
@@ -54,7 +51,7 @@ class Draft:
 
 @dataclass
 class DraftStats:
-    """What speculative decoding achieved: rounds of verification, tokens drafted, drafts accepted."""
+    """What speculative decoding achieved: verifications of a draft, tokens drafted, drafts accepted."""
 
     rounds: int = 0
     drafted: int = 0
@@ -66,6 +63,8 @@ class DraftStats:
         return self.accepted / self.drafted if self.drafted else None
 
     def add(self, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -78,10 +77,7 @@ class Drafter:
     name = "drafter"
 
     def __init__(self, tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
-        if not isinstance(tokens, int) or not 1 <= tokens <= MAX_DRAFT_TOKENS:
-            raise UserError(f"draft tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {tokens!r} "
-                            "(--draft-tokens)")
-        self.tokens = tokens
+        self.tokens = check_draft_tokens(tokens)
         self.stats = DraftStats()
 
     def check(self, model: Transformer) -> None:
@@ -151,7 +147,7 @@ class DraftModel(Drafter):
             raise UserError(f"the draft model's vocabulary ({mine.vocab_size:,} tokens) is not the model's "
                             f"({theirs.vocab_size:,}); draft with a model of the same tokenizer")
         ours, its = getattr(self.model, "tokenizer", None), getattr(model, "tokenizer", None)
-        if ours is not None and its is not None and ours != its:
+        if ours is not None and its is not None and not ours.same_tokens(its):
             raise UserError("the draft model's tokenizer differs from the model's (same size, other "
                             "tokens); draft with a model of the same tokenizer")
 

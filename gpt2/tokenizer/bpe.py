@@ -177,6 +177,11 @@ class Tokenizer:
             Path(source).name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials
         )
 
+    def same_tokens(self, other: Tokenizer) -> bool:
+        """Whether ``other`` maps every text to the same ids (the same ranks and special tokens): a
+        draft model must share its model's tokens."""
+        return self._ranks == other._ranks and self._specials == other._specials
+
     # -- loading -----------------------------------------------------------------------------------
 
     @classmethod
