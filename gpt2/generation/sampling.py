@@ -263,13 +263,19 @@ def _speculative_steps(model: Transformer, rows: _Rows, input_ids: Tensor, draft
         ids = torch.tensor([[history[-1], *drafted]], device=input_ids.device)
         logits = model(ids, cache=cache)[0] if drafted else model.decode_step(ids, cache)
         accepted = 0
+        # plain greedy: every position's argmax at once (accept's answer, without a call per position)
+        plain_greedy = config.temperature == 0 and not config.adjusts_logits
+        best = logits.argmax(dim=-1).tolist() if plain_greedy else None
         for j in range(len(drafted) + 1):
-            adjusted = logits[j : j + 1].float()
-            if config.adjusts_logits:
-                adjusted = adjust_logits(adjusted, config, rows.tokens[:, : known + j], rows.length)
-            at = (drafted[j], None if proposal.probs is None else proposal.probs[j]) if j < len(drafted) \
-                else (None, None)
-            chosen, kept = accept(adjusted[0], config, *at, rows.generator)
+            if best is not None:
+                chosen, kept = best[j], j < len(drafted) and best[j] == drafted[j]
+            else:
+                adjusted = logits[j : j + 1].float()
+                if config.adjusts_logits:
+                    adjusted = adjust_logits(adjusted, config, rows.tokens[:, : known + j], rows.length)
+                at = (drafted[j], None if proposal.probs is None else proposal.probs[j]) \
+                    if j < len(drafted) else (None, None)
+                chosen, kept = accept(adjusted[0], config, *at, rows.generator)
             accepted += kept
             rows.tokens[0, known + j] = chosen
             token = torch.tensor([chosen], device=input_ids.device)
