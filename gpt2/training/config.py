@@ -30,6 +30,7 @@ LR_SCHEDULES = ("cosine", "wsd")
 # Muon's defaults, from the sweep in the README
 MUON_DEFAULTS = {"muon_lr": 0.02, "muon_weight_decay": 0.0, "muon_momentum": 0.95}
 DECAY_FRACTIONS = {"cosine": 1.0, "wsd": 0.2}  # the default share of the run that the decay takes
+DISTILL_DEFAULTS = {"distill_temperature": 2.0, "distill_weight": 1.0}  # soft targets at T = 2, no hard loss
 CONFIG_FILE = "train.toml"  # in a run directory: the effective options of the run, enough to repeat it
 
 
@@ -104,6 +105,20 @@ class TrainConfig:
     lora_targets: str = _option("c_attn", "comma-separated layers that get LoRA adapters: c_attn "
                                 "(attention's query, key and value), c_proj (attention's and the MLP's "
                                 "outputs), c_fc (the MLP's input)")
+    distill_from: str | None = _option(None, "distil the model from this teacher (knowledge distillation, as "
+                                       "DistilGPT-2 was trained): train it towards the teacher's next-token "
+                                       "distribution, softened by --distill-temperature, instead of (or, "
+                                       "with --distill-weight, beside) the data's next tokens; a Hugging "
+                                       "Face-format directory, a run directory or a hub name, with the "
+                                       "data's tokenizer and a context at least --seq-len long")
+    distill_temperature: float = _option(
+        DISTILL_DEFAULTS["distill_temperature"], "temperature T of distillation's soft targets: the "
+        "teacher's and the student's logits are divided by T before their softmax, and the soft loss (the KL "
+        "divergence from the teacher's distribution to the student's) is multiplied by T^2")
+    distill_weight: float = _option(
+        DISTILL_DEFAULTS["distill_weight"], "share of the soft loss in distillation's training loss, in "
+        "[0, 1]: weight x soft loss + (1 - weight) x the cross-entropy of the data's tokens (1: the teacher "
+        "alone)")
     resume: bool = _option(False, "continue the run in --out from its latest checkpoint")
     overwrite: bool = _option(False, "replace the run already in --out")
 
@@ -130,6 +145,7 @@ class TrainConfig:
         self._check_choices()
         self._check_optimizer()
         self._check_lora()
+        self._check_distillation()
 
     def _check_choices(self) -> None:
         """The seed, the precision and the device's spelling (whether it exists: gpt2.training.trainer)."""
@@ -195,6 +211,19 @@ class TrainConfig:
         if self.preset is not None:
             raise UserError("lora_rank fine-tunes an existing model: give it with --init-from MODEL, not "
                             "--preset")
+
+    def _check_distillation(self) -> None:
+        """Distillation's numbers (NaN fails every comparison), and that there is a teacher (whether it
+        fits the student: gpt2.training.trainer)."""
+        if not 0 < self.distill_temperature < math.inf:
+            raise UserError(f"distill_temperature must be a positive finite number, got "
+                            f"{self.distill_temperature}")
+        if not 0 <= self.distill_weight <= 1:
+            raise UserError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.distill_from is None:
+            given = [name for name, default in DISTILL_DEFAULTS.items() if getattr(self, name) != default]
+            if given:
+                raise UserError(f"{given[0]} is an option of distillation; give --distill-from TEACHER too")
 
     def to_toml(self) -> str:
         """The options as TOML (unset ones and the one-time actions left out)."""
@@ -263,7 +292,7 @@ def load_config(config_file: str | Path | None = None, **options: Any) -> TrainC
     # --overwrite clears the run directory: none of what the run reads may be in it (refused here, before
     # torch is imported; the trainer checks again for a TrainConfig made without this function).
     check_apart(cfg.out, {"--data": cfg.data, "--init-from": cfg.init_from, "--tokenizer": cfg.tokenizer,
-                          "--config": config_file})
+                          "--distill-from": cfg.distill_from, "--config": config_file})
     return cfg
 
 

@@ -1,7 +1,10 @@
 """Training metrics: the JSON-lines log in a run directory, and its loss-curve plot.
 
 One record per line: ``{"step", "loss", "lr", "tokens", "elapsed", "tokens_per_s", ...}`` for a
-training step and ``{"step", "val_loss"}`` for a validation.
+training step and ``{"step", "val_loss"}`` for a validation. ``loss`` and ``val_loss`` are the data's
+cross-entropy (nats per trained token); a distilled run's steps (``--distill-from``) add ``soft_loss``,
+the soft loss per trained token (T^2 times the KL divergence from the teacher's distribution to the
+student's, both at temperature T).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _is_record(record: object) -> bool:
     """A JSON object whose step and losses, where present, are numbers."""
     if not isinstance(record, dict):
         return False
-    numbers = [record.get(key, 0) for key in ("step", "loss", "val_loss")]
+    numbers = [record.get(key, 0) for key in ("step", "loss", "val_loss", "soft_loss")]
     return all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers)
 
 

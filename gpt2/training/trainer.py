@@ -16,6 +16,11 @@ CPUs). With ``--fsdp`` the weights, gradients and optimiser state are sharded ov
 instead (PyTorch's FSDP2, as torchtitan), for models that do not fit one GPU; checkpoints gather them
 into the same files. Rank 0 writes the run directory, which must be on a file system every rank sees
 for ``--resume``.
+
+With ``--distill-from`` a frozen teacher (``load_teacher``) runs beside the model on every process,
+and each micro-batch's loss is the distillation loss (``gpt2.loss.distillation_loss``), given the
+teacher's final hidden states through the model's forward as its targets (``SoftTargets``), so that
+DDP, FSDP and ``torch.compile`` see one ordinary forward pass.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from gpt2.data.shards import find_shards
 from gpt2.generation.config import GenerationConfig
 from gpt2.generation.sampling import generate_text
 from gpt2.inference.load import check_device, default_device
-from gpt2.loss import IGNORE
+from gpt2.loss import IGNORE, SoftTargets
 from gpt2.tokenizer.bpe import Tokenizer, find_tokenizer_files
 from gpt2.training.config import CONFIG_FILE, TrainConfig
 from gpt2.training.metrics import METRICS_FILE, MetricsLog, plot_metrics, truncate_metrics
@@ -174,7 +179,8 @@ def flops_per_token(config: GPT2Config, seq_len: int) -> float:
 def _open_run_dir(cfg: TrainConfig) -> Path | None:
     """Check (and with --overwrite clear) the run directory; the checkpoint to resume from, if any."""
     run = Path(cfg.out)
-    check_apart(run, {"--data": cfg.data, "--init-from": cfg.init_from, "--tokenizer": cfg.tokenizer})
+    check_apart(run, {"--data": cfg.data, "--init-from": cfg.init_from, "--tokenizer": cfg.tokenizer,
+                      "--distill-from": cfg.distill_from})
     if cfg.resume:
         checkpoint = checkpoints.latest_checkpoint(run)
         if checkpoint is None:
@@ -282,6 +288,47 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer | None, resume_from: Path
         torch.manual_seed(cfg.seed)  # the same adapter on every rank
         lora.add_lora(model, config)
     return model.train()
+
+
+def load_teacher(cfg: TrainConfig, student: GPT2, data: Tokenizer | None, seq_len: int,
+                 device: torch.device) -> GPT2 | None:
+    """The ``distill_from`` model (None without one), frozen, in eval mode (no dropout) and whole on
+    ``device`` (on every process, beside a sharded student too). It must give its distribution over
+    the student's tokens (the same vocabulary and tokenizer) and see the whole sequence (its context
+    at least ``seq_len``)."""
+    if cfg.distill_from is None:
+        return None
+    name = cfg.distill_from
+    if find_adapter(name):
+        raise UserError(f"--distill-from {name} is a LoRA adapter, not a model; fold it into its base first "
+                        f"(gpt2 merge --adapter {name} --out DIR) and distil from DIR")
+    teacher = GPT2.from_pretrained(checkpoints.resolve(name), dtype=torch.float32)
+    ours, theirs = student.tokenizer or data, teacher.tokenizer
+    fix = (f"distil from a model that uses the student's tokenizer, or prepare the data with the teacher's "
+           f"(`gpt2 prepare ... --tokenizer {name}`) and train the student on it")
+    vocab, context = teacher.config.vocab_size, teacher.config.n_positions
+    if vocab != student.config.vocab_size:
+        raise UserError(f"--distill-from {name} has a vocabulary of {vocab} tokens but the student "
+                        f"{student.config.vocab_size}: a teacher must share the student's tokenizer; {fix}")
+    if ours is not None and theirs is not None and not _same_tokenizer(ours, theirs):
+        raise UserError(f"--distill-from {name} has another tokenizer than the student's (the same number of "
+                        f"tokens, other ids): its distribution is over other tokens; {fix}")
+    if context < seq_len:
+        raise UserError(f"--distill-from {name} has a context of {context} tokens, shorter than the training "
+                        f"sequences of {seq_len}; train with --seq-len {context} or less, or distil from a "
+                        "teacher with a longer context")
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
+
+
+def teacher_hidden(teacher: GPT2, batch: Batch) -> torch.Tensor:
+    """The teacher's final hidden states for ``batch`` (B, T, C), without gradients: its forward pass
+    short of the LM head, whose product the loss makes a chunk of positions at a time
+    (``gpt2.loss.distillation_loss``), as the model's forward does given targets."""
+    with torch.no_grad():
+        if batch.segments is not None:
+            return teacher._hidden_packed(batch.inputs, batch.segments)
+        return teacher._hidden(batch.inputs, cache=None, attention_mask=None, last_only=False)
 
 
 def shard_model(model: GPT2, device: torch.device, world_size: int) -> None:
@@ -458,6 +505,7 @@ class TrainState:
     accum: int  # micro-batches per optimiser step and process
     eval_batches: int  # validation batches per measurement and process
     flops_per_token: float
+    teacher: GPT2 | None = None  # with --distill-from: the frozen model the student learns from
     peak_flops: float | None = None  # of one GPU's matmuls, for MFU; None on CPUs
     metrics: MetricsLog | None = None  # rank 0's metrics.jsonl
     resumed_from: Path | None = None  # the checkpoint this session started from
@@ -468,7 +516,8 @@ class TrainState:
     # This session.
     started: float = 0.0  # time.monotonic() when its loop began...
     elapsed_before: float = 0.0  # ...and ``elapsed`` then
-    loss: float = math.nan  # training loss of the last step
+    loss: float = math.nan  # training loss of the last step (the data's cross-entropy)...
+    soft_loss: float | None = None  # ...and, distilling, its soft loss (T^2 x KL from the teacher)
     val_loss: float | None = None
     last_eval_step: int = -1
     saved_step: int = -1  # of the newest checkpoint (-1: none)
@@ -492,6 +541,7 @@ def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
     model = build_model(cfg, tokenizer, resume_from)
     seq_len, batch_tokens, accum = _batch_shape(cfg, env, model.config, chat and chat["seq_len"])
     check_memory(cfg.micro_batch, seq_len, model.config, env.device)
+    teacher = load_teacher(cfg, model, tokenizer, seq_len, env.device)
     train_loader = ShardLoader(train_files, cfg.micro_batch, seq_len, rank=env.rank,
                                world_size=env.world_size, seed=cfg.seed, masked=chat is not None)
     val_loader = (ShardLoader(val_files, cfg.micro_batch, seq_len, rank=env.rank, world_size=env.world_size,
@@ -508,7 +558,9 @@ def setup(cfg: TrainConfig, env: Distributed) -> TrainState:
         optimizers=build_optimizers(model, cfg, env.device), train_loader=train_loader,
         val_loader=val_loader, dtype=autocast_dtype(cfg.dtype, env.device), seq_len=seq_len,
         batch_tokens=batch_tokens, accum=accum, eval_batches=_eval_batches(cfg, env, val_loader, seq_len),
-        flops_per_token=flops_per_token(model.config, seq_len),
+        flops_per_token=flops_per_token(model.config, seq_len) + (
+            flops_per_token(teacher.config, seq_len) / 3 if teacher is not None else 0.0),  # its forward
+        teacher=teacher,
     )
     if resume_from is not None and saved is not None:
         resume(state, resume_from, saved)
@@ -610,7 +662,7 @@ def train_step(state: TrainState) -> None:
     factor = lr_factor(cfg, state.step, _progress(cfg, state.step, state.elapsed))
     set_learning_rates(state.optimizers, factor)
     t0 = time.perf_counter()
-    loss_sum = _accumulate_gradients(state)
+    loss_sums = _accumulate_gradients(state)
     grad_norm = None
     if cfg.grad_clip:
         grad_norm = nn.utils.clip_grad_norm_(state.compiled.parameters(), cfg.grad_clip)
@@ -618,38 +670,42 @@ def train_step(state: TrainState) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if env.world_size > 1:
-        dist.all_reduce(loss_sum)
-        loss_sum /= env.world_size
-    state.loss = loss_sum.item()  # waits for the GPU: the step's time is real
+        dist.all_reduce(loss_sums)
+        loss_sums /= env.world_size
+    losses = loss_sums.tolist()  # waits for the GPU: the step's time is real
+    state.loss, state.soft_loss = losses[0], losses[1] if len(losses) > 1 else None
     dt = time.perf_counter() - t0
     state.step_time = dt if state.step_time is None else 0.9 * state.step_time + 0.1 * dt
     state.step += 1
     state.tokens += state.batch_tokens
     state.elapsed = _elapsed(state)
-    if not math.isfinite(state.loss):
-        raise UserError(f"the loss became {state.loss} at step {state.step}; lower --lr or keep --grad-clip")
+    for loss in losses:
+        if not math.isfinite(loss):
+            raise UserError(f"the loss became {loss} at step {state.step}; lower --lr or keep --grad-clip")
     if env.is_main:
         _log_step(state, cfg.lr * factor, grad_norm)
 
 
 def _accumulate_gradients(state: TrainState) -> torch.Tensor:
     """Forward and backward passes over ``accum`` micro-batches, the gradients averaged over the
-    processes on the last one only; this process's share of the step's loss. The loss is the mean
-    over the step's trained targets, all micro-batches and processes together (chat data trains
-    only some: each micro-batch weighs by the targets it has)."""
+    processes on the last one only; this process's share of the step's loss: the data's
+    cross-entropy, and distilling, the soft loss after it. A loss is the mean over the step's trained
+    targets, all micro-batches and processes together (chat data trains only some: each micro-batch
+    weighs by the targets it has)."""
     device, world_size = state.env.device, state.env.world_size
     batches = [_on_device(state.train_loader.next_batch(), device) for _ in range(state.accum)]
     targets = torch.stack([(b.targets != IGNORE).sum() for b in batches]).sum()
     if world_size > 1:
         dist.all_reduce(targets)
     scale = world_size / targets.clamp(min=1)  # DDP and FSDP average the processes' gradients
-    loss_sum = torch.zeros((), device=device)
+    loss_sums = torch.zeros(1 if state.teacher is None else 2, device=device)
     for micro, batch in enumerate(batches):
         with _gradient_sync(state.parallel, micro == state.accum - 1):
-            loss = _loss(state, batch) * scale
+            loss, measured = _training_loss(state, batch)
+            loss = loss * scale
             loss.backward()
-        loss_sum += loss.detach()
-    return loss_sum
+        loss_sums += measured * scale
+    return loss_sums
 
 
 def _on_device(batch: Batch, device: torch.device) -> Batch:
@@ -661,6 +717,22 @@ def _loss(state: TrainState, batch: Batch) -> torch.Tensor:
     (computed in chunks of positions: the batch's logits are never all held, ``gpt2.loss``)."""
     with autocast(state):
         return state.compiled(batch.inputs, segments=batch.segments, targets=batch.targets)
+
+
+def _training_loss(state: TrainState, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed loss that ``batch`` trains (``_loss``'s cross-entropy; distilling, the mix of the
+    soft and hard losses that ``--distill-weight`` sets), and what it measures for the log, without
+    gradients: the cross-entropy, and distilling, the soft loss after it."""
+    if state.teacher is None:
+        loss = _loss(state, batch)
+        return loss, loss.detach()[None]
+    cfg = state.cfg
+    with autocast(state):
+        soft = SoftTargets(batch.targets, teacher_hidden(state.teacher, batch), state.teacher.lm_head.weight,
+                           cfg.distill_temperature, cfg.distill_weight)
+        loss = state.compiled(batch.inputs, segments=batch.segments, targets=soft)
+    assert soft.hard is not None and soft.soft is not None  # set by the loss (gpt2.loss.lm_loss)
+    return loss, torch.stack([soft.hard, soft.soft]).float()
 
 
 def _gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
@@ -680,6 +752,8 @@ def _log_step(state: TrainState, lr: float, grad_norm: torch.Tensor | None) -> N
     mfu = peak and state.batch_tokens * state.flops_per_token / (state.step_time * peak * world_size)
     record = _step_record(state.step, state.loss, lr, state.tokens, state.elapsed,
                           state.batch_tokens / state.step_time, grad_norm, mfu)
+    if state.soft_loss is not None:
+        record["soft_loss"] = state.soft_loss
     state.metrics.write(record)
     remaining = _remaining(state.cfg, state.step, state.elapsed, state.step_time)
     state.console.progress(state.step, _progress_line(state.cfg, record, remaining))
@@ -971,7 +1045,11 @@ def _recipe(state: TrainState) -> str:
     if cfg.optimizer == "muon":
         matrices = len(muon_parameters(state.model))
         adamw = f"Muon (lr {cfg.muon_settings()[0]:g}) on {matrices} matrices, {adamw} on the rest"
-    return f"{adamw}, {cfg.lr_schedule} schedule decaying over the last {cfg.schedule_decay_fraction():.0%}"
+    recipe = f"{adamw}, {cfg.lr_schedule} schedule decaying over the last {cfg.schedule_decay_fraction():.0%}"
+    if state.teacher is not None:
+        recipe += (f"; distilled from {cfg.distill_from} ({state.teacher.num_parameters():,} parameters) at "
+                   f"temperature {cfg.distill_temperature:g}, soft loss weight {cfg.distill_weight:g}")
+    return recipe
 
 
 def _checkpoint_name(step: int) -> str:
@@ -990,10 +1068,13 @@ def _step_record(step: int, loss: float, lr: float, tokens: int, elapsed: float,
 
 
 def _progress_line(cfg: TrainConfig, record: dict[str, Any], remaining: float) -> str:
-    """``step 120/2000 | loss 3.2145 | lr 5.98e-04 | 45.2k tok/s | MFU 41.2% | ETA 3m12s``"""
+    """``step 120/2000 | loss 3.2145 | lr 5.98e-04 | 45.2k tok/s | MFU 41.2% | ETA 3m12s`` (distilling,
+    ``| soft 1.0321`` after the loss)"""
     steps = f"{record['step']:>6}" + (f"/{cfg.max_steps}" if cfg.max_steps else "")
-    line = (f"step {steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-            f"{record['tokens_per_s'] / 1000:,.1f}k tok/s")
+    line = f"step {steps} | loss {record['loss']:.4f} | "
+    if "soft_loss" in record:
+        line += f"soft {record['soft_loss']:.4f} | "
+    line += f"lr {record['lr']:.2e} | {record['tokens_per_s'] / 1000:,.1f}k tok/s"
     if "mfu" in record:
         line += f" | MFU {record['mfu']:.1%}"
     return line + f" | ETA {_duration(remaining)}"
