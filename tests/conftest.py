@@ -263,7 +263,8 @@ def serving_app(model: GPT2, **options: object) -> Iterator[tuple[str, FastAPI]]
     engine = Engine(model, model.tokenizer, max_batch_size=int(options.pop("max_batch_size", 8)),
                     max_queue=int(options.pop("max_queue", 64)),
                     prefill_chunk=int(options.pop("prefill_chunk", 256)),
-                    prefix_cache_tokens=int(options.pop("prefix_cache_tokens", PREFIX_CACHE_TOKENS)))
+                    prefix_cache_tokens=int(options.pop("prefix_cache_tokens", PREFIX_CACHE_TOKENS)),
+                    draft=options.pop("draft", None))  # a Drafter: speculative decoding
     served = dict(options.pop("uvicorn", {}))  # uvicorn.Config options (connections.uvicorn_options)
     app = create_app(engine, model_name="tiny", **options)
     sock = socket.socket()

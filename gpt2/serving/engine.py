@@ -17,6 +17,17 @@ so a long prompt delays the others' next tokens by one chunk's time, not by the 
 Sequences with the same prompt (the ``n`` choices of a request) read it once and copy its keys and
 values.
 
+With a drafter (``gpt2.generation.speculative``: prompt lookup or a draft model) the engine decodes
+speculatively, rows with and without drafts together: each step, a row whose request allows it gets a
+draft (as many tokens as its ``Pace`` says, what it may still make and the window hold), and the decode
+pass feeds every row its last token and its draft, padded to the step's longest draft with padding after
+them (rows share the time axis). Each row's positions are then verified in order, each adjusted and
+taken as a plain step's token is, up to the first draft rejected or the token that finishes it; the
+positions it did not keep become padding (holes in its row), and the axis rolls back past the positions
+no row kept (``BatchCache.forget_last`` and ``trim``). When the axis fills, or a quarter of it is
+waste, ``BatchCache.compact`` moves each row's positions together. Greedy text is the plain decoder's,
+token for token; sampling follows the same distribution.
+
 A sequence's own failure (its grammar failing while it generates, its settings failing on its logits)
 ends that sequence alone with its error, a ``UserError`` when its request is at fault; the others go
 on. A failure of the batch's own work (a forward pass: a bug, out of memory) fails the requests running
@@ -43,6 +54,7 @@ from torch import Tensor
 from gpt2.generation.config import GenerationConfig
 from gpt2.generation.logits import adjust_logits, sample
 from gpt2.generation.sampling import TextStream, TextTokenizer, left_pad, text_config
+from gpt2.generation.speculative import Draft, Drafter, DraftSession, Pace, accept
 from gpt2.model import Transformer
 from gpt2.serving.batch_cache import BatchCache
 from gpt2.serving.prefix_cache import BLOCK, PrefixCache
@@ -75,14 +87,16 @@ class Step:
 class SequenceRequest:
     """What one sequence is: the prompt's ids, the sampling settings (``max_new_tokens``, stops...),
     how many top log-probabilities to report per token (None: none), whether to report the
-    prompt's log-probabilities too and the grammar its text must follow (``gpt2.serving.structured``;
-    None: free text)."""
+    prompt's log-probabilities too, the grammar its text must follow (``gpt2.serving.structured``;
+    None: free text) and at most how many tokens to draft per step when the engine decodes
+    speculatively (None: the drafter's number; 0: none, plain decoding)."""
 
     prompt: list[int]
     config: GenerationConfig
     logprobs: int | None = None
     prompt_logprobs: bool = False
     grammar: Grammar | None = None
+    draft_tokens: int | None = None
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -95,9 +109,15 @@ class _Sequence:
     stop_ids: frozenset[int]
     constraint: Constraint | None = None  # its place in the request's grammar
     generated: list[int] = field(default_factory=list)  # the tokens drawn so far
-    length: int = 0  # positions this row holds in the cache
+    length: int = 0  # real positions this row holds in the cache (its tokens but the last drawn)
     finished: bool = False
     last_token_at: float | None = None  # time.perf_counter() when its last token was drawn
+    pace: Pace | None = None  # how many tokens to draft next (None: never drafted for)
+    session: DraftSession | None = None  # its drafting state, made at its first draft
+    draft: Draft = field(default_factory=lambda: Draft([]))  # fed after its last token, to verify
+    written: int = 0  # positions of the shared axis the last decode step wrote in its row
+    taken: int = 0  # tokens it took in this step's verification
+    kept: int = 0  # of those, the drafts kept
 
 
 class Job:
@@ -114,6 +134,9 @@ class Job:
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.unfinished = len(self.requests)  # sequences without their last token yet
+        self.speculative = False  # whether some sequence of it is decoded speculatively
+        self.drafted = 0  # tokens drafted for its sequences (counted before the steps they make)
+        self.accepted = 0  # of those, the ones kept
 
     def cancel(self) -> None:
         """Stop generating (the client went away): the worker frees the slots at its next step."""
@@ -165,6 +188,9 @@ class EngineStats:
     rejected: int = 0
     cancelled: int = 0
     errors: int = 0
+    drafts: int = 0  # speculative decoding: drafts verified (a row's, per step)
+    draft_tokens: int = 0  # tokens drafted
+    accepted_tokens: int = 0  # of those, the ones verification kept
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -176,7 +202,9 @@ class _Slots:
 
     cache: BatchCache
     rows: list[_Sequence] = field(default_factory=list)
-    logits: Tensor | None = None  # (len(rows), vocab): to draw each row's next token from
+    # (len(rows), positions, vocab): at each row's last token and each token of its draft, to draw
+    # its next tokens from (a row with a shorter draft, or none, ignores the positions after it)
+    logits: Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -202,13 +230,15 @@ class Engine:
 
     ``max_batch_size``: slots in the KV cache (1 serves one sequence at a time); ``max_queue``:
     sequences that may wait for a slot before ``submit`` raises ``QueueFull``; ``prefill_chunk``:
-    prompt positions read per step while other sequences are decoding. The KV cache is allocated
-    here, once, after checking that it fits in memory.
+    prompt positions read per step while other sequences are decoding; ``draft``: decode
+    speculatively with its drafts (``gpt2.generation.speculative``; a request's ``draft_tokens`` may ask
+    for fewer, or none). The KV cache is allocated here, once, after checking that it fits in memory.
     """
 
     def __init__(
         self, model: Transformer, tokenizer: TextTokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
         prefill_chunk: int = 256, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+        draft: Drafter | None = None,
     ) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
@@ -216,8 +246,11 @@ class Engine:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if prefix_cache_tokens < 0:
             raise UserError(f"prefix_cache_tokens must be 0 (off) or more, got {prefix_cache_tokens}")
+        if draft is not None:
+            draft.check(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.draft = draft
         self.window = model.config.n_positions
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -272,6 +305,7 @@ class Engine:
             if not r.prompt or len(r.prompt) + r.config.max_new_tokens > self.window:
                 raise UserError(f"a prompt of {len(r.prompt)} tokens and {r.config.max_new_tokens} new "
                                 f"tokens do not fit the context window ({self.window}); ask for fewer")
+            self._check_draft_tokens(r.draft_tokens)
         job = Job(requests, loop or asyncio.get_running_loop())
         device = self.model.device
         sequences = []
@@ -281,7 +315,8 @@ class Engine:
             stop_ids = frozenset(text_config(self.tokenizer, r.config).stop_token_ids)
             constraint = None if r.grammar is None else r.grammar.constraint()
             sequences.append(_Sequence(r, job, index, TextStream(self.tokenizer, r.config.stop_strings),
-                                       generator, stop_ids, constraint))
+                                       generator, stop_ids, constraint, pace=self._pace(r)))
+        job.speculative = any(s.pace is not None for s in sequences)
         with self._wake:
             if len(self._waiting) + len(sequences) > self.max_queue:
                 self.stats.rejected += 1
@@ -291,6 +326,24 @@ class Engine:
             self._waiting.extend(sequences)
             self._wake.notify()
         return job
+
+    def _check_draft_tokens(self, tokens: int | None) -> None:
+        """Refuse a request's ``draft_tokens`` that this engine cannot take."""
+        if tokens is None:
+            return
+        if self.draft is None:
+            raise UserError("draft_tokens: this server does not decode speculatively; start it with "
+                            "--draft lookup or --draft DIR to draft tokens")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= self.draft.tokens:
+            raise UserError(f"draft_tokens must be an integer from 0 (off) to {self.draft.tokens} (this "
+                            f"server's --draft-tokens), got {tokens!r}")
+
+    def _pace(self, r: SequenceRequest) -> Pace | None:
+        """The pace of drafting for ``r``'s sequence: None where it is decoded plainly."""
+        if self.draft is None:
+            return None
+        tokens = self.draft.tokens if r.draft_tokens is None else r.draft_tokens
+        return Pace(tokens) if tokens else None
 
     def load(self) -> dict[str, int]:
         """How busy the engine is now (sequences running and waiting, the shared cache's positions
@@ -392,10 +445,13 @@ class Engine:
         if not slots.rows:
             return
         tokens = self._draw(slots.logits)
+        self._settle()
         finished = {i for i, s in enumerate(slots.rows) if s.finished}
         self._keep_finished(finished)
         self._remove(finished)
         if slots.rows:
+            if self.draft is not None:  # the positions that only rejected drafts held are free again
+                slots.cache.trim(len(slots.rows))
             self._decode([tokens[s] for s in slots.rows])
 
     def _keep_finished(self, rows: set[int]) -> None:
@@ -404,6 +460,8 @@ class Engine:
         if self.prefix_cache is None:
             return
         cache = self._slots.cache
+        if self.draft is not None:  # rejected drafts left holes: each row's positions as one run
+            cache.align(sorted(rows))
         for row in rows:
             s = self._slots.rows[row]
             read = (s.request.prompt + s.generated)[: s.length]  # the last token drawn was never read
@@ -466,12 +524,12 @@ class Engine:
                     self.prefix_cache.store(prompt, p.cache, row, width - len(prompt))
             logits = self._join(p)
             slots = self._slots
-            slots.logits = logits if slots.logits is None else torch.cat([slots.logits, logits])
+            slots.logits = logits if slots.logits is None else _stacked(slots.logits, logits)
             slots.rows += p.rows
 
     def _join(self, p: _Prefill) -> Tensor:
         """Copy the read prompts' keys and values into the slots after the live rows, one row per
-        sequence; returns their next-token logits."""
+        sequence; returns their next-token logits (rows, 1, vocab)."""
         slots, cache, joining, source = self._slots, self._slots.cache, p.rows, p.source
         longest = p.ids.shape[1]
         if p.full:
@@ -481,7 +539,7 @@ class Engine:
         cache.insert(p.cache, source, first_row=len(slots.rows))
         for s in joining:
             s.length = len(s.request.prompt)
-        return p.logits[-1][source, -1]
+        return p.logits[-1][source, -1:]
 
     def _report_prompt_logprobs(self, joining: list[_Sequence], ids: Tensor, logits: Tensor) -> None:
         logprobs = logits[:, :-1].float().log_softmax(dim=-1)
@@ -495,24 +553,81 @@ class Engine:
             s.job.prompt_logprobs[s.index] = entries
 
     def _draw(self, logits: Tensor) -> dict[_Sequence, int]:
-        """Draw each row's next token, send it to its client and mark the finished rows. What fails
-        for one row (its grammar, its text) ends that sequence alone (``_fail``); the others go on."""
-        rows = self._slots.rows
+        """Draw each row's next tokens, send them to its client and mark the finished rows; returns
+        each row's last token. A row draws one token from its logits at its last token; a row with a
+        draft goes on, position by position, while the drafts are kept (``_draw_at``). What fails for
+        one row (its grammar, its text) ends that sequence alone (``_fail``); the others go on."""
+        last: dict[_Sequence, int] = {}
+        rows, level = list(range(len(self._slots.rows))), 0
+        while rows:
+            rows = self._draw_at(logits, rows, level, last)
+            level += 1
+        return last
+
+    def _draw_at(self, logits: Tensor, rows: list[int], level: int, last: dict[_Sequence, int]) -> list[int]:
+        """The tokens of ``rows`` at position ``level`` of their logits (0: after their last token; j:
+        after the j-th token of their draft, which they all kept), each adjusted as the plain decoder's
+        are (penalties over the tokens taken so far, the grammar where they left it) and taken
+        (``_take``) before the next position is verified, so that stops, stop strings, max tokens,
+        log-probabilities and the grammar hold token by token. A row without a draft draws as plain
+        decoding does (``draw``); a drafted position is verified by ``speculative.accept``. Returns the
+        rows that kept their draft here and go on (not finished)."""
+        sequences = [self._slots.rows[row] for row in rows]
+        here = logits[:, level] if len(rows) == len(logits) else logits[rows, level]
         logprobs = None
-        if any(s.request.logprobs is not None for s in rows):
-            logprobs = logits.float().log_softmax(dim=-1)
-        tokens = {}
-        drawn = draw(self._adjusted(logits), [s.request.config for s in rows], [s.generator for s in rows])
+        if any(s.request.logprobs is not None for s in sequences):
+            logprobs = here.float().log_softmax(dim=-1)
+        adjusted = self._adjusted(here, sequences)
+        plain = [i for i, s in enumerate(sequences) if not s.draft.tokens]
+        drawn: dict[int, int] = {}
+        if plain:
+            chosen = adjusted if len(plain) == len(sequences) else adjusted[plain]
+            drawn = dict(zip(plain, draw(chosen, [sequences[i].request.config for i in plain],
+                                         [sequences[i].generator for i in plain]), strict=True))
         now = time.perf_counter()
-        for row, (s, token) in enumerate(zip(rows, drawn, strict=True)):
-            tokens[s] = token
+        going_on = []
+        for i, (row, s) in enumerate(zip(rows, sequences, strict=True)):
             if s.finished:  # failed while its logits were adjusted
                 continue
+            if i in drawn:
+                token, kept = drawn[i], False
+            else:
+                draft = s.draft
+                at = draft.tokens[level] if level < len(draft.tokens) else None
+                q = None if draft.probs is None or at is None else draft.probs[level]
+                token, kept = accept(adjusted[i].float(), s.request.config, at, q, s.generator)
+            last[s] = token
+            s.taken += 1
+            if kept:  # counted before the client gets the token, so that its usage has it
+                s.kept += 1
+                s.job.accepted += 1
+                self.stats.accepted_tokens += 1
             try:
-                self._take(s, token, None if logprobs is None else logprobs[row], now)
+                self._take(s, token, None if logprobs is None else logprobs[i], now)
             except Exception as e:
                 self._fail(s, e)
-        return tokens
+            if kept and not s.finished:
+                going_on.append(row)
+        return going_on
+
+    def _settle(self) -> None:
+        """After the verification: forget in the shared cache the positions of each row that hold no
+        token it took (its rejected drafts, the padding after a shorter draft, drafts after the token
+        that finished it), and tell each row's pace how its draft went."""
+        rows = self._slots.rows
+        forget = [s.written - s.taken if s.written else 0 for s in rows]
+        for s in rows:
+            drafted = len(s.draft.tokens)
+            if s.written:
+                s.length -= 1 + drafted - s.taken  # real positions written that hold no taken token
+            if drafted:
+                assert s.pace is not None and self.draft is not None
+                s.pace.record(drafted, s.kept)
+                self.draft.stats.add(drafted, s.kept)
+                self.stats.drafts += 1
+            s.written, s.taken, s.kept, s.draft = 0, 0, 0, Draft([])
+        if any(forget):
+            self._slots.cache.forget_last(forget)
 
     def _take(self, s: _Sequence, token: int, logprobs: Tensor | None, now: float) -> None:
         """Give ``s`` its drawn ``token`` (``logprobs``: its row's, if any row reports them): the
@@ -563,12 +678,12 @@ class Engine:
             for observe in self.observers:
                 observe(kind, seconds)
 
-    def _adjusted(self, logits: Tensor) -> Tensor:
-        """``logits`` after the penalties and bias of the rows that ask for any, and with the tokens
-        their grammar does not allow next at -inf (a copy if so: log probabilities are reported from
-        the model's own distribution). A row whose adjustment fails, or whose grammar fails or allows
-        nothing, ends alone (``_fail``), its logits left as they are."""
-        sequences = self._slots.rows
+    def _adjusted(self, logits: Tensor, sequences: list[_Sequence]) -> Tensor:
+        """``logits`` (one row per sequence of ``sequences``) after the penalties and bias of the rows
+        that ask for any, and with the tokens their grammar does not allow next at -inf (a copy if so:
+        log probabilities are reported from the model's own distribution). A row whose adjustment
+        fails, or whose grammar fails or allows nothing, ends alone (``_fail``), its logits left as
+        they are."""
         rows = [row for row, s in enumerate(sequences) if s.request.config.adjusts_logits]
         constrained = [row for row, s in enumerate(sequences) if s.constraint is not None]
         if not rows and not constrained:
@@ -598,17 +713,49 @@ class Engine:
         return logits
 
     def _decode(self, tokens: list[int]) -> None:
-        """One forward pass for every live row: their last tokens in, their next logits out."""
+        """One forward pass for every live row: its last token and its draft in (rows with a shorter
+        draft, or none, padded after it), its logits at each of them out. The shared axis first drops
+        what no row needs (leading padding, the holes of rejected drafts) when the step would not fit
+        the window or a quarter of it is waste; drafts are then cut to what fits."""
         slots, cache = self._slots, self._slots.cache
-        padding = cache.length - max(s.length for s in slots.rows)  # at the start of every row
-        if cache.length == cache.max_len or padding >= cache.max_len // 4:  # make room, save attention
-            cache.shift(-padding, rows=len(slots.rows))
-        ids = torch.tensor(tokens, device=cache.key_mask.device)[:, None]
-        slots.logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # the cache's first k rows
-        for s in slots.rows:
-            s.length += 1
+        drafts = self._propose()
+        longest = max(len(d.tokens) for d in drafts)
+        waste = cache.length - max(s.length for s in slots.rows)  # leading padding and holes
+        if cache.length + 1 + longest > cache.max_len or waste >= cache.max_len // 4:  # make room
+            cache.compact(len(slots.rows))
+        room = cache.max_len - cache.length - 1
+        if longest > room:
+            drafts = [Draft(d.tokens[:room], None if d.probs is None else d.probs[:room]) for d in drafts]
+            longest = room
+        ids, real = _with_drafts(tokens, drafts, longest, self.tokenizer.eot_token, cache.key_mask.device)
+        # the cache's first k rows; logits at every position only where some row has a draft
+        slots.logits = self.model(ids, cache=cache, attention_mask=real, last_only=not longest)
+        for s, d in zip(slots.rows, drafts, strict=True):
+            s.draft, s.written = d, 1 + longest
+            s.length += 1 + len(d.tokens)
+            s.job.drafted += len(d.tokens)  # before any step they make goes out
+            self.stats.draft_tokens += len(d.tokens)
         self.stats.forward_passes += 1
         self.stats.max_batch = max(self.stats.max_batch, len(slots.rows))
+
+    def _propose(self) -> list[Draft]:
+        """Each live row's draft: none for a row not drafted for, or resting (``Pace``); at most what
+        it may still make after its next token, and what the window holds after it."""
+        drafts = []
+        for s in self._slots.rows:
+            config = s.request.config
+            room = min(config.max_new_tokens - len(s.generated) - 1, self.window - s.length - 1)
+            k = 0 if s.pace is None else s.pace.next(room)
+            if not k:
+                drafts.append(Draft([]))
+                continue
+            assert self.draft is not None
+            if s.session is None:
+                s.session = self.draft.session(len(s.request.prompt) + config.max_new_tokens)
+            proposal = s.session.propose(s.request.prompt + s.generated, k, config, s.generator)
+            probs = None if proposal.probs is None else proposal.probs[:k]
+            drafts.append(Draft(proposal.tokens[:k], probs))
+        return drafts
 
     def _remove(self, rows: set[int]) -> None:
         """Free the slots ``rows``: the last live rows move into the holes, so live rows stay first."""
@@ -630,6 +777,29 @@ class Engine:
         if k == 0:
             slots.cache.reset()
             slots.logits = None
+
+
+def _with_drafts(tokens: list[int], drafts: list[Draft], longest: int, pad: int, device: torch.device
+                 ) -> tuple[Tensor, Tensor | None]:
+    """The ids (rows, 1 + longest) of a decode step: each row's last token, then its draft, then
+    ``pad``; and which of them are real (None when all are)."""
+    ids = torch.full((len(tokens), 1 + longest), pad, dtype=torch.long)
+    real = torch.zeros(len(tokens), 1 + longest, dtype=torch.bool)
+    for row, (token, draft) in enumerate(zip(tokens, drafts, strict=True)):
+        n = 1 + len(draft.tokens)
+        ids[row, :n] = torch.tensor([token, *draft.tokens])
+        real[row, :n] = True
+    return ids.to(device), None if bool(real.all()) else real.to(device)
+
+
+def _stacked(logits: Tensor, joining: Tensor) -> Tensor:
+    """The live rows' ``logits`` (rows, positions, vocab) and the joining rows' (their one position),
+    as one tensor: the joining rows' padded with zeros that nothing reads (they have no draft)."""
+    if joining.shape[1] < logits.shape[1]:
+        joining = torch.nn.functional.pad(joining, (0, 0, 0, logits.shape[1] - joining.shape[1]))
+    elif joining.shape[1] > logits.shape[1]:
+        logits = torch.nn.functional.pad(logits, (0, 0, 0, joining.shape[1] - logits.shape[1]))
+    return torch.cat([logits, joining])
 
 
 def _logprob_entry(logprobs: Tensor, token: int, top: int | None) -> tuple[float, dict[int, float] | None]:

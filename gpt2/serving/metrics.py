@@ -23,7 +23,8 @@ class Metrics:
     not share them), named as vLLM's are with the prefix ``gpt2_`` (an underscore: Prometheus keeps
     colons for recording rules). The requests by route and status (``answered``, from ``Guard``) and
     the tokens the replies' usage reports (``used``) are counted here; the latencies are the engine's
-    own timings (``Engine.observers``); the engine's state is read at scrape time (``_EngineCollector``)."""
+    own timings (``Engine.observers``); the engine's state is read at scrape time (``_EngineCollector``),
+    speculative decoding's counters too when the engine drafts."""
 
     def __init__(self, engine: Engine) -> None:
         self.registry = registry = CollectorRegistry()
@@ -99,5 +100,11 @@ class _EngineCollector:
                     ("sequences_cancelled", "sequences dropped because their client went away",
                      load["cancelled"]),
                     ("engine_errors", "steps of the engine that failed", load["errors"])]
+        if engine.draft is not None:  # vLLM's names for speculative decoding's counters
+            counters += [("spec_decode_num_drafts", "drafts verified (a sequence's, per step)",
+                          load["drafts"]),
+                         ("spec_decode_num_draft_tokens", "tokens drafted", load["draft_tokens"]),
+                         ("spec_decode_num_accepted_tokens", "drafted tokens that verification kept",
+                          load["accepted_tokens"])]
         for name, text, value in counters:
             yield CounterMetricFamily(f"gpt2_{name}", text, value=value)

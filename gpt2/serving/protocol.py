@@ -5,8 +5,9 @@ shape (``gpt2.serving.errors``) and the service sees only well-typed fields.
 OpenAI's sampling parameters are taken (``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
 ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``...), and beyond them, as in
 vLLM, ``top_k`` (0 = off), ``min_p`` (0 = off), ``repetition_penalty`` (CTRL's, 1 = off) and
-``structured_outputs`` (``gpt2.serving.structured``, as is OpenAI's ``response_format``). vLLM's
-/tokenize and /detokenize bodies are here too.
+``structured_outputs`` (``gpt2.serving.structured``, as is OpenAI's ``response_format``), and this
+server's ``draft_tokens`` (speculative decoding: at most that many drafted tokens per step, 0 = off).
+vLLM's /tokenize and /detokenize bodies are here too.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class Sampling(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, description="an extension: CTRL's penalty (1 = off)")
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = Field(None, description="an extension: vLLM's")
+    draft_tokens: int | None = Field(None, ge=0, description="an extension: at most this many drafted "
+                                     "tokens per step (speculative decoding, gpt2 serve --draft); 0 = off")
 
 
 class CompletionRequest(Sampling):

@@ -77,10 +77,18 @@ class Reply:
         self.completion_tokens = 0
         self.generates = True
 
-    def usage(self) -> dict[str, int]:
-        """Token counts; the n choices of a prompt share it, so it counts once (as OpenAI's do)."""
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    def usage(self) -> dict[str, Any]:
+        """Token counts; the n choices of a prompt share it, so it counts once (as OpenAI's do). A
+        request decoded speculatively also has OpenAI's ``completion_tokens_details`` of predicted
+        outputs: the drafted tokens kept (``accepted_prediction_tokens``) and the others."""
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}
+        job = self.job
+        if job.speculative:
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": job.accepted,
+                                                  "rejected_prediction_tokens": job.drafted - job.accepted}
+        return usage
 
     async def whole(self, is_disconnected: Callable[[], Any]) -> dict[str, Any]:
         """The whole response, once every choice is finished."""

@@ -178,6 +178,7 @@ class Service:
                   prompt_logprobs: bool = False) -> list[SequenceRequest]:
         """``body.n`` sequences per prompt (the i-th seeded ``seed + i``), each ending by the window."""
         bias = _logit_bias(body.logit_bias or {}, self.tokenizer.n_vocab)
+        self.check_draft_tokens(body.draft_tokens)
         try:
             grammar = grammar_of(body.response_format, body.structured_outputs, self.tokenizer)
         except FormatError as e:
@@ -186,8 +187,22 @@ class Service:
         for ids in prompts:
             max_new_tokens = min(max_new or self.window, self.window - len(ids))
             out += [SequenceRequest(ids, self._config(body, i, max_new_tokens, stops, bias), logprobs,
-                                    prompt_logprobs, grammar) for i in range(body.n)]
+                                    prompt_logprobs, grammar, body.draft_tokens) for i in range(body.n)]
         return out
+
+    def check_draft_tokens(self, tokens: int | None) -> None:
+        """400 for ``draft_tokens`` on a server that does not draft, or over what it drafts."""
+        if tokens is None:
+            return
+        draft = self.engine.draft
+        if draft is None:
+            raise APIError(400, "draft_tokens: this server does not decode speculatively; it drafts only "
+                           "when started with --draft lookup or --draft DIR", param="draft_tokens",
+                           code="invalid_value")
+        if tokens > draft.tokens:
+            raise APIError(400, f"draft_tokens: {tokens} is more than this server drafts per step "
+                           f"(--draft-tokens {draft.tokens}); ask for 0 (off) to {draft.tokens}",
+                           param="draft_tokens", code="invalid_value")
 
     def _config(self, body: Sampling, i: int, max_new_tokens: int, stops: tuple[str, ...],
                 bias: dict[int, float]) -> GenerationConfig:
