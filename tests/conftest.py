@@ -43,7 +43,13 @@ if TYPE_CHECKING:
 # otherwise): the tiny models are no faster on more, and on a busy machine a thread pool that waits
 # for a descheduled thread makes each step several times slower. test_matvec runs its kernels on two.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+THREADS = int(os.environ["OMP_NUM_THREADS"])
+
+
+@pytest.fixture(autouse=True)
+def torch_threads() -> None:
+    """Each test starts on ``THREADS`` threads, whatever an earlier test, or a library it ran, set."""
+    torch.set_num_threads(THREADS)
 
 
 def shared_file(name: str) -> Path:

@@ -82,7 +82,8 @@ def test_the_gpus_way_of_cutting_the_loss_padded_head_rows_gives_the_same_loss_a
     assert cut.dtype == torch.float32 and torch.allclose(plain, cut, rtol=rtol)
     for p, c in zip(plain_grads, cut_grads, strict=True):
         assert c.shape == p.shape and c.dtype == p.dtype
-        assert (p - c).abs().max() < (1e-5 if dtype == torch.float32 else 0.02) * p.abs().max()
+        # float32: sums of 50,257 terms in another order (chunks, threads) differ by ~1e-5 of the largest
+        assert (p - c).abs().max() < (5e-5 if dtype == torch.float32 else 0.02) * p.abs().max()
 
 
 def test_under_bfloat16_autocast_the_chunked_loss_is_within_its_rounding(wide) -> None:
