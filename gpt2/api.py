@@ -1,4 +1,4 @@
-"""``GPT2``: the network plus what users do with it (load, save, generate), in one class.
+"""``GPT2``: the network plus what users do with it (load, save, generate, hook), in one class.
 
 The layers below stay independent of each other: ``gpt2.model`` is the bare network and
 ``gpt2.checkpoints`` converts to and from Hugging Face's format; this module puts them together.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,10 @@ from gpt2.generation.sampling import GenerationConfig
 from gpt2.generation.speculative import Drafter
 from gpt2.model import Transformer
 from gpt2.tokenizer.bpe import Tokenizer
+
+if TYPE_CHECKING:  # imported when first used: generating never loads gpt2.interpretability
+    from gpt2.interpretability.cache import ActivationCache
+    from gpt2.interpretability.hooks import Hooks, NameFilter
 
 
 class GPT2(Transformer):
@@ -100,6 +104,43 @@ class GPT2(Transformer):
         ids, options = self._generation_inputs(input_ids, pad_token_id)
         return sampling.stream_tokens(self, ids, _config(config, settings), attention_mask=attention_mask,
                                       generator=generator, draft=draft, **options)
+
+    def run_with_cache(self, input_ids: Tensor, *, names_filter: NameFilter = None,
+                       fwd_hooks: Hooks = ()) -> tuple[Tensor, ActivationCache]:
+        """``(logits, cache)`` for token ids ``input_ids`` (B, T) or (T,), rows of one length without
+        padding, as TransformerLens's ``run_with_cache``: ``cache[name]`` is the activation at hook
+        point ``name`` (TransformerLens's names and shapes: ``blocks.0.attn.hook_pattern`` is
+        (B, head, query, key)), or by shorthand, ``cache["pattern", 0]``. ``names_filter``: the
+        points to keep (a name, a list, a function of a name; all by default). ``fwd_hooks``: as
+        ``run_with_hooks``', run before caching. See ``gpt2.interpretability.hooks``."""
+        from gpt2.interpretability import hooks
+
+        return hooks.run_with_cache(self, input_ids, names_filter=names_filter, fwd_hooks=fwd_hooks)
+
+    def run_with_hooks(self, input_ids: Tensor, *, fwd_hooks: Hooks = (), bwd_hooks: Hooks = ()) -> Tensor:
+        """Logits (B, T, vocab) for ``input_ids`` with hooks, as TransformerLens's ``run_with_hooks``:
+        ``fwd_hooks`` and ``bwd_hooks`` are pairs ``(name, fn)`` (``name`` a hook point's, or a
+        function choosing points by name). ``fn(activation, hook)`` may return a replacement of the
+        same shape (patching, ablation); ``fn(grad, hook)`` receives the gradient with respect to the
+        activation when the logits' graph is differentiated (``loss.backward()``)."""
+        from gpt2.interpretability import hooks
+
+        return hooks.run_with_hooks(self, input_ids, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks)
+
+    def processed(self, *, fold_ln: bool = True, center_writing_weights: bool = True,
+                  center_unembed: bool = True, fold_value_biases: bool = True) -> GPT2:
+        """A new model with this one's weights processed as TransformerLens's ``from_pretrained``
+        processes them (its flags and defaults): LayerNorms folded into the layers that read them,
+        writing weights and the unembedding centred, value biases folded. Its logits are this model's
+        less each position's mean over the vocabulary (``center_unembed``); it is for reading, and is
+        not saved. See ``gpt2.interpretability.processing``."""
+        from gpt2.interpretability import processing
+
+        with torch.device("meta"):
+            empty = GPT2(self.config, tokenizer=self.tokenizer)
+        return processing.processed(self, empty, fold_ln=fold_ln, center_unembed=center_unembed,
+                                    center_writing_weights=center_writing_weights,
+                                    fold_value_biases=fold_value_biases)
 
     def _generation_inputs(
         self, input_ids: Tensor, pad_token_id: int | None

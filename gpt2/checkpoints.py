@@ -442,6 +442,10 @@ def torch_load(file: Path, what: str, fix: str, *, mmap: bool = True) -> object:
 def save_model(model: Transformer, directory: str | Path, *, tokenizer: Tokenizer | None = None) -> None:
     """Write ``model`` (and ``tokenizer``) as a Hugging Face GPT-2 checkpoint in ``directory``:
     model.safetensors in the published layout, then config.json, each file atomically."""
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise UserError("this model's unembedding has weights and a bias of its own (a processed model, "
+                        "GPT2.processed), which a GPT-2 checkpoint cannot hold; save the model it was "
+                        "processed from")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
