@@ -4,10 +4,10 @@ Fixtures (found by name), the shared data, loaded once: ``gpt2_ranks_file``, ``g
 ``reference_encoding`` (tiktoken's own GPT-2 encoding) and ``shakespeare_files``.
 Plain functions and constants (``from conftest import run_cli``; pytest puts tests/ on ``sys.path``):
 ``shared_file``; ``BYTES`` and ``random_model``, a tokenizer and random models small enough to run in
-milliseconds; ``saved_model_dir``, ``saved_adapter_dir``; ``random_words``; ``run_cli`` (in this
-process), ``run_gpt2`` (a process of its own) and ``assert_one_line_error`` for the ``gpt2`` command;
-``printed_table`` for a benchmark's output; ``endless_model``, ``serving`` and ``wait_for`` for a server
-in a thread.
+milliseconds, and ``trained_model``, one trained on a text; ``saved_model_dir``, ``saved_adapter_dir``;
+``random_words``; ``run_cli`` (in this process), ``run_gpt2`` (a process of its own) and
+``assert_one_line_error`` for the ``gpt2`` command; ``printed_table`` for a benchmark's output;
+``endless_model``, ``serving`` and ``wait_for`` for a server in a thread.
 """
 
 from __future__ import annotations
@@ -125,6 +125,23 @@ def random_model(
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head)
     return GPT2(config, tokenizer=tokenizer)
+
+
+def trained_model(text: str, *, steps: int, lr: float, n_embd: int, n_head: int = 4,
+                  n_layer: int = 2) -> GPT2:
+    """A ``random_model`` over ``BYTES`` (a 64-token window) trained on ``text`` repeated, in order:
+    ``steps`` steps of AdamW (learning rate ``lr``, no weight decay) on eight 32-token windows each, on
+    ``THREADS`` threads (a module's fixture runs before the test's ``torch_threads``)."""
+    torch.set_num_threads(THREADS)
+    model = random_model(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=64, tokenizer=BYTES)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
+    once = BYTES.encode(text)
+    tokens = once * (steps * 8 * 33 // len(once) + 1)
+    for batch in torch.tensor(tokens[: steps * 8 * 33]).view(steps, 8, 33):
+        (model(batch[:, :-1], targets=batch[:, 1:]) / batch[:, 1:].numel()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
 
 
 def saved_model_dir(model: GPT2, tmp_path_factory: pytest.TempPathFactory) -> Path:

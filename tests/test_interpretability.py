@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BYTES, random_model, saved_model_dir
+from conftest import BYTES, saved_model_dir, trained_model
 
 from gpt2 import GPT2, GPT2Config, UserError
 from gpt2.interpretability.hooks import hook_names
@@ -36,13 +36,7 @@ PROMPTS = [ids_of("the cat"), ids_of("the dog sat on"), ids_of("a mat. the log s
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer model of width 128 (4 heads) trained for 30 steps on repeated text (batches of eight
     windows, in order), saved."""
-    model = random_model(n_layer=2, n_head=4, n_embd=128, n_positions=64, seed=0, tokenizer=BYTES)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
-    for batch in torch.tensor(BYTES.encode(TEXT * 200))[: 30 * 8 * 33].view(30, 8, 33):
-        (model(batch[:, :-1], targets=batch[:, 1:]) / batch[:, 1:].numel()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return saved_model_dir(model, tmp_path_factory)
+    return saved_model_dir(trained_model(TEXT, steps=30, lr=3e-3, n_embd=128), tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
