@@ -83,20 +83,33 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GPT2, Tokenizer]
     return model, tokenizer
 
 
-def add_draft_arguments(p: argparse.ArgumentParser) -> None:
-    """--draft, --draft-tokens and -v (the verbs that generate: speculative decoding)."""
+def add_draft_arguments(p: argparse.ArgumentParser, *, server: bool = False) -> None:
+    """--draft and --draft-tokens (speculative decoding), and -v for the verbs that generate once
+    (``server``: the wording of ``gpt2 serve``, whose requests may ask for fewer drafted tokens)."""
     p.add_argument("--draft", metavar="lookup|DIR",
-                   help="decode speculatively, the same text (greedy) or the same distribution (sampling), "
-                   "faster where drafts are right: 'lookup' drafts the tokens that followed the last "
-                   "earlier occurrence of the text's last few tokens (pays where the output repeats the "
-                   "input: summaries, edits, code, quotes); DIR is a smaller model with the same "
-                   "tokenizer that drafts (see gpt2 train --distill-from), loaded like --model")
+                   help="decode speculatively: a few tokens are drafted and the model verifies them in one "
+                   "forward pass, keeping those it would have chosen itself, so greedy text is the same and "
+                   "sampled text the same distribution, sooner where drafts are right. 'lookup' drafts the "
+                   "tokens that followed the latest earlier occurrence of the text's last few tokens (pays "
+                   "where the output repeats the input: summaries, edits, code, quotes); DIR is a smaller "
+                   "model with the same tokenizer (see gpt2 train --distill-from), loaded like --model "
+                   "(same --precision and --device)" + (". A request's draft_tokens asks for fewer drafted "
+                   "tokens, 0 for none" if server else ""))
     p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
-                   help=f"at most K drafted tokens verified per forward pass (default {DEFAULT_DRAFT_TOKENS}:"
-                   f" with the token before them, the rows the CPU kernels multiply in one read of the "
-                   f"weights; 1 to {MAX_DRAFT_TOKENS})")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="with --draft, print to standard error how many drafted tokens were accepted")
+                   help="with --draft, at most K drafted tokens verified per forward pass"
+                   + " and sequence" * server + f" (default {DEFAULT_DRAFT_TOKENS}: with the token before "
+                   "them, the rows the CPU kernels multiply in one read of the weights; 1 to "
+                   f"{MAX_DRAFT_TOKENS})")
+    if not server:
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="with --draft, print to standard error how many drafted tokens were accepted")
+
+
+def check_draft_options(args: argparse.Namespace) -> None:
+    """Refuse, in one line, --draft-tokens without --draft or out of its range (before anything loads)."""
+    if args.draft is None and args.draft_tokens != DEFAULT_DRAFT_TOKENS:
+        raise UserError("--draft-tokens needs --draft lookup or --draft DIR")
+    check_draft_tokens(args.draft_tokens)
 
 
 def load_draft(args: argparse.Namespace, model: GPT2) -> Drafter | None:
@@ -105,13 +118,11 @@ def load_draft(args: argparse.Namespace, model: GPT2) -> Drafter | None:
     from gpt2.generation.speculative import DraftModel, PromptLookup
     from gpt2.inference.load import load_for_inference
 
+    check_draft_options(args)
     if args.draft is None:
-        if args.draft_tokens != DEFAULT_DRAFT_TOKENS:
-            raise UserError("--draft-tokens needs --draft lookup or --draft DIR")
         return None
     if args.draft == "lookup":
         return PromptLookup(tokens=args.draft_tokens)
-    check_draft_tokens(args.draft_tokens)  # before the draft model is loaded
     small = load_for_inference(args.draft, precision=args.precision, device=args.device)
     draft = DraftModel(small, tokens=args.draft_tokens)
     draft.check(model)

@@ -16,8 +16,13 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from gpt2.cli.chat import add_chat_template_argument, chat_template
-from gpt2.cli.options import add_model_arguments, load_draft, load_model_and_tokenizer
-from gpt2.generation.config import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS
+from gpt2.cli.options import (
+    add_draft_arguments,
+    add_model_arguments,
+    check_draft_options,
+    load_draft,
+    load_model_and_tokenizer,
+)
 from gpt2.util.errors import UserError
 
 if TYPE_CHECKING:
@@ -73,19 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "used go first), and reuse them for later prompts that start the same way (a system "
                    "prompt, few-shot examples, a document asked several questions); 0 turns it off "
                    "(default 4096; memory: N x 2 x layers x width x the dtype's bytes)")
-    p.add_argument("--draft", metavar="lookup|DIR",
-                   help="decode speculatively: each step drafts a few tokens per sequence and the model "
-                   "verifies them in its one forward pass, keeping those it would have chosen itself, so "
-                   "greedy replies are the same text and sampled ones the same distribution, sooner where "
-                   "drafts are right. 'lookup' drafts the tokens that followed the latest earlier "
-                   "occurrence of the text's last few tokens (pays where replies repeat their prompt: "
-                   "summaries, edits, code, quotes); DIR is a smaller model with the same tokenizer, "
-                   "loaded like --model (same --precision and --device). A request's draft_tokens asks "
-                   "for fewer drafted tokens, 0 for none")
-    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
-                   help=f"with --draft, at most K drafted tokens verified per sequence and step (default "
-                   f"{DEFAULT_DRAFT_TOKENS}: with the token before them, the rows the CPU kernels multiply "
-                   f"in one read of the weights; 1 to {MAX_DRAFT_TOKENS})")
+    add_draft_arguments(p, server=True)
     p.add_argument("--max-prompt-tokens", type=int, metavar="N",
                    help="refuse longer prompts (default: the context window less one)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
@@ -127,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(header_timeout=args.header_timeout, timeout_keep_alive=args.timeout_keep_alive,
                     max_connections=args.max_connections)
     allow_descriptors(limits)
-    if args.draft is None and args.draft_tokens != DEFAULT_DRAFT_TOKENS:
-        raise UserError("--draft-tokens needs --draft lookup or --draft DIR")
+    check_draft_options(args)
     model, tokenizer = load_model_and_tokenizer(args)
     template = chat_template(args, tokenizer)
     draft = load_draft(args, model)  # a draft model: loaded as the model is, checked against it
