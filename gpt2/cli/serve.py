@@ -28,6 +28,8 @@ from gpt2.util.errors import UserError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from gpt2.api import GPT2
+    from gpt2.interpretability.sae import SAE
     from gpt2.serving.connections import Limits
     from gpt2.serving.middleware import Shutdown
 
@@ -43,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "at / . Concurrent requests are decoded together (continuous batching), and prompts are read in "
         "chunks between their steps (chunked prefill). Chat requests are rendered with the model's chat "
         "template (its tokenizer's, or --chat-template's) and a reply ends at the end-of-turn token; a "
-        "base model without one continues a plain transcript, a reply one line. Binds to 127.0.0.1 "
-        "unless --host says otherwise.",
+        "base model without one continues a plain transcript, a reply one line. POST /inspect (and the "
+        "playground's inside view) looks inside the model at a prompt: attention patterns, the logit "
+        "lens, and with --sae an SAE's features. Binds to 127.0.0.1 unless --host says otherwise.",
     )
     add_model_arguments(p)
     add_chat_template_argument(p)
@@ -79,6 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "prompt, few-shot examples, a document asked several questions); 0 turns it off "
                    "(default 4096; memory: N x 2 x layers x width x the dtype's bytes)")
     add_draft_arguments(p, server=True)
+    p.add_argument("--sae", metavar="DIR",
+                   help="a sparse autoencoder in SAELens's format (cfg.json + sae_weights.safetensors) "
+                   "for this model: /inspect and the playground's inside view list each token's most "
+                   "active features (an SAE of another width or hook is refused in one line)")
     p.add_argument("--max-prompt-tokens", type=int, metavar="N",
                    help="refuse longer prompts (default: the context window less one)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
@@ -124,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
     template = chat_template(args, tokenizer)
     draft = load_draft(args, model)  # a draft model: loaded as the model is, checked against it
+    sae = _load_sae(args.sae, model) if args.sae is not None else None
     batch = 1 if args.no_batching else args.max_batch_size
     engine = Engine(model, tokenizer, max_batch_size=batch, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, prefix_cache_tokens=args.prefix_cache_tokens,
@@ -131,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or args.model.rstrip("/\\").replace("\\", "/").split("/")[-1]
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      max_prompt_tokens=args.max_prompt_tokens, allowed_hosts=hosts,
-                     chat_template=template, public_metrics=args.public_metrics)
+                     chat_template=template, public_metrics=args.public_metrics, sae=sae)
     if args.api_key is None and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -141,6 +149,13 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     _serve(app, args.host, args.port, args.drain_seconds, limits)
     return 0
+
+
+def _load_sae(directory: str, model: GPT2) -> SAE:
+    """The SAE in ``directory``, on the model's device (``create_app`` checks that it fits the model)."""
+    from gpt2.interpretability.sae import SAE
+
+    return SAE.load(directory, device=model.device)
 
 
 def _serve(app: FastAPI, host: str, port: int, drain_seconds: float, limits: Limits) -> None:

@@ -3,8 +3,9 @@ split this package follows): ``create_app`` and its routes, thin over the module
 
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events ending
 with ``data: [DONE]`` when ``stream`` is true), ``GET /v1/models``, vLLM's ``POST /tokenize`` and
-``POST /detokenize``, ``GET /health`` (with the engine's counters), ``GET /metrics`` (Prometheus'
-text format) and the playground page at ``/``.
+``POST /detokenize``, this server's ``POST /inspect`` (a look inside the model at a prompt:
+``inspection``), ``GET /health`` (with the engine's counters), ``GET /metrics`` (Prometheus' text
+format) and the playground page at ``/``.
 
 A route's body is parsed by FastAPI into a model of ``protocol``; ``service.Service`` checks it,
 builds its ``SequenceRequest``s and submits them; ``replies.answer`` replies, whole or streamed.
@@ -19,7 +20,7 @@ import contextlib
 import html
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
@@ -27,13 +28,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gpt2.serving.engine import Engine
 from gpt2.serving.errors import install_error_handlers
+from gpt2.serving.inspection import Inspector
 from gpt2.serving.metrics import Metrics
 from gpt2.serving.middleware import LOCAL_HOSTS, Draining, Guard, Shutdown, has_key
-from gpt2.serving.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from gpt2.serving.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    InspectRequest,
+    TokenizeRequest,
+)
 from gpt2.serving.replies import answer
 from gpt2.serving.service import Service
 from gpt2.tokenizer.chat_template import ChatTemplate
 from gpt2.util.errors import UserError
+
+if TYPE_CHECKING:
+    from gpt2.interpretability.sae import SAE
 
 
 def create_app(
@@ -46,6 +57,7 @@ def create_app(
     allowed_hosts: Sequence[str] = LOCAL_HOSTS,
     chat_template: ChatTemplate | None = None,
     public_metrics: bool = False,
+    sae: SAE | None = None,
 ) -> FastAPI:
     """The API serving ``engine``'s model as ``model_name``; the engine runs while the app does.
 
@@ -54,13 +66,15 @@ def create_app(
     longest prompt taken (default: the context window less one token for the answer).
     ``allowed_hosts``: the Host headers answered ("*": any).
     ``chat_template``: the template chat requests are rendered with (default: the tokenizer's own;
-    the plain transcript when it has none).
+    the plain transcript when it has none). ``sae``: an SAE whose top features /inspect lists per token
+    (refused in one line when it does not fit the model).
     """
     if max_body_bytes < 1:
         raise UserError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     if chat_template is None and getattr(engine.tokenizer, "chat_template", None) is not None:
         chat_template = ChatTemplate.of(engine.tokenizer)
     service = Service(engine, model_name, max_prompt_tokens, chat_template)
+    inspector = Inspector(service, sae)
     app = FastAPI(title="gpt2", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(engine)
     shutdown = Shutdown(engine)
@@ -69,7 +83,7 @@ def create_app(
                        public_metrics=public_metrics)
     install_error_handlers(app)
     app.state.engine, app.state.metrics, app.state.shutdown = engine, metrics, shutdown
-    page = _playground(model_name, service.window, chat_template is not None)
+    page = _playground(model_name, service.window, chat_template is not None, inspector.page_config())
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -102,6 +116,7 @@ def create_app(
         return Response(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     _add_tokenizer_routes(app, service)
+    _add_inspect_route(app, inspector)
     metrics.routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     return app
 
@@ -118,6 +133,15 @@ def _add_tokenizer_routes(app: FastAPI, service: Service) -> None:
         return await asyncio.to_thread(service.detokenize, body)
 
 
+def _add_inspect_route(app: FastAPI, inspector: Inspector) -> None:
+    """``POST /inspect``: one inspection at a time, in a worker thread (``gpt2.serving.inspection``)."""
+
+    @app.post("/inspect")
+    async def inspect(body: InspectRequest) -> dict[str, Any]:
+        async with inspector.lock:  # waiting here holds no worker thread
+            return await asyncio.to_thread(inspector.inspect, body)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Runs the app's engine while the app runs."""
@@ -126,11 +150,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine.stop()
 
 
-def _playground(model_name: str, window: int, templated: bool) -> str:
-    """The playground page for this model."""
+def _playground(model_name: str, window: int, templated: bool, inside: str) -> str:
+    """The playground page for this model; ``inside``: its inside view's settings (JSON)."""
     page = resources.files("gpt2.serving").joinpath("playground.html").read_text(encoding="utf-8")
     chat = ("the model's chat template" if templated else
             "a plain transcript (this model has no chat template), a reply one line")
-    return (page.replace("{{MODEL}}", html.escape(model_name)).replace("{{WINDOW}}", str(window))
-            .replace("{{CHAT_FORMAT}}", chat))
+    return (page.replace("{{INSIDE}}", inside).replace("{{MODEL}}", html.escape(model_name))
+            .replace("{{WINDOW}}", str(window)).replace("{{CHAT_FORMAT}}", chat))
 

@@ -33,7 +33,8 @@ from gpt2.serving.engine import Engine
 from gpt2.serving.errors import APIError, failure
 from gpt2.serving.metrics import Metrics
 
-KEYED_PATHS = ("/tokenize", "/detokenize")  # beside /v1/... and /metrics, the routes that need the API key
+# Beside /v1/... and /metrics, the routes that need the API key.
+KEYED_PATHS = ("/tokenize", "/detokenize", "/inspect")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the Host headers served by default ("*": any)
 log = logging.getLogger("gpt2.serving")
 

@@ -7,7 +7,7 @@ OpenAI's sampling parameters are taken (``temperature``, ``top_p``, ``n``, ``sto
 vLLM, ``top_k`` (0 = off), ``min_p`` (0 = off), ``repetition_penalty`` (CTRL's, 1 = off) and
 ``structured_outputs`` (``gpt2.serving.structured``, as is OpenAI's ``response_format``), and this
 server's ``draft_tokens`` (speculative decoding: at most that many drafted tokens per step, 0 = off).
-vLLM's /tokenize and /detokenize bodies are here too.
+vLLM's /tokenize and /detokenize bodies are here too, and this server's /inspect.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from gpt2.util.errors import UserError
 
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 4
+MAX_FEATURES = 32  # SAE features per token that /inspect lists
 
 
 class StreamOptions(BaseModel):
@@ -137,3 +138,16 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
     tokens: list[int]
+
+
+class InspectRequest(BaseModel):
+    """This server's /inspect body (``gpt2.serving.inspection``): the ``prompt`` to look inside, the
+    ``layer`` whose attention patterns come back (0 is the first, -1 the last), one ``head`` of it (all
+    by default), and how many SAE features per token (``top_features``, with ``gpt2 serve --sae``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    prompt: str
+    layer: int = 0
+    head: int | None = None
+    top_features: int = Field(5, ge=1, le=MAX_FEATURES)

@@ -32,6 +32,7 @@ from gpt2.serving.protocol import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    InspectRequest,
     Sampling,
     TokenizeRequest,
 )
@@ -60,8 +61,9 @@ class Service:
                             f"less one), got {max_prompt_tokens}")
         self.max_prompt = max_prompt_tokens or self.window - 1
         # A token holds at most this many characters: a longer string is refused before encoding.
-        longest = max(len(self.tokenizer.decode_bytes([t])) for t in range(self.tokenizer.n_vocab))
-        self.max_prompt_chars = self.max_prompt * longest
+        vocab = range(self.tokenizer.n_vocab)
+        self.longest_token = max(len(self.tokenizer.decode_bytes([t])) for t in vocab)
+        self.max_prompt_chars = self.max_prompt * self.longest_token
 
     def complete(self, body: CompletionRequest, loop: asyncio.AbstractEventLoop) -> CompletionReply:
         """A completion request, checked and submitted: the reply to its job."""
@@ -150,7 +152,7 @@ class Service:
         self.check_chars(text, param)
         return encode_prompt(self.tokenizer, text)
 
-    def check_model(self, body: Sampling | TokenizeRequest | DetokenizeRequest) -> None:
+    def check_model(self, body: Sampling | TokenizeRequest | DetokenizeRequest | InspectRequest) -> None:
         """404 unless the body names no model or this one."""
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"the model {body.model!r} does not exist here; this server serves "
