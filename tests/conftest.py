@@ -13,6 +13,8 @@ milliseconds, and ``trained_model``, one trained on a text; ``saved_model_dir``,
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import random
 import re
@@ -24,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import tiktoken
@@ -302,6 +304,18 @@ def serving_app(model: GPT2, **options: object) -> Iterator[tuple[str, FastAPI]]
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` as JSON to ``url + path`` with the standard library (no client's checks between):
+    the status and the decoded reply."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    connection.close()
+    return status, payload
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = SAFETY_S) -> None:

@@ -12,7 +12,6 @@ Concurrency is made deterministic by holding the engine (``Hold``) until every r
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import sys
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from conftest import (
     assert_one_line_error,
     assert_openai_error,
     endless_model,
+    post,
     random_model,
     run_cli,
     serve_process,
@@ -68,16 +68,6 @@ def spec(model: GPT2) -> Iterator[tuple[str, Engine]]:
 
 def client_of(server: tuple[str, Engine]) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=SAFETY_S)
-
-
-def post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    status, payload = response.status, json.loads(response.read())
-    connection.close()
-    return status, payload
 
 
 def greedy(model: GPT2, prompt: str, n: int) -> str:

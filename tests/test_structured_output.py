@@ -9,7 +9,6 @@ bound every string, number and array, so that a reply ends well inside ``max_tok
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
-from conftest import assert_openai_error, random_model, serving
+from conftest import assert_openai_error, post, random_model, serving
 
 from gpt2 import GPT2
 from gpt2.tokenizer.bpe import Tokenizer
@@ -62,16 +61,6 @@ def server(model: GPT2) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    status, payload = response.status, json.loads(response.read())
-    connection.close()
-    return status, payload
 
 
 def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
