@@ -92,12 +92,9 @@ class BatchCache(KVCache):
 
     def trim(self, rows: int) -> None:
         """Roll the length back past the last positions in which none of the first ``rows`` rows holds
-        a real token."""
+        a real token (``rollback``: none of them is real, so no row's next position moves)."""
         held = self.key_mask[:rows, : self.length].any(dim=0).nonzero()
-        length = int(held[-1]) + 1 if len(held) else 0
-        self.key_mask[:rows, length : self.length] = True  # as unwritten positions are
-        self.length = length
-        self.slot.fill_(length)
+        self.rollback(int(held[-1]) + 1 if len(held) else 0, rows)
 
     def compact(self, rows: int) -> None:
         """Drop every position that none of the first ``rows`` rows needs: each row's real positions
