@@ -12,7 +12,12 @@ threads, in a worker process of this script (``--worker``) that prints its figur
 - prefill: milliseconds to read a 512-token prompt and make one token;
 - peak MB: the worker's resident high-water mark at its end, after loading and generating (VmHWM:
   the process's own; ``ru_maxrss`` would also count the parent's, which Linux carries over exec);
-- same tokens: the share of greedy tokens (2 prompts x 16 tokens) equal to transformers' fp32 ones.
+- same tokens: the share of greedy tokens equal to transformers' fp32 ones, over 8 prompts x 32 new
+  tokens decoded as one batch of 8 by each engine's batch path (transformers fp32's own batch of 8
+  is the reference; the prompts are of one length, so nothing is padded). llama-cpp-python's
+  ``Llama`` has no batch API; this script's llama.cpp worker decodes the 8 as 8 sequences of one
+  context through llama.cpp's low-level API (the context batch 8 is timed with), and only where it
+  has no such context runs the 8 prompts one after another.
 
 Every timed run is guarded against the other jobs of a shared machine: the CPU time the rest of the
 machine used during it (busy jiffies of /proc/stat less this process's own CPU time) above 10% of
@@ -26,15 +31,29 @@ A row that cannot run says why: CTranslate2's CPU backend has no bfloat16 comput
 when llama-cpp-python is installed and ``gpt2 export`` works, and a llama.cpp build whose AMX kernels
 die of SIGILL on this machine is run again with its weights in plain CPU buffers (the row says so).
 
+Hooks cost nothing when none is registered: the row ``ours fp32, after run_with_hooks`` loads our
+model as ``ours fp32`` does, calls ``run_with_cache`` and ``run_with_hooks`` (an identity hook on
+``blocks.0.hook_resid_pre``) on a short prompt before anything is timed, then decodes as ``ours fp32``
+does; it runs by default and with ``--only hooks`` (which brings ``ours fp32`` along).
+
 Targets: each of our precisions >= 1.0x llama.cpp's matching format (F32, BF16, Q8_0, Q4_0) at
-batch 1 and batch 8; prefill >= the best other engine at the same precision; peak memory <= its
-weight bytes + 400 MB and <= transformers'.
+batch 1 and batch 8; same tokens at bf16/int8/int4 >= llama.cpp's at BF16/Q8_0/Q4_0; prefill >= the
+best other engine at the same precision; peak memory <= its weight bytes + 400 MB and <=
+transformers'; after run_with_hooks, batch 1 >= 0.95x ours fp32.
 
     python benchmarks/generate.py [--repeats 5] [--compile] [--only NAME,...] [--work DIR] [--smoke]
+        [--isa LEVEL --llama-dir DIR]
 
 ``--compile`` adds ours at every precision with ``torch.compile``. ``--smoke``: a 2-layer, 64-wide model
 (GPT-2's vocabulary), 32 new tokens, one run per figure, one thread per engine, two workers at a time,
 no guard: every row in well under a minute; its figures only have to exist.
+
+Per instruction set: ``--isa LEVEL`` (avx512bf16, avx512, avx2) runs our workers with
+``GPT2_KERNELS_ISA=LEVEL`` (our rows' names say, in brackets, the variant our kernels report in use:
+``[avx2?]`` where ``gpt2.inference.kernels.summary()`` does not name one) and ``--llama-dir DIR``
+makes the llama.cpp workers import llama_cpp from DIR: a llama-cpp-python built for the same level by
+``benchmarks/llama_cpp_isa.py LEVEL`` (its DIR/BUILD.json must name the same level). With ``--isa``
+the rows are ours and llama.cpp (and transformers, the reference tokens); ``--only`` narrows them.
 """
 
 from __future__ import annotations
@@ -69,6 +88,9 @@ HF = "transformers fp32"
 # The formats of the other engines that match each of our precisions.
 CT2_TYPES = {"fp32": ["float32"], "bf16": ["bfloat16"], "int8": ["int8", "int8_bfloat16"]}
 GGUF_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+ISAS = ["avx512bf16", "avx512", "avx2"]  # gpt2.inference.kernels' variants (GPT2_KERNELS_ISA)
+HOOKS = "ours fp32, after run_with_hooks"
+HOOK_PROMPT = 8  # tokens of the prompt run_with_cache and run_with_hooks see
 
 
 @dataclass(frozen=True)
@@ -80,8 +102,8 @@ class Settings:
     prompt: int = 32
     new: int = 128
     prefill: int = 512
-    agree_prompts: int = 2
-    agree_new: int = 16
+    agree_prompts: int = 8  # decoded as one batch
+    agree_new: int = 32
     repeats: int = 5
     tries: int = 10
     threshold: float = 0.10
@@ -152,6 +174,11 @@ class Engine:
     b8_note: str = ""  # why batch 8 is not measured, when it is not
     info: str = ""  # what the engine says it runs (CTranslate2: its compute type)
     close: Callable[[], None] = lambda: None
+    system: str = ""  # the instruction sets it runs with (ours: the kernels' summary; llama.cpp: its own)
+
+
+class Refused(Exception):
+    """The worker was asked for something the engine refuses (its one-line reason)."""
 
 
 def tensor_bytes(model: Any) -> int:
@@ -163,8 +190,11 @@ def tensor_bytes(model: Any) -> int:
     return packed + sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def torch_engine(kind: str, weights: str, precision: str, compile: bool, threads: int) -> Engine:
-    """transformers' ``generate`` (``kind`` transformers, fp32) or ours (``load_for_inference``)."""
+def torch_engine(kind: str, weights: str, precision: str, compile: bool, threads: int,
+                 hook_prompt: list[int] | None = None) -> Engine:
+    """transformers' ``generate`` (``kind`` transformers, fp32) or ours (``load_for_inference``);
+    ``hook_prompt``: ours runs ``run_with_cache`` and ``run_with_hooks`` on it first (Refused, with
+    our one-line reason, where they refuse the model ``load_for_inference`` gives)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -182,6 +212,8 @@ def torch_engine(kind: str, weights: str, precision: str, compile: bool, threads
         from gpt2.inference.load import load_for_inference
 
         model = load_for_inference(weights, precision=precision, device="cpu", compile=compile)
+        if hook_prompt is not None:
+            run_hooks(model, hook_prompt)
 
         def run(ids: torch.Tensor, n: int) -> torch.Tensor:
             return generate(model, ids, GenerationConfig(max_new_tokens=n, temperature=0))
@@ -191,7 +223,28 @@ def torch_engine(kind: str, weights: str, precision: str, compile: bool, threads
         with torch.inference_mode():
             return run(ids, n)[:, ids.shape[1]:].tolist()
 
-    return Engine(gen, tensor_bytes(model))
+    return Engine(gen, tensor_bytes(model), system=kernels_summary() if kind == "ours" else "")
+
+
+def run_hooks(model: Any, prompt: list[int]) -> None:
+    """``run_with_cache`` and ``run_with_hooks`` (an identity hook) on ``prompt``, as a user would."""
+    import torch
+
+    from gpt2.util.errors import UserError
+
+    ids = torch.tensor([prompt])
+    try:
+        model.run_with_cache(ids)
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: a)])
+    except UserError as e:
+        raise Refused(f"refused on load_for_inference's model: {' '.join(str(e).split())}") from e
+
+
+def kernels_summary() -> str:
+    """What ``gpt2.inference.kernels`` says it runs here (its ``summary()``, where it has one)."""
+    from gpt2.inference import kernels
+
+    return kernels.summary() if hasattr(kernels, "summary") else ""
 
 
 def ct2_engine(path: str, compute_type: str, threads: int) -> Engine:
@@ -224,11 +277,18 @@ def use_plain_llama_buffers() -> None:
     bindings.llama_model_default_params = model_params  # what ``Llama`` starts from
 
 
-def llama_engine(path: str, spec: dict[str, Any], extra_buffers: bool = True) -> Engine:
+def llama_engine(path: str, spec: dict[str, Any], extra_buffers: bool = True,
+                 llama_dir: str | None = None) -> Engine:
     """llama.cpp through llama-cpp-python's low-level API: ``Llama``'s own context for batch 1 and a
     second one over the same model holding 8 sequences for batch 8; greedy = argmax of the logits.
-    ``extra_buffers`` False: the weights stay in plain CPU buffers (no AMX or repacked layouts)."""
+    ``extra_buffers`` False: the weights stay in plain CPU buffers (no AMX or repacked layouts).
+    ``llama_dir``: llama_cpp is imported from there (a build of benchmarks/llama_cpp_isa.py)."""
+    if llama_dir:
+        sys.path.insert(0, str(Path(llama_dir).resolve()))
     import llama_cpp
+
+    if llama_dir and not Path(llama_cpp.__file__).resolve().is_relative_to(Path(llama_dir).resolve()):
+        raise Refused(f"llama_cpp was imported from {llama_cpp.__file__}, not from {llama_dir}")
 
     if not extra_buffers:
         use_plain_llama_buffers()
@@ -257,7 +317,8 @@ def llama_engine(path: str, spec: dict[str, Any], extra_buffers: bool = True) ->
         llama_cpp.llama_batch_free(batch)
         llm.close()
 
-    return Engine(gen, Path(path).stat().st_size, b8_note=note, close=close)
+    system = llama_cpp.llama_print_system_info().decode(errors="replace").strip(" |")
+    return Engine(gen, Path(path).stat().st_size, b8_note=note, close=close, system=system)
 
 
 def llama_decode(lib: Any, ctx: Any, batch: Any, entries: list[tuple[int, int, int, bool]]) -> None:
@@ -306,9 +367,14 @@ def decode_rate(gen: Generate, prompts: list[list[int]], n: int) -> float:
 def measure(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     """The worker's figures: the tokens to compare, decode rates, prefill, and how the guard fared."""
     prompts = spec["prompts"]
-    result: dict[str, Any] = {"tokens": [engine.gen([p], spec["agree_new"])[0] for p in prompts["agree"]],
-                              "weight_bytes": engine.weight_bytes, "info": engine.info, "redone": 0,
-                              "marked": [], "notes": []}
+    agree = prompts["agree"]
+    if engine.b8_note:  # no batch path: one prompt after another
+        tokens = [engine.gen([p], spec["agree_new"])[0] for p in agree]
+    else:
+        tokens = engine.gen(agree, spec["agree_new"])
+    result: dict[str, Any] = {"tokens": tokens, "agree_batched": not engine.b8_note,
+                              "weight_bytes": engine.weight_bytes, "info": engine.info,
+                              "system": engine.system, "redone": 0, "marked": [], "notes": []}
 
     def record(key: str, run: Callable[[], float]) -> None:
         f = figure(run, spec)
@@ -341,12 +407,19 @@ def resident_peak_mb() -> float:
 def worker(args: argparse.Namespace) -> None:
     """Load one engine, measure it and print its figures as one JSON line."""
     spec = json.loads(Path(args.spec).read_text())
-    if args.worker in ("transformers", "ours"):
-        engine = torch_engine(args.worker, args.weights, args.precision, args.compile, spec["threads"])
-    elif args.worker == "ctranslate2":
-        engine = ct2_engine(args.weights, args.precision, spec["threads"])
-    else:
-        engine = llama_engine(args.weights, spec, extra_buffers=not args.no_extra_buffers)
+    try:
+        if args.worker in ("transformers", "ours"):
+            hook_prompt = spec["prompts"]["b1"][0][:HOOK_PROMPT] if args.hooks else None
+            engine = torch_engine(args.worker, args.weights, args.precision, args.compile, spec["threads"],
+                                  hook_prompt)
+        elif args.worker == "ctranslate2":
+            engine = ct2_engine(args.weights, args.precision, spec["threads"])
+        else:
+            engine = llama_engine(args.weights, spec, extra_buffers=not args.no_extra_buffers,
+                                  llama_dir=args.llama_dir)
+    except Refused as e:
+        print(json.dumps({"refused": str(e)}), flush=True)
+        return
     result = measure(engine, spec)
     result["peak_mb"] = resident_peak_mb()
     engine.close()
@@ -367,6 +440,8 @@ class Row:
     make: str = ""  # what the parent has to write first: a CTranslate2 quantization or a GGUF type
     result: dict[str, Any] | None = None
     bandwidth: float = 0.0  # GB/s, measured just before its worker ran
+    variant: str = ""  # ours: "compile", "hooks" (after run_with_hooks) or "" (the plain row)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # the worker's extra environment
 
 
 def make_weights(work: Path, shape: dict[str, int]) -> Path:
@@ -389,15 +464,20 @@ def make_weights(work: Path, shape: dict[str, int]) -> Path:
 
 
 def plan(precisions: list[str], work: Path, model: Path, args: argparse.Namespace) -> list[Row]:
-    """Every row, grouped by precision: what runs, and for what does not, why."""
+    """Every row, grouped by precision: what runs, and for what does not, why. With ``--isa``: ours
+    (forced to the level) and llama.cpp (from ``--llama-dir``), and transformers for the reference."""
     ct2_types = ct2_supported()
-    llama = importlib.util.find_spec("llama_cpp") is not None
+    llama = bool(args.llama_dir) or importlib.util.find_spec("llama_cpp") is not None
+    ours_env = {"GPT2_KERNELS_ISA": args.isa} if args.isa else {}
     rows = [Row(HF, "fp32", "transformers", ["transformers", "fp32", str(model)])]
     for p in precisions:
-        rows.append(Row(f"ours {p}", p, "ours", ["ours", p, str(model)]))
+        rows.append(Row(f"ours {p}", p, "ours", ["ours", p, str(model)], env=ours_env))
+        if p == "fp32" and not args.isa:
+            rows.append(Row(HOOKS, p, "ours", ["ours", p, str(model), "--hooks"], variant="hooks"))
         if args.compile:
-            rows.append(Row(f"ours {p} + compile", p, "ours", ["ours", p, str(model), "--compile"]))
-        for q in CT2_TYPES.get(p, []):
+            rows.append(Row(f"ours {p} + compile", p, "ours", ["ours", p, str(model), "--compile"],
+                            variant="compile", env=ours_env))
+        for q in [] if args.isa else CT2_TYPES.get(p, []):
             row = Row(f"CTranslate2 {q}", p, "ctranslate2", ["ctranslate2", q, str(work / f"ct2-{q}")],
                       make=q)
             if ct2_types is None:
@@ -408,14 +488,17 @@ def plan(precisions: list[str], work: Path, model: Path, args: argparse.Namespac
             rows.append(row)
         if p in GGUF_TYPES:
             t = GGUF_TYPES[p]
-            row = Row(f"llama.cpp {t.upper()}", p, "llama.cpp", ["llama", t, str(work / f"model-{t}.gguf")],
-                      make=t)
+            within = ["--llama-dir", args.llama_dir] if args.llama_dir else []
+            row = Row(f"llama.cpp {t.upper()}", p, "llama.cpp",
+                      ["llama", t, str(work / f"model-{t}.gguf"), *within], make=t)
             if not llama:
                 row.worker, row.note = None, "llama_cpp is not importable (pip install llama-cpp-python)"
             rows.append(row)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
-        rows = [r for r in rows if r.name == HF or any(w in r.name for w in wanted)]
+        hooks = any(w in HOOKS for w in wanted)  # ours fp32 comes along: the hooks row's measure
+        rows = [r for r in rows if r.name == HF or any(w in r.name for w in wanted)
+                or (hooks and r.name == "ours fp32")]
     return rows
 
 
@@ -484,7 +567,7 @@ def run_worker(row: Row, spec: Path, settings: Settings, bandwidth: Callable[[],
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=settings.timeout_s,
-                              env=os.environ | {"OMP_NUM_THREADS": str(settings.threads)})
+                              env=os.environ | {"OMP_NUM_THREADS": str(settings.threads)} | row.env)
     except subprocess.TimeoutExpired:
         row.note = f"worker timed out after {settings.timeout_s:.0f} s"
         return
@@ -503,11 +586,26 @@ def run_worker(row: Row, spec: Path, settings: Settings, bandwidth: Callable[[],
         row.note = f"worker failed (exit {done.returncode}; its stderr is above)"
         print(f"--- {row.name}: worker failed:\n{done.stderr[-3000:]}", file=sys.stderr)
         return
-    row.result = json.loads(lines[-1])
-    r = row.result
+    found = json.loads(lines[-1])
+    if "refused" in found:
+        row.note = found["refused"]
+        print(f"  {row.name}: {row.note}", file=sys.stderr, flush=True)
+        return
+    row.result = r = found
+    if "GPT2_KERNELS_ISA" in row.env:
+        row.name += f" [{kernel_variant(r['system'], row.env['GPT2_KERNELS_ISA'])}]"
     print(f"  {row.name}: b1 {cell(r, 'b1')}, b8 {cell(r, 'b8')} tok/s, "
           f"prefill {cell(r, 'prefill_ms', 0)} ms, peak {r['peak_mb']:.0f} MB "
           f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+
+def kernel_variant(summary: str, forced: str) -> str:
+    """The instruction-set variant ``gpt2.inference.kernels.summary()`` names (``forced?`` where it
+    names none: the level was asked for, the kernels do not say which they run; ``kernels off``)."""
+    if summary.startswith("off"):
+        return "kernels off"
+    named = re.search(rf"\b({'|'.join(sorted(ISAS, key=len, reverse=True))})\b", summary)
+    return named.group(1) if named else f"{forced}?"
 
 
 def bandwidth_meter(spec: dict[str, Any]) -> Callable[[], float]:
@@ -542,6 +640,19 @@ def ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value and reference else "-"
 
 
+def agreement(result: dict[str, Any] | None, reference: list[list[int]] | None) -> float | None:
+    """The share of ``result``'s greedy tokens equal to the reference's, position by position."""
+    if not result or not reference:
+        return None
+    pairs = [(a, b) for x, y in zip(result["tokens"], reference, strict=True)
+             for a, b in zip(x, y, strict=True)]
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
+def reference_tokens(rows: list[Row]) -> list[list[int]] | None:
+    return next((r.result["tokens"] for r in rows if r.name == HF and r.result), None)
+
+
 def best_other(row: Row, rows: list[Row], key: str) -> tuple[float | None, str]:
     """The best figure ``key`` (highest rate, lowest time) of another engine at ``row``'s precision."""
     found = [(r.result[key], r.name) for r in rows
@@ -569,7 +680,7 @@ COLUMNS = [("engine", 34), ("b1 tok/s", 11), ("b8 tok/s", 11), ("prefill 512 ms"
 
 def table(rows: list[Row], floors: dict[str, float]) -> list[str]:
     """The table's lines: a header, then a row per engine (rows that did not run say why)."""
-    reference = next((r.result["tokens"] for r in rows if r.name == HF and r.result), None)
+    reference = reference_tokens(rows)
     lines = ["".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}" for i, (name, w) in enumerate(COLUMNS))]
     lines.append("-" * len(lines[0]))
     for row in rows:
@@ -577,11 +688,7 @@ def table(rows: list[Row], floors: dict[str, float]) -> list[str]:
         if r is None:
             lines.append(f"{row.name:<34}  n/a: {row.note}")
             continue
-        same = ""
-        if reference:
-            pairs = [(a, b) for x, y in zip(r["tokens"], reference, strict=True)
-                     for a, b in zip(x, y, strict=True)]
-            same = f"{sum(a == b for a, b in pairs) / len(pairs):.0%}"
+        same = "" if (share := agreement(r, reference)) is None else f"{share:.0%}"
         name = row.name + (f" (= {r['info']})" if r["info"] and r["info"] != row.make else "")
         cells = [name, cell(r, "b1"), cell(r, "b8"), cell(r, "prefill_ms", 0),
                  f"{r['weight_bytes'] / 2**20:.0f}", f"{r['peak_mb']:.0f}", f"{row.bandwidth:.0f}", same,
@@ -594,9 +701,10 @@ def table(rows: list[Row], floors: dict[str, float]) -> list[str]:
 def targets(rows: list[Row]) -> list[str]:
     """Each of our rows against the targets of the module docstring."""
     hf = next((r.result for r in rows if r.name == HF and r.result), None)
+    reference = reference_tokens(rows)
     lines = []
     for row in rows:
-        if row.engine != "ours" or row.result is None:
+        if row.engine != "ours" or row.result is None or row.variant == "hooks":
             continue
         r, checks = row.result, []
         llama = next((x.result for x in rows if x.engine == "llama.cpp" and x.precision == row.precision
@@ -605,6 +713,10 @@ def targets(rows: list[Row]) -> list[str]:
             if llama and r[key] and llama[key]:
                 checks.append(f"{key} {r[key] / llama[key]:.2f}x llama.cpp "
                               f"{'ok' if r[key] >= llama[key] else 'MISSED'}")
+        ours, theirs = agreement(r, reference), agreement(llama, reference)
+        if row.precision != "fp32" and ours is not None and theirs is not None:
+            checks.append(f"same tokens {ours:.0%} vs llama.cpp {GGUF_TYPES[row.precision].upper()}'s "
+                          f"{theirs:.0%} {'ok' if ours >= theirs else 'MISSED'}")
         prefill, name = best_other(row, rows, "prefill_ms")
         if prefill:
             checks.append(f"prefill {prefill / r['prefill_ms']:.2f}x {name} "
@@ -619,7 +731,26 @@ def targets(rows: list[Row]) -> list[str]:
     return lines
 
 
-def report(rows: list[Row], bandwidth: float, settings: Settings) -> None:
+def hooks_line(rows: list[Row]) -> str | None:
+    """After run_with_hooks against ours fp32 (None: the hooks row was not asked for)."""
+    hooks = next((r for r in rows if r.variant == "hooks"), None)
+    if hooks is None:
+        return None
+    if hooks.result is None:
+        return f"hooks: {HOOKS} n/a: {hooks.note}"
+    plain = next((r.result for r in rows if r.engine == "ours" and r.precision == "fp32" and not r.variant
+                  and r.result), None)
+    line = f"hooks: after run_with_hooks b1 {cell(hooks.result, 'b1')} tok/s"
+    if not (plain and plain["b1"] and hooks.result["b1"]):
+        return line + " (ours fp32: n/a)"
+    share = hooks.result["b1"] / plain["b1"]
+    line += f" = {share:.2f}x ours fp32 {'ok' if share >= 0.95 else 'MISSED'} (target >= 0.95x)"
+    if plain["b8"] and hooks.result["b8"]:
+        line += f"; b8 {cell(hooks.result, 'b8')} tok/s = {hooks.result['b8'] / plain['b8']:.2f}x"
+    return line
+
+
+def report(rows: list[Row], bandwidth: float, settings: Settings, args: argparse.Namespace) -> None:
     """Print the header lines, the table and its footnotes."""
     import torch
     import transformers
@@ -628,7 +759,10 @@ def report(rows: list[Row], bandwidth: float, settings: Settings) -> None:
     floors = {p: bandwidth * 1e9 / b for p, b in ours.items()}
     shape = "GPT-2 124M shape" if not settings.shape else f"smoke shape {settings.shape}"
     print(f"\n{shape}, random weights, greedy; CPU, {settings.threads} thread(s) per engine, each in its own "
-          f"process; torch {torch.__version__}, transformers {transformers.__version__}{versions()}")
+          f"process; torch {torch.__version__}, transformers {transformers.__version__}"
+          f"{versions(args.llama_dir)}")
+    if args.isa or args.llama_dir:
+        print("\n".join(systems(rows, args)))
     print(f"decode: {settings.prompt}-token prompts, {settings.new} new tokens; "
           f"prefill: {settings.prefill}-token prompt + 1 token; "
           f"median of {settings.repeats} run(s) per figure")
@@ -650,21 +784,39 @@ def report(rows: list[Row], bandwidth: float, settings: Settings) -> None:
           "include torch's own ~220 MB); weights MB: ours and transformers' tensors, the other "
           "engines' files; GB/s: the memory's read bandwidth just before the row's worker ran")
     print("same tokens: greedy tokens equal to transformers' fp32 ones "
-          f"({settings.agree_prompts} prompts x {settings.agree_new} tokens)")
+          f"({settings.agree_prompts} prompts x {settings.agree_new} new tokens, decoded as one batch of "
+          f"{settings.agree_prompts}; llama.cpp: {settings.agree_prompts} sequences of one context)")
     for row in rows:
         for note in (row.result or {}).get("notes", []):
             print(f"note: {row.name}: {note}")
-    print("targets: ours >= 1.0x llama.cpp at batch 1 and 8, prefill >= best other, peak <= weights + 400 MB "
-          "and <= transformers'")
+        if row.result and not row.result.get("agree_batched", True):
+            print(f"note: {row.name}: same tokens from the prompts decoded one after another (no batch path)")
+    print("targets: ours >= 1.0x llama.cpp at batch 1 and 8, same tokens at bf16/int8/int4 >= llama.cpp's "
+          "BF16/Q8_0/Q4_0, prefill >= best other, peak <= weights + 400 MB and <= transformers'")
     print("\n".join(targets(rows)))
+    if line := hooks_line(rows):
+        print(line)
 
 
-def versions() -> str:
-    """The other engines' versions, as installed."""
-    from importlib.metadata import PackageNotFoundError, version
+def systems(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """Which instruction sets ran: our kernels' summary (per worker, as each said) and llama.cpp's."""
+    ours = sorted({r.result["system"] for r in rows if r.engine == "ours" and r.result} - {""})
+    llama = sorted({r.result["system"] for r in rows if r.engine == "llama.cpp" and r.result})
+    forced = f"GPT2_KERNELS_ISA={args.isa}" if args.isa else "no GPT2_KERNELS_ISA"
+    return [f"ours ({forced}): kernels {' / '.join(ours) or 'n/a'}",
+            f"llama.cpp ({args.llama_dir or 'as installed'}): {' / '.join(llama) or 'n/a'}"]
+
+
+def versions(llama_dir: str | None = None) -> str:
+    """The other engines' versions, as installed (llama-cpp-python: the one in ``llama_dir``, if given)."""
+    from importlib.metadata import PackageNotFoundError, distributions, version
 
     found = []
     for package in ("ctranslate2", "llama-cpp-python"):
+        if package == "llama-cpp-python" and llama_dir:
+            found += [f"{package} {d.version} ({llama_dir})" for d in distributions(path=[llama_dir])
+                      if d.metadata["Name"].replace("_", "-").lower() == package][:1]
+            continue
         with contextlib.suppress(PackageNotFoundError):
             found.append(f"{package} {version(package)}")
     return "".join(f", {v}" for v in found)
@@ -694,7 +846,7 @@ def benchmark(args: argparse.Namespace) -> None:
         print(f"  weights and conversions ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
         with ThreadPoolExecutor(settings.jobs) as pool:
             list(pool.map(lambda row: run_worker(row, spec, settings, meter), [r for r in rows if r.worker]))
-        report(rows, bandwidth, settings)
+        report(rows, bandwidth, settings, args)
 
 
 def main() -> None:
@@ -706,16 +858,46 @@ def main() -> None:
     parser.add_argument("--only", help="only the rows whose name holds one of these comma-separated words "
                                        "(transformers always runs: it is the reference)")
     parser.add_argument("--work", help="write the weights and converted files here (default: a temp dir)")
+    parser.add_argument("--isa", choices=ISAS, help="our kernels forced to this instruction-set variant "
+                        "(GPT2_KERNELS_ISA); the rows: ours and llama.cpp (needs --llama-dir)")
+    parser.add_argument("--llama-dir", help="import llama_cpp from this directory (a build of "
+                                            "benchmarks/llama_cpp_isa.py for the same level)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # in a worker process: the engine
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--no-extra-buffers", action="store_true", help=argparse.SUPPRESS)  # llama.cpp
+    parser.add_argument("--hooks", action="store_true", help=argparse.SUPPRESS)  # ours: run_with_hooks first
     args = parser.parse_args()
     if args.worker:
         worker(args)
-    else:
-        benchmark(args)
+        return
+    if problem := check_isa(args):
+        print(f"generate.py: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    benchmark(args)
+
+
+def check_isa(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``--isa`` / ``--llama-dir``, in one line (None: nothing)."""
+    if args.isa and not args.llama_dir:
+        return (f"--isa {args.isa} needs --llama-dir: llama.cpp built for {args.isa} "
+                f"(python benchmarks/llama_cpp_isa.py {args.isa})")
+    if not args.llama_dir:
+        return None
+    where = Path(args.llama_dir)
+    if not (where / "llama_cpp" / "__init__.py").is_file():
+        return (f"--llama-dir {where}: no llama_cpp package there (build one with "
+                f"python benchmarks/llama_cpp_isa.py {args.isa or 'LEVEL'} --out {where.parent})")
+    record = where / "BUILD.json"
+    if args.isa and record.is_file():
+        built = json.loads(record.read_text())
+        if built.get("level") != args.isa:
+            return f"--llama-dir {where} holds llama.cpp built for {built.get('level')}, not {args.isa}"
+        if not built.get("verify", {}).get("ok", False):
+            return f"--llama-dir {where}: its build failed its checks ({record}); rebuild it"
+    args.llama_dir = str(where.resolve())
+    return None
 
 
 if __name__ == "__main__":
