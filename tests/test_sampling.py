@@ -24,8 +24,15 @@ from gpt2.generation.sampling import (
     generate_text,
     stream_text,
 )
-from gpt2.inference import kernels
-from gpt2.inference.cpu_layers import BlockedHead, BlockedLinear, OneDNNLinear, intel_cpu, onednn_linears
+from gpt2.inference import ops
+from gpt2.inference.cpu_layers import (
+    BlockedHead,
+    BlockedLinear,
+    HandLinear,
+    OneDNNLinear,
+    intel_cpu,
+    onednn_linears,
+)
 from gpt2.inference.load import load_for_inference
 from gpt2.tokenizer.bpe import Tokenizer
 
@@ -416,9 +423,10 @@ def _wide_pair() -> tuple[GPT2, GPT2]:
 
 def test_fp32_inference_on_the_cpu_gives_the_same_logits_tokens_and_weights(tmp_path: Path) -> None:
     plain, model = _wide_pair()
-    load_for_inference(model, device="cpu")  # fp32 on the CPU: oneDNN's products, blocked weights
-    blocks = OneDNNLinear if intel_cpu() else BlockedLinear
-    head = OneDNNLinear if intel_cpu() or not kernels.kernel("fp32", 256) else BlockedHead
+    load_for_inference(model, device="cpu")  # fp32 on the CPU: the hand kernels' or oneDNN's products
+    hand = not intel_cpu() and ops.available("fp32", 256)
+    blocks = OneDNNLinear if intel_cpu() else HandLinear if hand else BlockedLinear
+    head = BlockedHead if hand else OneDNNLinear
     assert isinstance(model.lm_head, head) and isinstance(model.transformer.h[1].mlp.c_fc, blocks)
     ids = _same_logits_and_greedy_tokens(model, plain)
     state = model.state_dict()  # the blocked weights' plain copies, in the model's order

@@ -1,12 +1,14 @@
 """Layers that make fp32 and bf16 inference faster on the CPU, each built from the network's own layer
-(same weights, same values): oneDNN's products on plain or blocked weights, the tied LM head blocked
-in the embedding's own memory, and attention over the KV cache by the hand-written kernel.
-``gpt2.inference.load`` builds them into a model once, when it is loaded for inference.
+(same weights, same values): the hand-written kernels' products on blocked weights (``HandLinear``),
+the tied LM head blocked in the embedding's own memory (``BlockedHead``) and attention over the KV
+cache (``HandAttention``), all through the operators of ``gpt2.inference.ops``, which eager and
+compiled decoding call alike; and, where those kernels do not run, oneDNN's products on plain or
+blocked weights. ``gpt2.inference.load`` builds them into a model once, when it is loaded for inference.
 
 PyTorch hands every fp32 CPU product to MKL, whose products with a few rows (one per sequence when
 decoding) run below oneDNN's except on Intel CPUs for a row or two; a weight reordered once into
-oneDNN's blocked layout multiplies faster still, and ``gpt2.inference.kernels`` reads that layout
-at memory speed for decoding's few rows.
+oneDNN's blocked layout multiplies faster still, and the hand-written kernels read that layout at
+memory speed for decoding's few rows.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2.inference import kernels
+from gpt2.inference import ops
 from gpt2.kv_cache import KVCache
 from gpt2.model import MLP, CausalSelfAttention, Transformer
 
@@ -116,32 +118,50 @@ def onednn_linears(model: nn.Module) -> None:
 # Blocked weights (fp32 and bf16)
 
 
-class BlockedLinear(nn.Module):
-    """A float32 or bfloat16 linear layer for inference only: its weight reordered once into oneDNN's
-    blocked layout (what Inductor's freezing does to the weights it packs), the product computed by
-    oneDNN on it: the same products (summed in another order at most), faster. Up to
-    ``kernels.MAX_ROWS`` rows (decoding) are multiplied by ``gpt2.inference.kernels``'s hand-written
-    kernel, which reads the same blocked weight at memory speed (``address`` is None where it cannot
-    run). The blocked weight is an opaque oneDNN tensor that cannot be trained; the state dict holds
-    its plain copy, made when asked for. ``gelu``: as ``OneDNNLinear``'s."""
+class HandLinear(nn.Module):
+    """A float32 or bfloat16 linear layer for inference only, multiplied by the hand-written kernel
+    (``torch.ops.gpt2.blocked_linear``, any number of rows): its weight reordered once into the layout
+    the kernel reads (oneDNN's blocked one, ``ops.blocked``), which cannot be trained; the state dict
+    holds its plain copy, made when asked for. ``gelu``: as ``OneDNNLinear``'s."""
 
     def __init__(self, linear: nn.Linear, *, gelu: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._block(linear.weight.detach())
+        self.register_buffer("weight", ops.blocked(linear.weight), persistent=False)  # saved plain
+        self.bias = linear.bias
+        self.gelu = gelu
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.contiguous()
+        return torch.ops.gpt2.blocked_linear(x, [self.weight], self.bias, self.out_features, self.gelu)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = ops.unblocked([self.weight], self.out_features)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        if prefix + "weight" in state_dict:
+            self.weight.copy_(ops.blocked(state_dict.pop(prefix + "weight").to(self.weight.dtype)))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class BlockedLinear(nn.Module):
+    """A float32 or bfloat16 linear layer for inference only where the hand-written kernels do not run:
+    its weight reordered once into oneDNN's blocked layout (what Inductor's freezing does to the
+    weights it packs), the product computed by oneDNN on it: the same products (summed in another
+    order at most), faster. The blocked weight is an opaque oneDNN tensor that cannot be trained; the
+    state dict holds its plain copy, made when asked for. ``gelu``: as ``OneDNNLinear``'s."""
+
+    def __init__(self, linear: nn.Linear, *, gelu: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.blocked = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = linear.bias
         self.gelu = gelu
         self.weight_bytes = linear.weight.nbytes
 
-    def _block(self, weight: Tensor) -> None:
-        self.blocked = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.address = kernels.blocked_weight(self.blocked, self.out_features, self.in_features)
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.address is None or x.numel() > kernels.MAX_ROWS * self.in_features \
-                or torch.compiler.is_compiling():
-            return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, *_post_op(self.gelu))
-        return kernels.product(x, self.address, self.bias, self.out_features, self.gelu)
+        return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, *_post_op(self.gelu))
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.blocked.to_dense()
@@ -149,7 +169,8 @@ class BlockedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
         if prefix + "weight" in state_dict:
-            self._block(state_dict.pop(prefix + "weight").to(self.blocked.dtype))
+            weight = state_dict.pop(prefix + "weight").to(self.blocked.dtype)
+            self.blocked = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
@@ -181,8 +202,12 @@ class BlockedHead(nn.Module):
         return 2 if dtype == torch.bfloat16 else 1
 
     def forward(self, x: Tensor) -> Tensor:
-        parts = [(self.blocks.data_ptr(), self.whole), (self.tail.data_ptr(), self.out_features - self.whole)]
-        return kernels.split_product(x.to(self.blocks.dtype), parts, self.out_features)
+        pair = self._pair(self.blocks.dtype)
+        parts = [self.blocks.view(-1, self.in_features // pair, 64, pair), self.tail[None]]
+        if self.whole == self.out_features:  # no rows beyond the whole blocks
+            parts.pop()
+        x = x.to(self.blocks.dtype).contiguous()
+        return torch.ops.gpt2.blocked_linear(x, parts, None, self.out_features, False)
 
     def rows(self, idx: Tensor) -> Tensor:
         """Rows ``idx`` (any shape) of the weight, (*idx.shape, in)."""
@@ -190,10 +215,9 @@ class BlockedHead(nn.Module):
         blocks = self.blocks.view(-1, self.in_features // pair, 64, pair)
         inside = idx.clamp(max=self.whole - 1)
         rows = blocks[inside // 64, :, inside % 64].flatten(-2)
-        late = idx >= self.whole
-        if bool(late.any()):
-            rows[late] = self.tail.view(-1, 64, pair)[:, idx[late] - self.whole].transpose(0, 1).flatten(-2)
-        return rows
+        past = (idx - self.whole).clamp(min=0, max=63)  # the rows of the tail (no branch: a compiled step)
+        late = self.tail[:, past].movedim(0, -2).flatten(-2)
+        return torch.where((idx >= self.whole)[..., None], late, rows)
 
     @property
     def weight(self) -> Tensor:
@@ -259,22 +283,31 @@ def blocked_head(model: Transformer) -> None:
     weight = model.lm_head.weight
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(weight.dtype)
     if precision is None or not weight.is_cpu or len(weight) < 64 or not weight.is_contiguous() \
-            or not kernels.kernel(precision, weight.shape[1]):
+            or not ops.available(precision, weight.shape[1]):
         return
     head = BlockedHead(weight)
     model.set_submodule("lm_head", head)
     model.set_submodule("transformer.wte", BlockedEmbedding(head))
 
 
+def hand_linears(model: Transformer, precision: str) -> None:
+    """Replace the blocks' linear layers of ``model`` with ``HandLinear``s and its tied LM head with a
+    ``BlockedHead`` (``blocked_head``), for inference only, where the hand kernels multiply
+    ``precision`` (fp32 or bf16)."""
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear and name != "lm_head"
+             and ops.available(precision, module.in_features)]
+    replace_linears(model, names, lambda linear, gelu: HandLinear(linear, gelu=gelu))
+    blocked_head(model)
+
+
 def blocked_linears(model: Transformer) -> None:
-    """Replace the blocks' linear layers of ``model`` with ``BlockedLinear``s and its tied LM head
-    with a ``BlockedHead`` (``blocked_head``), for inference only."""
+    """Replace the blocks' linear layers of ``model`` with oneDNN's ``BlockedLinear``s, for inference
+    only (where the hand kernels do not run)."""
     if not torch.backends.mkldnn.is_available():
         return
     names = [name for name, module in model.named_modules()
              if type(module) is nn.Linear and name != "lm_head"]
     replace_linears(model, names, lambda linear, gelu: BlockedLinear(linear, gelu=gelu))
-    blocked_head(model)
 
 
 def weight_memory(model: nn.Module) -> dict[int, int]:
@@ -292,7 +325,7 @@ def weight_memory(model: nn.Module) -> dict[int, int]:
 
 class HandAttention(CausalSelfAttention):
     """A block's attention (the same layers) whose cached attention, a decode step's or a prompt's, is
-    ``gpt2.inference.kernels.attend``: the chunk's keys and values written into the cache, each query
+    ``torch.ops.gpt2.attend``: the chunk's keys and values written into the cache, each query
     attending over the real positions before it and its own in float32, straight from a float32 or
     bfloat16 cache (no float32 copy of it, no attention over positions not yet written)."""
 
@@ -306,9 +339,10 @@ class HandAttention(CausalSelfAttention):
     def attend(
         self, qkv: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, step: bool = False
     ) -> Tensor:
-        if cache is None or step:  # no cache to read (scoring), or a compiled step's fixed shapes
+        if cache is None:  # no cache to read (scoring)
             return super().attend(qkv, mask, cache, layer, step)
-        return kernels.attend(qkv, cache.keys[layer], cache.values[layer], cache.key_mask, cache.length)
+        return torch.ops.gpt2.attend(qkv.contiguous(), cache.keys[layer], cache.values[layer], cache.key_mask,
+                                     cache.slot)
 
 
 def hand_attention(model: Transformer) -> None:
@@ -320,7 +354,7 @@ def hand_attention(model: Transformer) -> None:
     pairs = {(f32, f32), (f32, bf16), (bf16, bf16)}
     # (on the CPU attention runs in float32: ``Transformer.attention_dtype``)
     if model.device.type != "cpu" or config.head_dim != 64 or (model.dtype, model.cache_dtype) not in pairs \
-            or not kernels.kernel("attention", 64):
+            or not ops.available("attention", 64):
         return
     for i in range(config.n_layer):
         model.set_submodule(f"transformer.h.{i}.attn", HandAttention(model.transformer.h[i].attn))

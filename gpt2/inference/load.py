@@ -6,10 +6,10 @@ detection) uses as it is: nothing in a decode loop converts, quantises or compil
 layers are replaced with layers built from them for that precision and device:
 
 - ``fp32``: the published weights as they are. On the CPU the blocks' weights are reordered into
-  oneDNN's blocked layout (``cpu_layers.BlockedLinear``), which the hand-written kernels read when
-  decoding, and the tied LM head into the same layout in the embedding's own memory
-  (``cpu_layers.BlockedHead``); on Intel CPUs the weights stay plain (MKL for a row or two, oneDNN
-  beyond: ``cpu_layers.OneDNNLinear``).
+  oneDNN's blocked layout, which the hand-written kernels read (``cpu_layers.HandLinear``; where they
+  do not run, oneDNN does: ``cpu_layers.BlockedLinear``), and the tied LM head into the same layout
+  in the embedding's own memory (``cpu_layers.BlockedHead``); on Intel CPUs the weights stay plain
+  (MKL for a row or two, oneDNN beyond: ``cpu_layers.OneDNNLinear``).
 - ``bf16``: bfloat16 weights and KV cache, read straight from the checkpoint in that precision (logits
   are processed in fp32); on the CPU in oneDNN's blocked layout, as fp32's.
 - ``int8``, ``int4``: quantisation (``gpt2.inference.quantization``; CPU only): the linear layers'
@@ -17,8 +17,8 @@ layers are replaced with layers built from them for that precision and device:
   model is ever held), float32 activations, a bfloat16 KV cache.
 - on the CPU, attention over the KV cache (decoding's and prompts') is the hand-written kernel's
   (``cpu_layers.HandAttention``) and the weights move onto 2 MB pages (``gpt2.util.memory.huge_pages``).
-- ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``). Faster on a GPU; the
-  benchmarks page compares it with eager decoding on the CPU.
+- ``compile``: ``torch.compile`` the decode step (``GPT2.compile_decode_step``): on the CPU it calls the
+  same hand-written kernels (``gpt2.inference.ops``) and fuses the small ops between them.
 - ``adapter``: a LoRA adapter (``gpt2.adapters.lora``) is folded into its base's weights in float32
   first (``load_merged``), so that every precision and path above runs the merged model at the base's
   speed.
@@ -37,6 +37,7 @@ from gpt2.config import PRECISIONS
 from gpt2.inference.cpu_layers import (
     blocked_linears,
     hand_attention,
+    hand_linears,
     intel_cpu,
     onednn_linears,
     weight_memory,
@@ -106,16 +107,16 @@ def load_for_inference(
 
 def _build_for_cpu(model: GPT2, precision: str, compile: bool) -> None:
     """Replace the layers of ``model`` with the faster CPU ones (``gpt2.inference.cpu_layers``): the
-    hand kernels and oneDNN on blocked weights, the tied LM head blocked in place (not when compiling,
-    which blocks the weights itself, nor for fp32 on Intel CPUs, where it stays on the plain weights:
-    MKL for a row or two, measured faster there), attention over the cache by hand; then put the
-    weights on 2 MB pages (decoding streams them)."""
-    if precision == "fp32":
-        if not compile and not intel_cpu():
+    hand-written kernels' operators, which eager and compiled decoding call alike; where they do not
+    run, oneDNN on blocked weights (not when compiling, which blocks the weights itself). fp32 on an
+    Intel CPU stays on the plain weights (MKL for a row or two, measured faster there). Attention over
+    the cache by hand; then the weights on 2 MB pages (decoding streams them)."""
+    if precision in ("fp32", "bf16") and not (precision == "fp32" and intel_cpu()):
+        hand_linears(model, precision)
+        if not compile:
             blocked_linears(model)
+    if precision == "fp32":
         onednn_linears(model)
-    elif precision == "bf16" and not compile:
-        blocked_linears(model)
     hand_attention(model)
     huge_pages(weight_memory(model))
 

@@ -4,20 +4,19 @@ attention runs in float32). Decoding reads every weight once per token, so fewer
 more tokens per second.
 
 - ``int8``: weights int8 with a scale per output channel; each input row is quantised to 8 bits on
-  the fly and multiplied by ``gpt2.inference.kernels``'s int8 kernel (AVX512-VNNI; on our blocked layout) or,
-  where that cannot run, by fbgemm's int8 product (``quantized::linear_dynamic``, what PyTorch's
-  dynamic quantisation runs, faster than PyTorch's weight-only int8 kernel).
+  the fly and multiplied by the hand-written int8 kernel (``torch.ops.gpt2.int8_linear``, on our
+  blocked layout) or, where that cannot run, by fbgemm's int8 product (``quantized::linear_dynamic``,
+  what PyTorch's dynamic quantisation runs, faster than PyTorch's weight-only int8 kernel).
 - ``int4``: groups of ``GROUP`` inputs with a scale and a zero point each (asymmetric, as llama.cpp's
-  Q4_1), multiplied by ``gpt2.inference.kernels``'s int4 kernel (AVX512-VNNI; each input row quantised to 8
-  bits, as llama.cpp's Q4 products quantise theirs) or, where that cannot run, by
+  Q4_1), multiplied by the hand-written int4 kernel (``torch.ops.gpt2.int4_linear``; each input row
+  quantised to 8 bits, as llama.cpp's Q4 products quantise theirs) or, where that cannot run, by
   ``torch._weight_int4pack_mm_for_cpu`` (tinygemm's packed layout, bfloat16 inputs; a prompt's many
   rows then multiply the weight unpacked to bfloat16, one layer at a time, by oneDNN). The LM head
   stays int8 (llama.cpp likewise keeps its output layer above 4 bits).
 
 The tied embedding and LM head is one ``Int8Linear``, whose int8 rows ``Int8Embedding`` looks tokens
-up in. Under ``torch.compile`` the hand-written products are the custom ops ``gpt2::int8_linear`` and
-``gpt2::int4_linear`` (a ctypes call cannot be traced, and would split the compiled step at every
-layer). ``quantize_weights`` quantises a checkpoint tensor by tensor as it is read
+up in. Eager and compiled decoding call the same operators (``gpt2.inference.ops``).
+``quantize_weights`` quantises a checkpoint tensor by tensor as it is read
 (``gpt2.inference.load``), so no float copy of the model is ever held.
 """
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2.inference import kernels
+from gpt2.inference import ops
 from gpt2.inference.cpu_layers import TiedEmbedding, replace_linear
 from gpt2.model import Transformer
 from gpt2.util.errors import UserError
@@ -61,23 +60,9 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-@torch.library.custom_op("gpt2::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, sums: Tensor, bias: Tensor | None,
-                out_features: int, gelu: bool) -> Tensor:
-    """The hand-written int8 product (``gpt2.inference.kernels.int8_product``), as ``torch.compile``
-    sees it."""
-    return kernels.int8_product(x, weight, scales, sums, bias, out_features, gelu)
-
-
-@int8_linear.register_fake
-def _(x: Tensor, weight: Tensor, scales: Tensor, sums: Tensor, bias: Tensor | None,
-      out_features: int, gelu: bool) -> Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
 class Int8Linear(nn.Module):
     """``y = x W^T + b``, W int8 with a scale per output channel (``q`` and ``scales``: the weight's
-    ``int8_rows``). Where ``gpt2.inference.kernels``' int8 kernel runs (AVX512-VNNI), W is held in its blocked
+    ``int8_rows``). Where the hand-written int8 kernel runs (``gpt2.inference.ops``), W is held in its blocked
     layout and multiplied by it, each input row quantised to 8 bits (faster than fbgemm's). Elsewhere
     fbgemm's dynamic int8 product multiplies it, adding the float32 bias itself (packed with the weight:
     one pass over the output, not two). ``rows``: the layer is the tied LM head, whose rows
@@ -92,9 +77,9 @@ class Int8Linear(nn.Module):
         self.weight_bytes = 0  # bytes held outside the buffers: fbgemm's packed weight
         self.packed = None
         self.gelu = gelu  # an MLP's input layer, computing its tanh-GELU too (``replace_linear``)
-        if kernels.kernel("int8", self.in_features):
-            self.register_buffer("weight", kernels.int8_blocked(q))
-            self.register_buffer("sums", kernels.row_sums(q))
+        if ops.available("int8", self.in_features):
+            self.register_buffer("weight", ops.int8_blocked(q))
+            self.register_buffer("sums", ops.row_sums(q))
             self.bias = _bias(bias)
         else:
             self._pack(q, scales, bias)
@@ -127,39 +112,24 @@ class Int8Linear(nn.Module):
     def product(self, x: Tensor) -> Tensor:
         """The product of float32 ``x`` (and its GELU, for ``gelu``)."""
         if self.packed is None:
-            return kernels.int8_product(x, self.weight, self.scales, self.sums, self.bias, self.out_features,
-                                       self.gelu)
+            return torch.ops.gpt2.int8_linear(x.contiguous(), self.weight, self.scales, self.sums, self.bias,
+                                              self.out_features, self.gelu)
         y = torch.ops.quantized.linear_dynamic(x, self.packed, True)  # True: 7-bit inputs (fbgemm)
         return torch.ops.aten.gelu_(y, approximate="tanh") if self.gelu else y
 
     def rows(self, idx: Tensor) -> Tensor:
         """The float32 rows ``idx`` of W (for a layer made with ``rows``)."""
         blocked = self.packed is None  # else the plain rows kept beside fbgemm's packed copy
-        q = kernels.int8_blocked_rows(self.weight, idx) if blocked else F.embedding(idx, self.weight)
+        q = ops.int8_blocked_rows(self.weight, idx) if blocked else F.embedding(idx, self.weight)
         return q.float() * self.scales[idx, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None and torch.compiler.is_compiling():
-            return int8_linear(x.float(), self.weight, self.scales, self.sums, self.bias, self.out_features,
-                               self.gelu)
         return self.product(x.float())
-
-
-@torch.library.custom_op("gpt2::int4_linear", mutates_args=())
-def int4_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, gelu: bool) -> Tensor:
-    """The hand-written int4 product (``gpt2.inference.kernels.int4_product``), as ``torch.compile``
-    sees it."""
-    return kernels.int4_product(x, weight, bias, out_features, gelu)
-
-
-@int4_linear.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, gelu: bool) -> Tensor:
-    return x.new_empty(*x.shape[:-1], out_features)
 
 
 class Int4Linear(nn.Module):
     """``y = x W^T + b`` with W in 4 bits, groups of ``GROUP`` inputs sharing a scale and a zero point.
-    Where ``gpt2.inference.kernels``'s int4 kernel runs (AVX512-VNNI), W is held in its blocked layout (output
+    Where the hand-written int4 kernel runs (``gpt2.inference.ops``), W is held in its blocked layout (output
     channels padded to a multiple of 64) and multiplied by it, each input row quantised to 8 bits
     (faster than tinygemm's at every number of rows); elsewhere by tinygemm (channels padded to a
     multiple of 16)."""
@@ -170,7 +140,7 @@ class Int4Linear(nn.Module):
         if self.in_features % GROUP:
             raise UserError(f"int4 needs the model's width to be a multiple of {GROUP}, not "
                             f"{self.in_features}; choose int8")
-        self.hand = kernels.kernel("int4", self.in_features)
+        self.hand = ops.available("int4", self.in_features)
         multiple = 64 if self.hand else _INT4_ROWS
         padded = self.out_features + -self.out_features % multiple
         groups = self.in_features // GROUP
@@ -182,7 +152,7 @@ class Int4Linear(nn.Module):
         for start in range(0, padded, _CHUNK_ROWS):
             q, scales, low = _int4_values(weight[start : start + _CHUNK_ROWS], multiple)
             if self.hand:
-                blocked[start // 64 : (start + len(q)) // 64] = kernels.int4_blocked(q, scales, low)
+                blocked[start // 64 : (start + len(q)) // 64] = ops.int4_blocked(q, scales, low)
                 continue
             packed[start : start + len(q)] = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             # tinygemm's dequantisation is (q - 8) * scale + zero, so zero is the value of q = 8.
@@ -205,10 +175,9 @@ class Int4Linear(nn.Module):
         return w.view(padded, k)[: self.out_features]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.hand and torch.compiler.is_compiling():
-            return int4_linear(x.float(), self.weight, self.bias, self.out_features, self.gelu)
         if self.hand:
-            return kernels.int4_product(x.float(), self.weight, self.bias, self.out_features, self.gelu)
+            x = x.float().contiguous()
+            return torch.ops.gpt2.int4_linear(x, self.weight, self.bias, self.out_features, self.gelu)
         y = self._tinygemm(x)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
