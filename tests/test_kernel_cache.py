@@ -1,8 +1,9 @@
 """The kernels' cache and compiler cannot break loading (``gpt2.inference.kernels``): a truncated or
-hollow cached library, a compiler that fails or never answers, each leaves a model that loads and
-generates on PyTorch's products, with the reason printed once, in one line, and shown by ``gpt2 info``;
-a failed build is remembered. Each test runs fresh processes on a cache of its own, seeded with this
-machine's library (copied, not rebuilt) where it needs one."""
+hollow cached library, a compiler that fails or never answers, a variant the CPU cannot run (forced,
+on a CPU whose flags are faked), each leaves a model that loads and generates on PyTorch's products,
+with the reason printed once, in one line, and shown by ``gpt2 info``; a failed build is remembered.
+The variant is the best the CPU runs, VNNI where it has it. Each test runs fresh processes on a cache
+of its own, seeded with this machine's library (copied, not rebuilt) where it needs one."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import torch
 from gpt2 import GPT2, GPT2Config
 from gpt2.inference import kernels
 from gpt2.inference.load import load_for_inference
+if {cpu!r}:
+    kernels._cpu_flags = lambda: {cpu!r}
 start = time.perf_counter()
 for _ in range({models}):
     config = GPT2Config(vocab_size=300, n_positions=32, n_embd=64, n_layer=1, n_head=1)
@@ -36,10 +39,12 @@ print(kernels.library() is not None, round(time.perf_counter() - start, 1))
 """
 
 
-def _load(cache: Path, models: int = 1, **env: str) -> tuple[bool, float, list[str]]:
-    """Load ``models`` small models for the CPU in a fresh process on ``cache``: whether the kernels
-    ran, the seconds the loads took, and the process's notices of kernels off."""
-    done = subprocess.run([sys.executable, "-c", LOAD.format(models=models)], capture_output=True, text=True,
+def _load(cache: Path, models: int = 1, cpu: str = "", **env: str) -> tuple[bool, float, list[str]]:
+    """Load ``models`` small models for the CPU in a fresh process on ``cache`` (on a CPU of these
+    /proc/cpuinfo lines, where ``cpu`` gives them): whether the kernels ran, the seconds the loads took,
+    and the process's notices of kernels off."""
+    code = LOAD.format(models=models, cpu=cpu)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "GPT2_CACHE": str(cache), **env}, timeout=300)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}"  # -7 would be SIGBUS
     assert "Traceback" not in done.stderr, done.stderr
@@ -99,7 +104,8 @@ def test_a_truncated_cached_library_is_rebuilt_not_loaded(built: Path, cache: Pa
 def test_a_truncated_library_whose_rebuild_fails_is_skipped_and_remembered(built: Path, cache: Path,
                                                                            tmp_path: Path) -> None:
     compiler = _fake_compiler(tmp_path / "bin", build="echo 'kernels.cpp:1:1: error: no luck' >&2; exit 1")
-    library = _seed(built, cache, kernels._library_path(str(compiler), kernels._cpu_flags(), 5))
+    cpu = kernels._cpu_flags()
+    library = _seed(built, cache, kernels._library_path(str(compiler), kernels._choose(cpu), cpu, 5))
     os.truncate(library, 4096)
     used, _, notices = _load(cache, CXX=str(compiler))
     assert not used and len(notices) == 1
@@ -187,4 +193,83 @@ def test_gpt2_info_shows_whether_the_kernels_are_in_use_and_why_not(
         "off: no C++ compiler: no-such-compiler is not on PATH (install g++, or name one in CXX)"
     assert not (cache / "kernels").exists()
     _seed(built, cache)
-    assert _info(capsys, monkeypatch) == "on (fp32, bf16, int8, int4, attention)"
+    best = kernels._choose(kernels._cpu_flags()).name
+    assert _info(capsys, monkeypatch) == f"on: {best} (fp32, bf16, int8, int4, attention)"
+    variants = "avx512bf16, avx512, avx512+vnni, avx2, avx2+vnni"
+    assert _info(capsys, monkeypatch, GPT2_KERNELS_ISA="sse4") == \
+        f"off: GPT2_KERNELS_ISA=sse4 is not a variant of the kernels: {variants}"
+
+
+# /proc/cpuinfo's lines of CPUs of each level (their flags cut to the ones that matter here)
+BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 popcnt avx"
+SKYLAKE_CLIENT = f"model name\t: Skylake\nflags\t\t: {BASE} avx2 fma f16c bmi1 bmi2"
+ALDER_LAKE = f"model name\t: Alder Lake\nflags\t\t: {BASE} avx2 fma f16c avx_vnni"
+SKYLAKE_SP = f"model name\t: Skylake-SP\nflags\t\t: {BASE} avx2 fma f16c avx512f avx512dq avx512bw avx512vl"
+CASCADE_LAKE = SKYLAKE_SP.replace("Skylake-SP", "Cascade Lake") + " avx512_vnni"
+SAPPHIRE_RAPIDS = CASCADE_LAKE.replace("Cascade Lake", "Sapphire Rapids") + " avx512_bf16 avx_vnni"
+SANDY_BRIDGE = f"model name\t: Sandy Bridge\nflags\t\t: {BASE}"
+
+
+@pytest.mark.parametrize(("cpu", "chosen"), [(SKYLAKE_CLIENT, "avx2"), (ALDER_LAKE, "avx2+vnni"),
+                                             (SKYLAKE_SP, "avx512"), (CASCADE_LAKE, "avx512+vnni"),
+                                             (SAPPHIRE_RAPIDS, "avx512bf16")])
+def test_the_best_variant_the_cpu_runs_is_built_with_vnni_where_it_has_it(cpu: str, chosen: str) -> None:
+    build = kernels._choose(cpu)
+    assert build.name == chosen
+    assert not any(flag.startswith("-march") for flag in build.flags), "a variant needs just what is checked"
+    assert ("-mavx512f" in build.flags) == chosen.startswith("avx512")
+    assert ("-mavx512bf16" in build.flags) == (chosen == "avx512bf16")
+    assert bool({"-mavx512vnni", "-mavxvnni"} & set(build.flags)) == (chosen not in ("avx2", "avx512"))
+
+
+def test_each_variant_and_cpu_has_a_library_of_its_own(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key of a build covers the variant's flags and the CPU, besides the source and compiler."""
+    monkeypatch.setenv("GPT2_CACHE", str(tmp_path))
+    compiler = str(_fake_compiler(tmp_path / "bin", build="exit 1"))
+    builds = [kernels._choose(cpu) for cpu in (SKYLAKE_CLIENT, ALDER_LAKE, SAPPHIRE_RAPIDS)]
+    paths = {kernels._library_path(compiler, build, SAPPHIRE_RAPIDS, 5) for build in builds}
+    assert len(paths) == 3 and {p.name.split("-")[1] for p in paths} == {"avx2", "avx2+vnni", "avx512bf16"}
+    assert kernels._library_path(compiler, builds[0], SKYLAKE_CLIENT, 5) not in paths
+    assert kernels._library_path(compiler, builds[0], SAPPHIRE_RAPIDS, 5) in paths
+
+
+def test_GPT2_KERNELS_ISA_forces_a_variant_the_cpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    for forced, chosen in [("avx2", "avx2"), ("avx512", "avx512+vnni"), ("avx2+vnni", "avx2+vnni"),
+                           ("avx512bf16", "avx512bf16")]:
+        monkeypatch.setenv("GPT2_KERNELS_ISA", forced)
+        assert kernels._choose(SAPPHIRE_RAPIDS if forced != "avx2" else SKYLAKE_CLIENT).name == chosen
+
+
+@pytest.mark.parametrize(("cpu", "forced", "why"), [
+    (SKYLAKE_CLIENT, "avx512",
+     "GPT2_KERNELS_ISA=avx512 needs avx512f, avx512bw, avx512dq, avx512vl, which this CPU lacks"),
+    (CASCADE_LAKE, "avx512bf16", "GPT2_KERNELS_ISA=avx512bf16 needs avx512_bf16, which this CPU lacks"),
+    (SKYLAKE_CLIENT, "avx2+vnni", "GPT2_KERNELS_ISA=avx2+vnni needs avx_vnni, which this CPU lacks"),
+    (SAPPHIRE_RAPIDS, "avx512bf16+vnni", "GPT2_KERNELS_ISA=avx512bf16+vnni is not a variant of the kernels: "
+                                         "avx512bf16, avx512, avx512+vnni, avx2, avx2+vnni"),
+    (SANDY_BRIDGE, "", "this CPU has no AVX2 with FMA and F16C, the least the kernels need"),
+])
+def test_a_variant_the_cpu_cannot_run_is_refused_with_the_reason(cpu: str, forced: str, why: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPT2_KERNELS_ISA", forced)
+    with pytest.raises(kernels.Unavailable) as refused:
+        kernels._choose(cpu)
+    assert str(refused.value) == why
+
+
+def test_a_cpu_that_is_not_x86_keeps_pytorchs_products(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    assert kernels.summary() == \
+        "off: this CPU (aarch64) is not x86-64: the kernels are written for AVX2 and AVX-512"
+    assert kernels.variant() is None and not kernels.kernel("fp32", 64)
+
+
+def test_a_forced_variant_the_cpu_lacks_leaves_pytorchs_products_with_one_line(cache: Path) -> None:
+    """Forced where the CPU lacks its instructions (an AVX2 CPU's flags, faked in the process): nothing is
+    built, the model loads and generates on PyTorch's products, and the reason is printed once."""
+    used, _, notices = _load(cache, models=2, cpu=SKYLAKE_CLIENT, GPT2_KERNELS_ISA="avx512bf16")
+    assert not used and len(notices) == 1
+    assert notices[0].endswith("GPT2_KERNELS_ISA=avx512bf16 needs avx512f, avx512bw, avx512dq, avx512vl, "
+                               "avx512_vnni, avx512_bf16, which this CPU lacks")
+    assert not (cache / "kernels").exists()

@@ -1,12 +1,13 @@
 """The hand-written decoding products (``gpt2.inference.kernels``): on oneDNN's blocked weights they give
-oneDNN's
-products for every number of rows they take, the blocked layers of a loaded model use them, the
-library is built once per machine into the cache and shares PyTorch's OpenMP threads, and
-``GPT2_MATVEC=0`` leaves oneDNN's products."""
+oneDNN's products for every number of rows they take, in every variant of the kernels this CPU runs
+(the ``variant`` fixture), the blocked layers of a loaded model use them, the library is built once per
+machine into the cache and shares PyTorch's OpenMP threads, and ``GPT2_MATVEC=0`` leaves oneDNN's
+products."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,22 +19,51 @@ import torch.nn.functional as F
 from conftest import random_model
 from torch import Tensor, nn
 
-from gpt2.inference import kernels
-from gpt2.inference.cpu_layers import BlockedEmbedding, BlockedHead, BlockedLinear, HandAttention, intel_cpu
+from gpt2.inference import kernels, ops
+from gpt2.inference.cpu_layers import (
+    BlockedEmbedding,
+    BlockedHead,
+    BlockedLinear,
+    HandAttention,
+    HandLinear,
+    intel_cpu,
+)
 from gpt2.inference.load import load_for_inference
 from gpt2.kv_cache import KVCache
 
 
-def _avx512(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+def _runnable() -> list[str]:
+    """The variants of the kernels this CPU runs, by ``kernels.variant()``'s names: each level it has,
+    with and without the VNNI the level takes where it has that too."""
+    has = kernels.cpu_has(kernels._cpu_flags())
+    return [name for level, v in kernels.VARIANTS.items() if set(v.needs) <= has
+            for name in ([f"{level}+vnni"] if v.vnni and v.vnni[0] in has else []) + [level]]
 
 
+RUNNABLE = _runnable()
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not _avx512("avx512_bf16"), reason="the bfloat16 kernel needs AVX512-BF16"))]
-pytestmark = pytest.mark.skipif(not _avx512("avx512f"), reason="the kernels need AVX-512")
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN's bfloat16 product (the reference) "
+    "needs AVX-512"))]
+pytestmark = pytest.mark.skipif(not RUNNABLE, reason="the kernels need AVX2 or AVX-512")
+
+
+@pytest.fixture(params=RUNNABLE)
+def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each variant of the kernels this CPU runs in turn, forced (``GPT2_KERNELS_ISA``; for a level
+    without its VNNI, that VNNI hidden from the CPU's flags), built once per machine into the cache and
+    loaded in place of the best one for the test, the operators (``torch.ops.gpt2``) bound to it."""
+    name = request.param
+    level = kernels.VARIANTS[name.removesuffix("+vnni")]
+    monkeypatch.setenv("GPT2_KERNELS_ISA", name)
+    if level.vnni and not name.endswith("+vnni"):
+        cpu = kernels._cpu_flags()
+        monkeypatch.setattr(kernels, "_cpu_flags", lambda: re.sub(rf"\s{level.vnni[0]}\b", "", cpu))
+    kernels.library.cache_clear()
+    assert kernels.variant() == name and ops.operators()
+    yield name
+    monkeypatch.undo()
+    kernels.library.cache_clear()
+    ops.operators()
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +83,8 @@ def _layer(out_features: int, in_features: int, dtype: torch.dtype) -> nn.Linear
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(100, 64), (130, 192), (768, 96)])  # rows of the last block: 36, 2, 0
-def test_the_hand_product_equals_onednns_on_its_blocked_weight(dtype: torch.dtype, shape: tuple) -> None:
+def test_the_hand_product_equals_onednns_on_its_blocked_weight(dtype: torch.dtype, shape: tuple,
+                                                               variant: str) -> None:
     linear = _layer(*shape, dtype)
     blocked = torch.ops.mkldnn._reorder_linear_weight(linear.weight, None)
     address = kernels.blocked_weight(blocked, *shape)
@@ -67,36 +98,41 @@ def test_the_hand_product_equals_onednns_on_its_blocked_weight(dtype: torch.dtyp
             # float32: the same sums in another order; bfloat16: rounded once, at most one step apart
             tolerance = 1e-4 if dtype == torch.float32 else 2 ** -7
             torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+        gelu = F.gelu(expected.float(), approximate="tanh")  # the MLP's input layer: GELU as it writes
+        torch.testing.assert_close(kernels.product(x, address, bias, shape[0], gelu=True).float(), gelu,
+                                   rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_blocked_layer_gives_the_plain_layers_outputs_at_every_batch_with_and_without_gelu(
-        dtype: torch.dtype) -> None:
+def test_a_hand_layer_gives_the_plain_layers_outputs_at_every_batch_with_and_without_gelu(
+        dtype: torch.dtype, variant: str) -> None:
+    """Through the operator ``torch.ops.gpt2.blocked_linear``: a decoding step's rows, more than 8 (a
+    prompt's), and a weight whose last block is part padding; its state dict holds the plain weight."""
     for gelu in (False, True):
         linear = _layer(200, 128, dtype)
-        layer = BlockedLinear(linear, gelu=gelu)
-        assert layer.address is not None
-        for shape in [(1, 1, 128), (8, 1, 128), (9, 1, 128), (2, 5, 128)]:  # 9 rows and more: oneDNN's
+        layer = HandLinear(linear, gelu=gelu)
+        for shape in [(1, 1, 128), (8, 1, 128), (9, 1, 128), (2, 5, 128), (3, 70, 128)]:
             x = torch.randn(shape).to(dtype)
             expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
             expected = F.gelu(expected, approximate="tanh") if gelu else expected
             tolerance = 1e-4 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(layer(x).float(), expected, rtol=tolerance, atol=tolerance)
+        assert torch.equal(layer.state_dict()["weight"], linear.weight)
 
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=DTYPES[1].marks)])
 def test_a_model_loaded_for_the_cpu_multiplies_with_the_hand_kernels(precision: str) -> None:
     model = load_for_inference(random_model(n_embd=64, vocab_size=5000), precision=precision, device="cpu")
-    blocked = [m for m in model.modules() if isinstance(m, BlockedLinear)]
-    assert blocked and all(m.address is not None for m in blocked)
-    if precision == "bf16" or not intel_cpu():  # the tied LM head and embedding: blocked in place
-        assert type(model.lm_head) is BlockedHead
+    if precision == "bf16" or not intel_cpu():  # fp32 on Intel: MKL's products on the plain weights
+        assert [type(m) for m in model.modules() if isinstance(m, (nn.Linear, HandLinear, BlockedLinear))] \
+            == [HandLinear] * 4 * model.config.n_layer
+        assert type(model.lm_head) is BlockedHead  # the tied LM head and embedding: blocked in place
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [5000, 4992])  # a last block of 8 rows; whole blocks only
 def test_the_blocked_head_gives_the_plain_weights_logits_and_rows_from_the_embeddings_own_memory(
-        dtype: torch.dtype, vocab: int) -> None:
+        dtype: torch.dtype, vocab: int, variant: str) -> None:
     """The tied LM head reordered in place: its products (1, 8 and 37 rows) equal the plain weight's,
     the embedding looks up the same rows, the state dict holds the plain weight, and the blocks live in
     the memory the plain weight had (no second copy)."""
@@ -147,21 +183,16 @@ def test_the_library_is_built_once_into_the_cache_and_runs_on_pytorchs_openmp_th
 
 def test_GPT2_MATVEC_0_leaves_onednns_products(tmp_path) -> None:
     code = LOAD + """
-from gpt2.inference.cpu_layers import BlockedLinear, OneDNNLinear, intel_cpu
-from gpt2.kv_cache import KVCache
-layer = BlockedLinear(torch.nn.Linear(64, 64).requires_grad_(False))
-print(layer.address)
+from gpt2.inference import ops
+print(ops.available("fp32", 64))
 """
-    assert _in_a_fresh_process(code, tmp_path, GPT2_MATVEC="0").split()[::2] == ["None", "None"]
+    assert _in_a_fresh_process(code, tmp_path, GPT2_MATVEC="0").split()[::2] == ["None", "False"]
     assert not (tmp_path / "kernels").exists()
 
 
-needs_vnni = pytest.mark.skipif(not _avx512("avx512_vnni"), reason="the int8 kernel needs AVX512-VNNI")
-
-
-@needs_vnni
-@pytest.mark.parametrize("shape", [(100, 64), (130, 192), (768, 96)])
-def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple) -> None:
+# the last: more inputs than a chunk of the block (the kernels read 16 KB of it at a time), and a part
+@pytest.mark.parametrize("shape", [(100, 64), (130, 192), (768, 96), (70, 528)])
+def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple, variant: str) -> None:
     """Each row of x is quantised to 8 bits (x / (max |x| / 127), rounded half to even) and multiplied
     by the int8 weight exactly; only the float32 scaling rounds."""
     torch.manual_seed(0)
@@ -183,9 +214,9 @@ def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple) 
         torch.testing.assert_close(no_bias.double(), expected - bias.double(), rtol=1e-5, atol=1e-5)
 
 
-@needs_vnni
-@pytest.mark.parametrize("shape", [(128, 64), (192, 96), (64, 768)])
-def test_the_int4_product_is_the_8_bit_rows_times_each_groups_values_scale_and_low(shape: tuple) -> None:
+@pytest.mark.parametrize("shape", [(128, 64), (192, 96), (64, 768), (128, 416)])
+def test_the_int4_product_is_the_8_bit_rows_times_each_groups_values_scale_and_low(shape: tuple,
+                                                                                   variant: str) -> None:
     """Per group of 32 inputs: scale * (8-bit x . 4-bit q) * x's scale + low * the group's sum of x; the
     scales and lows in bfloat16."""
     torch.manual_seed(0)
@@ -245,13 +276,12 @@ def _attention_by_definition(q: Tensor, keys: Tensor, values: Tensor, real: Tens
     return torch.einsum("bhtl,bhld->bthd", p, values.double()).reshape(B, T, -1)
 
 
-@pytest.mark.skipif(not kernels.kernel("attention", 64), reason="needs AVX-512 with BF16")
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                     (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize(("length", "T"),
                          [(0, 1), (0, 3), (0, 4), (0, 70), (7, 1), (7, 5), (7, 6), (64, 17), (61, 67)])
 def test_the_hand_attention_of_a_chunk_is_softmax_attention_over_the_real_keys_up_to_each_query(
-        dtypes: tuple, length: int, T: int) -> None:
+        dtypes: tuple, length: int, T: int, variant: str) -> None:
     """Queries of a decoding step (T = 1) or of a chunk, after ``length`` cached positions, some of them
     padding: the kernel writes the chunk's keys and values into the cache and gives each query the
     softmax attention over the real keys up to its own position (and itself)."""
@@ -273,9 +303,8 @@ def test_the_hand_attention_of_a_chunk_is_softmax_attention_over_the_real_keys_u
     torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.skipif(not kernels.kernel("int8", 64), reason="needs AVX512-VNNI")
 @pytest.mark.parametrize("bits", [8, 4])
-def test_the_quantised_products_with_gelu_give_the_tanh_gelu_of_the_product(bits: int) -> None:
+def test_the_quantised_products_with_gelu_give_the_tanh_gelu_of_the_product(bits: int, variant: str) -> None:
     """An MLP's input layer computes GELU on its output as it writes it: the same as torch's tanh-GELU of
     the plain product, for 1 row (decoding) and many (a prompt), over the GELU's whole range."""
     out, width = 192, 96

@@ -8,30 +8,46 @@ cache.
 
 Why by hand: a decoding step reads every weight once for a row or a few, so its speed is the speed
 at which the products stream their weights. These read each block of 64 rows input by input and
-multiply 16 rows per instruction (no sums across a vector), in float32 and bfloat16, and in int8
-and int4 with vpdpbusd on blocks of the same kind (int4: each group's scales beside its values, one
-stream). Attention by hand replaces, per layer and token, a float32 copy of the whole bfloat16
-cache, the conversions around it and PyTorch's attention call over every position of the cache,
-written or not. The benchmarks page of the docs compares them with oneDNN's, fbgemm's, tinygemm's
-and PyTorch's attention.
+multiply a vector of rows per instruction (no sums across a vector), in float32 and bfloat16, and in
+int8 and int4 with vpdpbusd (or, without VNNI, vpmaddubsw) on blocks of the same kind (int4: each
+group's scales beside its values, one stream). Attention by hand replaces, per layer and token, a
+float32 copy of the whole bfloat16 cache, the conversions around it and PyTorch's attention call over
+every position of the cache, written or not. The benchmarks page of the docs compares them with
+oneDNN's, fbgemm's, tinygemm's and PyTorch's attention.
 
-The source is compiled once per machine by the system's C++ compiler (``$CXX``, else ``g++``;
-``-march=native``) into ``cache_dir() / "kernels"`` and loaded with ctypes; its threads are the
-OpenMP pool PyTorch runs. The library is written whole or not at all, and its size and SHA-256 beside
-it (``.sha256``), written last; a library that does not match them is never loaded (loading a
+The variants (``VARIANTS``): the same source, built for one level of x86-64 instruction sets each,
+every precision in every one, with the same entry points and weight layouts:
+
+- ``avx512bf16``: AVX-512 F/BW/DQ/VL with VNNI and BF16 (Cooper Lake, Sapphire Rapids and later Xeons,
+  AMD Zen 4 and later);
+- ``avx512``: AVX-512 F/BW/DQ/VL, with VNNI where the CPU has it (``avx512+vnni``: Cascade Lake, Ice
+  Lake; without: Skylake-SP); bfloat16 widened to float32 by shifting, narrowed in integer operations;
+- ``avx2``: AVX2, FMA and F16C, with AVX-VNNI where the CPU has it (``avx2+vnni``: Alder Lake and later
+  desktops); 8 floats a vector.
+
+The best variant the CPU runs (its flags in /proc/cpuinfo) is chosen; ``GPT2_KERNELS_ISA=<variant>``
+(``avx512bf16``, ``avx512``, ``avx2``, or either of the ``+vnni`` ones) forces one, and is refused
+where the CPU lacks its instructions. Other CPUs (ARM, x86 without AVX2) keep PyTorch's products.
+``variant()`` names the variant in use.
+
+The source is compiled once per machine and variant by the system's C++ compiler (``$CXX``, else
+``g++``), with the variant's own ``-m`` flags (never ``-march=native``: a variant needs exactly the
+instructions checked for), into ``cache_dir() / "kernels"`` and loaded with ctypes; its threads are
+the OpenMP pool PyTorch runs. The library is written whole or not at all, and its size and SHA-256
+beside it (``.sha256``), written last; a library that does not match them is never loaded (loading a
 truncated one kills the process with SIGBUS) but rebuilt, once. Every call to the compiler is bounded
 in time: ``$GPT2_KERNELS_TIMEOUT`` seconds for the build (default ``BUILD_TIMEOUT``), at most
 ``PROBE_TIMEOUT`` for ``--version``. A failed build is remembered beside the library
-(``kernels-<key>.so.failed``, holding its reason; the key covers the source, the compiler's version and
-the CPU's flags), so later processes go straight to PyTorch's products; delete that file, or set
-``GPT2_KERNELS_RETRY=1``, to build again.
+(``kernels-<variant>-<key>.so.failed``, holding its reason; the key covers the source, the compiler's
+version, the variant's flags and the CPU), so later processes go straight to PyTorch's products;
+delete that file, or set ``GPT2_KERNELS_RETRY=1``, to build again.
 
-Where there is no compiler, its build fails or times out, the library lacks a kernel's symbol, or the
-CPU has no AVX-512, the layers keep oneDNN's and fbgemm's products, and the first use of the kernels
-in a process prints why, in one line (a WARNING of this module's logger); ``gpt2 info`` shows it too.
-Where a weight's blocked layout is not the one the kernel reads (each float layer is checked against
-oneDNN's product when it is made), that layer keeps oneDNN's. ``GPT2_MATVEC=0`` turns the kernels off,
-silently.
+Where there is no compiler, its build fails or times out, the library lacks a kernel's symbol, the
+CPU runs no variant, or ``GPT2_KERNELS_ISA`` names one it cannot run, the layers keep oneDNN's and
+fbgemm's products, and the first use of the kernels in a process prints why, in one line (a WARNING
+of this module's logger); ``gpt2 info`` shows it too, or the variant in use. Where a weight's blocked
+layout is not the one the kernel reads (each float layer is checked against oneDNN's product when it
+is made), that layer keeps oneDNN's. ``GPT2_MATVEC=0`` turns the kernels off, silently.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,14 +77,45 @@ MAX_ROWS = 8  # rows of x the blocks' layers give the kernel (decoding's batches
 BUILD_TIMEOUT = 120.0  # seconds a build may take, unless GPT2_KERNELS_TIMEOUT says otherwise
 PROBE_TIMEOUT = 10.0  # seconds for `c++ --version` (at most the build's bound)
 SYMBOLS = ("matvec_f32", "matvec_bf16", "matvec_i8", "matvec_i4", "matvec_attend", "matvec_abilities")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# every variant's; only the entry points are exported, so two variants in one process share nothing
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden"]
 _ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()
 _MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs
 _FLOATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest output, against oneDNN's
 
+
+class Variant(NamedTuple):
+    """A level of instruction sets the kernels are built for: the CPU's flags it needs (as /proc/cpuinfo
+    names them), the compiler's flags for them, and the VNNI flag it also takes where the CPU has it
+    (the CPU's name, the compiler's flag), or None."""
+
+    needs: tuple[str, ...]
+    flags: tuple[str, ...]
+    vnni: tuple[str, str] | None = None
+
+
+_AVX512 = Variant(("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"),
+                  ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"))
+VARIANTS = {  # best first: the first one the CPU runs is built
+    "avx512bf16": Variant((*_AVX512.needs, "avx512_vnni", "avx512_bf16"),
+                          (*_AVX512.flags, "-mavx512vnni", "-mavx512bf16")),
+    "avx512": _AVX512._replace(vnni=("avx512_vnni", "-mavx512vnni")),
+    "avx2": Variant(("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), ("avx_vnni", "-mavxvnni")),
+}
+
+
+class _Build(NamedTuple):
+    """The variant chosen here: its name as ``variant()`` gives it (``+vnni`` where it takes VNNI) and
+    the compiler's flags for it."""
+
+    name: str
+    flags: tuple[str, ...]
+
+
 log = logging.getLogger(__name__)
 _off: str | None = None  # why library() gave None, for summary()
+_in_use: str | None = None  # the variant library() loaded
 _told: set[str] = set()  # the reasons already printed in this process
 
 
@@ -80,11 +128,11 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use, then read from the cache once verified), or None
     where they cannot be had here; then the reason is printed once per process (a WARNING of this
     module's logger; not for ``GPT2_MATVEC=0``, which asks for it) and kept for ``summary``."""
-    global _off
+    global _off, _in_use
     try:
-        lib = _open()
+        lib, _in_use = _open()
     except Unavailable as e:
-        _off = " ".join(str(e).split())  # one line, whatever the compiler printed
+        _off, _in_use = " ".join(str(e).split()), None  # one line, whatever the compiler printed
         if os.environ.get("GPT2_MATVEC") != "0" and _off not in _told:
             _told.add(_off)
             log.warning("gpt2: the hand-written CPU kernels are off, so decoding runs on PyTorch's slower "
@@ -103,9 +151,15 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def variant() -> str | None:
+    """The variant of the kernels in use here (``avx512bf16``, ``avx512+vnni``, ``avx512``,
+    ``avx2+vnni`` or ``avx2``), or None where they are off (``summary`` says why)."""
+    return _in_use if library() is not None else None
+
+
 def summary() -> str:
-    """``on (fp32, bf16, ...)``: what the kernels multiply here; or ``off: <why>``, for ``gpt2 info``
-    (which prints it as a row: no notice besides)."""
+    """``on: <variant> (fp32, bf16, ...)``: which variant multiplies what here; or ``off: <why>``, for
+    ``gpt2 info`` (which prints it as a row: no notice besides)."""
     disabled, log.disabled = log.disabled, True
     try:
         lib = library()
@@ -113,22 +167,24 @@ def summary() -> str:
         log.disabled = disabled
     if lib is None:
         return f"off: {_off}"
-    return f"on ({', '.join(k for k, bit in _ABILITIES.items() if lib.matvec_abilities() & bit)})"
+    abilities = ", ".join(k for k, bit in _ABILITIES.items() if lib.matvec_abilities() & bit)
+    return f"on: {_in_use} ({abilities})"
 
 
-def _open() -> ctypes.CDLL:
-    """The verified library, loaded; Unavailable, with the reason, where it cannot be."""
+def _open() -> tuple[ctypes.CDLL, str]:
+    """The verified library, loaded, and its variant's name; Unavailable, with the reason, where it
+    cannot be."""
     if os.environ.get("GPT2_MATVEC") == "0":
         raise Unavailable("GPT2_MATVEC=0")
-    flags = _cpu_flags()
-    if platform.machine() != "x86_64" or ("flags" in flags and "avx512f" not in flags.split()):
-        raise Unavailable(f"this CPU ({platform.machine()}) has no AVX-512")
+    cpu = _cpu_flags()
+    build = _choose(cpu)
     name = os.environ.get("CXX", "g++")
     compiler = shutil.which(name)
     if compiler is None:
         raise Unavailable(f"no C++ compiler: {name} is not on PATH (install g++, or name one in CXX)")
     timeout = _build_timeout()
-    path = _sound_library(_library_path(compiler, flags, min(PROBE_TIMEOUT, timeout)), compiler, timeout)
+    path = _library_path(compiler, build, cpu, min(PROBE_TIMEOUT, timeout))
+    path = _sound_library(path, compiler, build, timeout)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
@@ -137,8 +193,45 @@ def _open() -> ctypes.CDLL:
     if missing:
         raise Unavailable(f"{path} lacks {', '.join(missing)}; delete it to rebuild it")
     if not lib.matvec_abilities():
-        raise Unavailable(f"{Path(compiler).name} -march=native built no AVX-512 code for this CPU")
-    return lib
+        raise Unavailable(f"{Path(compiler).name} {' '.join(build.flags)} built no kernels ({build.name})")
+    return lib, build.name
+
+
+def _choose(cpu: str) -> _Build:
+    """The variant for this CPU (``cpu``: ``_cpu_flags()``): the one ``GPT2_KERNELS_ISA`` names, else the
+    best it runs, with VNNI where the CPU has it; Unavailable where it runs none, or not the one named."""
+    machine = platform.machine()
+    if machine.lower() not in ("x86_64", "amd64"):
+        raise Unavailable(f"this CPU ({machine}) is not x86-64: the kernels are written for AVX2 and AVX-512")
+    has = cpu_has(cpu)
+    if not has:
+        raise Unavailable("this CPU's instruction sets cannot be read (no flags in /proc/cpuinfo)")
+    forced = os.environ.get("GPT2_KERNELS_ISA", "")
+    name, plus, extra = forced.partition("+")
+    if not forced:
+        name = next((name for name, v in VARIANTS.items() if set(v.needs) <= has), "")
+        if not name:
+            raise Unavailable("this CPU has no AVX2 with FMA and F16C, the least the kernels need")
+    elif name not in VARIANTS or (plus and (extra != "vnni" or VARIANTS[name].vnni is None)):
+        raise Unavailable(f"GPT2_KERNELS_ISA={forced} is not a variant of the kernels: {', '.join(_names())}")
+    v = VARIANTS[name]
+    missing = [flag for flag in (*v.needs, *(v.vnni[:1] if plus and v.vnni else ())) if flag not in has]
+    if missing:
+        raise Unavailable(f"GPT2_KERNELS_ISA={forced} needs {', '.join(missing)}, which this CPU lacks")
+    if v.vnni is not None and v.vnni[0] in has:
+        return _Build(f"{name}+vnni", (*v.flags, v.vnni[1]))
+    return _Build(name, v.flags)
+
+
+def cpu_has(cpu: str) -> set[str]:
+    """The instruction sets in ``cpu`` (``_cpu_flags()``), as /proc/cpuinfo names them."""
+    line = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _names() -> list[str]:
+    """Every name ``GPT2_KERNELS_ISA`` takes."""
+    return [n for name, v in VARIANTS.items() for n in (name, f"{name}+vnni")[: 1 + (v.vnni is not None)]]
 
 
 def _build_timeout() -> float:
@@ -153,14 +246,15 @@ def _build_timeout() -> float:
     return seconds
 
 
-def _library_path(compiler: str, cpu: str, timeout: float) -> Path:
-    """Where the library for this source, compiler (its ``--version``) and CPU is kept in the cache."""
+def _library_path(compiler: str, build: _Build, cpu: str, timeout: float) -> Path:
+    """Where the library for this source, compiler (its ``--version``), variant and CPU is kept in the
+    cache."""
     version = _run([compiler, "--version"], timeout, f"{Path(compiler).name} --version")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *_FLAGS, cpu]).encode())
-    return cache_dir() / "kernels" / f"kernels-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *_FLAGS, *build.flags, cpu]).encode())
+    return cache_dir() / "kernels" / f"kernels-{build.name}-{key.hexdigest()[:16]}.so"
 
 
-def _sound_library(path: Path, compiler: str, timeout: float) -> Path:
+def _sound_library(path: Path, compiler: str, build: _Build, timeout: float) -> Path:
     """``path`` when it matches the size and SHA-256 its build recorded (loading a truncated library
     kills the process with SIGBUS); else built afresh, once. A failed build is remembered beside it
     (``.failed``, with its reason) so that later processes skip straight to PyTorch's products."""
@@ -176,7 +270,7 @@ def _sound_library(path: Path, compiler: str, timeout: float) -> Path:
                           "to build again)")
     unsound = path.exists()
     try:
-        _build(path, compiler, timeout)
+        _build(path, compiler, build, timeout)
     except Unavailable as e:
         why = f"{path.name} in the cache was unsound and rebuilding it failed: {e}" if unsound else str(e)
         with contextlib.suppress(OSError):  # a cache we cannot write: every process tries again
@@ -186,13 +280,14 @@ def _sound_library(path: Path, compiler: str, timeout: float) -> Path:
     return path
 
 
-def _build(path: Path, compiler: str, timeout: float) -> None:
-    """Compile the source into ``path`` (written whole or not at all), then record its size and
-    SHA-256 beside it (``.sha256``), the record written last."""
+def _build(path: Path, compiler: str, build: _Build, timeout: float) -> None:
+    """Compile the source for ``build`` into ``path`` (written whole or not at all), then record its
+    size and SHA-256 beside it (``.sha256``), the record written last."""
     name = Path(compiler).name
+    command = [compiler, *_FLAGS, *build.flags, "-o"]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: _run([compiler, *_FLAGS, "-o", str(tmp), str(SOURCE)], timeout, name))
+        write_atomic(path, lambda tmp: _run([*command, str(tmp), str(SOURCE)], timeout, name))
         write_atomic(_record(path), lambda tmp: tmp.write_text(_fingerprint(path)))
     except OSError as e:
         raise Unavailable(f"cannot write the kernels into {path.parent}: {e.strerror or e}") from None
@@ -241,7 +336,8 @@ def _run(command: list[str], timeout: float, what: str) -> str:
 
 
 def _cpu_flags() -> str:
-    """The CPU's model and instruction sets (a library built with -march=native is for them only)."""
+    """The CPU's model and instruction sets (``/proc/cpuinfo``'s lines): what the variant is chosen by,
+    and part of its library's key."""
     try:
         with open("/proc/cpuinfo") as f:
             lines = f.read(1 << 16).splitlines()
