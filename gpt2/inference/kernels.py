@@ -10,7 +10,8 @@ Why by hand: a decoding step reads every weight once for a row or a few, so its 
 at which the products stream their weights. These read each block of 64 rows input by input and
 multiply a vector of rows per instruction (no sums across a vector), in float32 and bfloat16, and in
 int8 and int4 with vpdpbusd (or, without VNNI, vpmaddubsw) on blocks of the same kind (int4: each
-group's scales beside its values, one stream). Attention by hand replaces, per layer and token, a
+group's scales beside its values, one stream), 16 KB of a block at a time, which stay in the L1 cache
+while 8 rows are multiplied by them. Attention by hand replaces, per layer and token, a
 float32 copy of the whole bfloat16 cache, the conversions around it and PyTorch's attention call over
 every position of the cache, written or not. The benchmarks page of the docs compares them with
 oneDNN's, fbgemm's, tinygemm's and PyTorch's attention.
@@ -45,9 +46,8 @@ delete that file, or set ``GPT2_KERNELS_RETRY=1``, to build again.
 Where there is no compiler, its build fails or times out, the library lacks a kernel's symbol, the
 CPU runs no variant, or ``GPT2_KERNELS_ISA`` names one it cannot run, the layers keep oneDNN's and
 fbgemm's products, and the first use of the kernels in a process prints why, in one line (a WARNING
-of this module's logger); ``gpt2 info`` shows it too, or the variant in use. Where a weight's blocked
-layout is not the one the kernel reads (each float layer is checked against oneDNN's product when it
-is made), that layer keeps oneDNN's. ``GPT2_MATVEC=0`` turns the kernels off, silently.
+of this module's logger); ``gpt2 info`` shows it too, or the variant in use. ``GPT2_MATVEC=0`` turns
+the kernels off, silently.
 """
 
 from __future__ import annotations
