@@ -101,11 +101,17 @@ def test_a_truncated_cached_library_is_rebuilt_not_loaded(built: Path, cache: Pa
     assert library.stat().st_size == built.stat().st_size and kernels._sound(library)
 
 
+def _path(compiler: str, build: kernels._Build, cpu: str) -> Path:
+    """Where ``kernels.library()`` keeps the library of ``build`` by ``compiler`` for ``cpu``."""
+    keyed = [*kernels._FLAGS, *build.flags, cpu]
+    return kernels._library_path(compiler, f"kernels-{build.name}", kernels.SOURCE, keyed, 5)
+
+
 def test_a_truncated_library_whose_rebuild_fails_is_skipped_and_remembered(built: Path, cache: Path,
                                                                            tmp_path: Path) -> None:
     compiler = _fake_compiler(tmp_path / "bin", build="echo 'kernels.cpp:1:1: error: no luck' >&2; exit 1")
     cpu = kernels._cpu_flags()
-    library = _seed(built, cache, kernels._library_path(str(compiler), kernels._choose(cpu), cpu, 5))
+    library = _seed(built, cache, _path(str(compiler), kernels._choose(cpu), cpu))
     os.truncate(library, 4096)
     used, _, notices = _load(cache, CXX=str(compiler))
     assert not used and len(notices) == 1
@@ -228,10 +234,10 @@ def test_each_variant_and_cpu_has_a_library_of_its_own(tmp_path: Path,
     monkeypatch.setenv("GPT2_CACHE", str(tmp_path))
     compiler = str(_fake_compiler(tmp_path / "bin", build="exit 1"))
     builds = [kernels._choose(cpu) for cpu in (SKYLAKE_CLIENT, ALDER_LAKE, SAPPHIRE_RAPIDS)]
-    paths = {kernels._library_path(compiler, build, SAPPHIRE_RAPIDS, 5) for build in builds}
+    paths = {_path(compiler, build, SAPPHIRE_RAPIDS) for build in builds}
     assert len(paths) == 3 and {p.name.split("-")[1] for p in paths} == {"avx2", "avx2+vnni", "avx512bf16"}
-    assert kernels._library_path(compiler, builds[0], SKYLAKE_CLIENT, 5) not in paths
-    assert kernels._library_path(compiler, builds[0], SAPPHIRE_RAPIDS, 5) in paths
+    assert _path(compiler, builds[0], SKYLAKE_CLIENT) not in paths
+    assert _path(compiler, builds[0], SAPPHIRE_RAPIDS) in paths
 
 
 def test_GPT2_KERNELS_ISA_forces_a_variant_the_cpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:

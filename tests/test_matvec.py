@@ -83,23 +83,22 @@ def _layer(out_features: int, in_features: int, dtype: torch.dtype) -> nn.Linear
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(100, 64), (130, 192), (768, 96)])  # rows of the last block: 36, 2, 0
-def test_the_hand_product_equals_onednns_on_its_blocked_weight(dtype: torch.dtype, shape: tuple,
+def test_the_hand_product_equals_onednns_on_the_same_blocked_layout(dtype: torch.dtype, shape: tuple,
                                                                variant: str) -> None:
     linear = _layer(*shape, dtype)
     blocked = torch.ops.mkldnn._reorder_linear_weight(linear.weight, None)
-    address = kernels.blocked_weight(blocked, *shape)
-    assert address is not None, "this CPU has AVX-512: the kernels must build and read oneDNN's layout"
-    for rows in range(1, kernels.MAX_ROWS + 1):
+    ours = [ops.blocked(linear.weight)]  # oneDNN's layout, laid out by us in a plain tensor
+    for rows in range(1, 10):
         x = torch.randn(rows, shape[1]).to(dtype)
         for bias in (None, linear.bias):
             expected = torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
-            got = kernels.product(x, address, bias, shape[0])
+            got = torch.ops.gpt2.blocked_linear(x, ours, bias, shape[0], False)
             assert got.dtype == dtype and got.shape == (rows, shape[0])
             # float32: the same sums in another order; bfloat16: rounded once, at most one step apart
             tolerance = 1e-4 if dtype == torch.float32 else 2 ** -7
             torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
         gelu = F.gelu(expected.float(), approximate="tanh")  # the MLP's input layer: GELU as it writes
-        torch.testing.assert_close(kernels.product(x, address, bias, shape[0], gelu=True).float(), gelu,
+        torch.testing.assert_close(torch.ops.gpt2.blocked_linear(x, ours, bias, shape[0], True).float(), gelu,
                                    rtol=tolerance, atol=tolerance)
 
 
@@ -199,18 +198,18 @@ def test_the_int8_product_is_the_8_bit_rows_times_the_int8_weight(shape: tuple, 
     q = torch.randint(-127, 128, shape, dtype=torch.int8)
     scales, bias = torch.rand(shape[0]) / 100, torch.randn(shape[0])
     assert kernels.kernel("int8", shape[1])
-    blocked, sums = kernels.int8_blocked(q), kernels.row_sums(q)
+    blocked, sums = ops.int8_blocked(q), ops.row_sums(q)
     assert torch.equal(sums, q.long().sum(dim=1).int())
     idx = torch.tensor([[0, shape[0] - 1], [shape[0] // 2, 63]])
-    assert torch.equal(kernels.int8_blocked_rows(blocked, idx), q[idx])
+    assert torch.equal(ops.int8_blocked_rows(blocked, idx), q[idx])
     for rows in [*range(1, 10), 37]:
         x = torch.randn(rows, shape[1])
         xs = x.abs().amax(dim=1, keepdim=True) / 127
         dots = torch.round(x / xs).double() @ q.double().T
         expected = dots * xs.double() * scales.double() + bias.double()
-        got = kernels.int8_product(x, blocked, scales, sums, bias, shape[0])
+        got = torch.ops.gpt2.int8_linear(x, blocked, scales, sums, bias, shape[0], False)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-        no_bias = kernels.int8_product(x, blocked, scales, sums, None, shape[0])
+        no_bias = torch.ops.gpt2.int8_linear(x, blocked, scales, sums, None, shape[0], False)
         torch.testing.assert_close(no_bias.double(), expected - bias.double(), rtol=1e-5, atol=1e-5)
 
 
@@ -224,7 +223,7 @@ def test_the_int4_product_is_the_8_bit_rows_times_each_groups_values_scale_and_l
     q = torch.randint(0, 16, shape)
     scales, lows = (torch.rand(out, groups) / 10).bfloat16(), (torch.randn(out, groups) / 5).bfloat16()
     assert kernels.kernel("int4", width)
-    blocked, bias = kernels.int4_blocked(q, scales, lows), torch.randn(out)
+    blocked, bias = ops.int4_blocked(q, scales, lows), torch.randn(out)
     for rows in [1, 2, 3, 8, 33]:
         x = torch.randn(rows, width)
         xs = x.abs().amax(dim=1, keepdim=True) / 127
@@ -232,7 +231,7 @@ def test_the_int4_product_is_the_8_bit_rows_times_each_groups_values_scale_and_l
                             q.double().view(out, groups, 32))
         sums = x.double().view(rows, groups, 32).sum(dim=2)
         expected = (dots * xs.double()[:, :, None] * scales.double()).sum(dim=2) + sums @ lows.double().T
-        got = kernels.int4_product(x, blocked, bias, out)
+        got = torch.ops.gpt2.int4_linear(x, blocked, bias, out, False)
         torch.testing.assert_close(got.double(), expected + bias.double(), rtol=1e-5, atol=1e-5)
 
 
@@ -292,7 +291,7 @@ def test_the_hand_attention_of_a_chunk_is_softmax_attention_over_the_real_keys_u
     keys = torch.randn(B, H, max_len, 64, generator=generator).to(cache)
     values = torch.randn(B, H, max_len, 64, generator=generator).to(cache)
     real = torch.rand(B, max_len, generator=generator) < 0.7
-    got = kernels.attend(qkv, keys, values, real, length)
+    got = torch.ops.gpt2.attend(qkv, keys, values, real, torch.tensor([length]))
     q, k, v = qkv.view(B, T, 3, H, 64).unbind(2)
     written = slice(length, length + T)
     assert torch.equal(keys[:, :, written], k.transpose(1, 2).to(cache))
@@ -313,14 +312,14 @@ def test_the_quantised_products_with_gelu_give_the_tanh_gelu_of_the_product(bits
     scales, bias = torch.rand(out, generator=generator) / 50, torch.randn(out, generator=generator)
     if bits == 8:
         q = q.to(torch.int8)
-        weight = (kernels.int8_blocked(q), scales, kernels.row_sums(q))
+        weight = (ops.int8_blocked(q), scales, ops.row_sums(q))
         def product(x: Tensor, gelu: bool) -> Tensor:
-            return kernels.int8_product(x, *weight, bias, out, gelu)
+            return torch.ops.gpt2.int8_linear(x, *weight, bias, out, gelu)
     else:
         group_scales = scales[:, None].expand(out, width // 32)
-        blocked = kernels.int4_blocked(q, group_scales, -8 * group_scales)
+        blocked = ops.int4_blocked(q, group_scales.contiguous(), -8 * group_scales)
         def product(x: Tensor, gelu: bool) -> Tensor:
-            return kernels.int4_product(x, blocked, bias, out, gelu)
+            return torch.ops.gpt2.int4_linear(x, blocked, bias, out, gelu)
     for rows in [1, 300]:
         x = 10 * torch.randn(rows, width, generator=generator)
         plain = product(x, False)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 def describe(model: GPT2, name: str) -> str:
     """A few aligned lines: config, parameters, dtype, size, tokenizer; then whether the CPU kernels are in
     use here and if not why (a CPU load is slower without them, and nothing else would say so)."""
-    from gpt2.inference import kernels
+    from gpt2.inference import ops
 
     c = model.config
     dtype = next(model.parameters()).dtype
@@ -59,6 +59,6 @@ def describe(model: GPT2, name: str) -> str:
         ("dtype", str(dtype).removeprefix("torch.")),
         ("size", f"{size / 2**20:,.1f} MiB"),
         ("tokenizer", f"{tok.n_vocab} tokens, <|endoftext|> = {tok.eot_token}" if tok else "none"),
-        ("kernels", kernels.summary()),
+        ("kernels", ops.summary()),
     ]
     return "\n".join(f"{k:<11} {v}" for k, v in rows)

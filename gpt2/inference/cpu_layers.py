@@ -302,8 +302,9 @@ def hand_linears(model: Transformer, precision: str) -> None:
 
 def blocked_linears(model: Transformer) -> None:
     """Replace the blocks' linear layers of ``model`` with oneDNN's ``BlockedLinear``s, for inference
-    only (where the hand kernels do not run)."""
-    if not torch.backends.mkldnn.is_available():
+    only (where the hand kernels do not run), in bfloat16 only where oneDNN multiplies it."""
+    if not torch.backends.mkldnn.is_available() or \
+            (model.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return
     names = [name for name, module in model.named_modules()
              if type(module) is nn.Linear and name != "lm_head"]

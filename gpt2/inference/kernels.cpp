@@ -6,9 +6,9 @@
 //   avx512      AVX-512 F/BW/DQ/VL, with or without VNNI: bfloat16 widened to float32 by shifting;
 //   avx2        AVX2 + FMA + F16C, with or without AVX-VNNI: 8 floats a vector.
 // Each kernel is written once below, over the variant's vector (vf: WIDTH floats; vi: WIDTH int32 lanes)
-// and a few primitives defined per width. It is called through ctypes on the threads of OpenMP, the pool
-// PyTorch's own libgomp already runs. Every product: y[m, n] = x[m, :] . w[n, :] + bias[n]; M <= 8 rows
-// of x for float32 and bfloat16 (oneDNN multiplies more; the LM head any M), any M for int8 and int4.
+// and a few primitives defined per width. PyTorch's operators (ops.cpp) call it, on the threads of
+// OpenMP, the pool PyTorch's own libgomp already runs. Every product: y[m, n] = x[m, :] . w[n, :] +
+// bias[n], for any number of rows M of x.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -467,7 +467,7 @@ static inline void quantise_row(const float* x, uint8_t* xq, float* xs, int64_t 
   for (int64_t k = 0; k < K; k += W) store_bytes(xq + k, iadd(to_int(mul(load(x + k), inverse)), iset1(offset)));
 }
 
-// Our blocked int8 weight (gpt2.inference.kernels.int8_blocked): blocks of 64 output rows, the last one
+// Our blocked int8 weight (gpt2.inference.ops.int8_blocked): blocks of 64 output rows, the last one
 // padded with zeros, groups of 4 inputs side by side, as vpdpbusd takes them: w[N / 64][K / 4][64][4],
 // with a float32 scale and the sum of the int8 values of each row. x arrives quantised to bytes per row
 // (quantise_row, offset Int8::X_OFFSET), so x . w = xs * scale * (xq . w - X_OFFSET * sum).
@@ -487,7 +487,7 @@ static inline void i8_pass(const Span& s, const uint8_t* xq, const float* xs, co
   write_rows<R, NV>(y, N, out, bias, N, s, gelu);
 }
 
-// Our blocked int4 weight (gpt2.inference.kernels.int4_blocked), one stream of bytes: blocks of 64 output
+// Our blocked int4 weight (gpt2.inference.ops.int4_blocked), one stream of bytes: blocks of 64 output
 // rows (the last one padded with zeros), each a run of groups of 32 inputs, each group 1280 bytes: 4 steps
 // of 8 inputs, each 64 rows x 4 bytes (byte b of a row holds input 8j + b in its low nibble and 8j + 4 + b
 // in its high one), then the group's 64 scales and 64 lows, bfloat16 (w = q * scale + low). x arrives
@@ -775,7 +775,7 @@ static void attend(const A* qkv, C* keys, C* values, const bool* real, A* out, i
 #endif  // WIDTH
 
 // ----------------------------------------------------------------------------------------------------
-// The entry points (gpt2/inference/kernels.py declares them): the same in every variant; a build for no
+// The entry points (ops.cpp calls them): the same in every variant; a build for no
 // known instruction set has none of the abilities and computes nothing.
 
 EXPORT int matvec_abilities() {

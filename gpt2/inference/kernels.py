@@ -1,10 +1,9 @@
-"""Inference's products, written by hand (``kernels.cpp``): rows of x (decoding's, one per sequence:
-up to ``MAX_ROWS`` for the blocks, any number for the LM head) times a float32 or bfloat16 weight in
-oneDNN's blocked layout, the one ``gpt2.inference.cpu_layers``' blocked layers and head hold, read
-from memory once for 8 rows; and any number of rows times an int8 weight in a blocked layout of ours
-(``gpt2.inference.quantization``'s int8 and int4 layers), each row quantised to 8 bits; and a
-decoding step's or a prompt's attention (``attend``), read straight from a float32 or bfloat16 KV
-cache.
+"""Inference's products and attention, written by hand (``kernels.cpp``), built for this CPU: rows of x
+(decoding's, one per sequence, or a prompt's) times a float32 or bfloat16 weight in oneDNN's blocked
+layout, each block read from memory once for 8 rows; rows times an int8 or int4 weight in blocked
+layouts of ours, each row quantised to 8 bits; and a decoding step's or a prompt's attention, read
+straight from a float32 or bfloat16 KV cache. This module builds and loads them; the PyTorch
+operators that call them, and the layouts they read, are ``gpt2.inference.ops``'s.
 
 Why by hand: a decoding step reads every weight once for a row or a few, so its speed is the speed
 at which the products stream their weights. These read each block of 64 rows input by input and
@@ -65,15 +64,10 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-import torch
-from torch import Tensor
-
 from gpt2.config import cache_dir
 from gpt2.util.atomic import write_atomic
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-MAX_ROWS = 8  # rows of x the blocks' layers give the kernel (decoding's batches); oneDNN's beyond
 BUILD_TIMEOUT = 120.0  # seconds a build may take, unless GPT2_KERNELS_TIMEOUT says otherwise
 PROBE_TIMEOUT = 10.0  # seconds for `c++ --version` (at most the build's bound)
 SYMBOLS = ("matvec_f32", "matvec_bf16", "matvec_i8", "matvec_i4", "matvec_attend", "matvec_abilities")
@@ -81,8 +75,6 @@ SYMBOLS = ("matvec_f32", "matvec_bf16", "matvec_i8", "matvec_i4", "matvec_attend
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden"]
 _ABILITIES = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 8, "attention": 16}  # matvec_abilities()
 _MULTIPLE = {"fp32": 1, "bf16": 2, "int8": 16, "int4": 32, "attention": 64}  # of the inputs
-_FLOATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # of the largest output, against oneDNN's
 
 
 class Variant(NamedTuple):
@@ -139,15 +131,6 @@ def library() -> ctypes.CDLL | None:
                         "products: %s", _off)
         return None
     _off = None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    for name in ("matvec_f32", "matvec_bf16"):
-        getattr(lib, name).argtypes = [pointer] * 4 + [size] * 4 + [ctypes.c_int] * 2
-        getattr(lib, name).restype = None
-    lib.matvec_i8.argtypes = [pointer] * 6 + [size] * 3 + [ctypes.c_int] * 2
-    lib.matvec_i4.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
-    lib.matvec_attend.argtypes = [pointer] * 5 + [size] * 5 + [ctypes.c_int] * 3
-    lib.matvec_i8.restype = lib.matvec_i4.restype = None
-    lib.matvec_attend.restype = None
     return lib
 
 
@@ -178,13 +161,7 @@ def _open() -> tuple[ctypes.CDLL, str]:
         raise Unavailable("GPT2_MATVEC=0")
     cpu = _cpu_flags()
     build = _choose(cpu)
-    name = os.environ.get("CXX", "g++")
-    compiler = shutil.which(name)
-    if compiler is None:
-        raise Unavailable(f"no C++ compiler: {name} is not on PATH (install g++, or name one in CXX)")
-    timeout = _build_timeout()
-    path = _library_path(compiler, build, cpu, min(PROBE_TIMEOUT, timeout))
-    path = _sound_library(path, compiler, build, timeout)
+    path = built(f"kernels-{build.name}", SOURCE, [*_FLAGS, *build.flags], key=cpu)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
@@ -193,7 +170,7 @@ def _open() -> tuple[ctypes.CDLL, str]:
     if missing:
         raise Unavailable(f"{path} lacks {', '.join(missing)}; delete it to rebuild it")
     if not lib.matvec_abilities():
-        raise Unavailable(f"{Path(compiler).name} {' '.join(build.flags)} built no kernels ({build.name})")
+        raise Unavailable(f"{' '.join(build.flags)} built no kernels ({build.name})")
     return lib, build.name
 
 
@@ -246,18 +223,34 @@ def _build_timeout() -> float:
     return seconds
 
 
-def _library_path(compiler: str, build: _Build, cpu: str, timeout: float) -> Path:
-    """Where the library for this source, compiler (its ``--version``), variant and CPU is kept in the
-    cache."""
+def built(stem: str, source: Path, flags: list[str], after: tuple[str, ...] = (), key: str = "") -> Path:
+    """The shared library ``source`` compiles into with ``flags`` (``after``: what follows the source on
+    the command line, such as libraries), kept in the cache as ``<stem>-<key>.so``, the key covering the
+    source, the compiler (``$CXX``, else ``g++``: its ``--version``), the flags and ``key``: the cached
+    one when it is sound, else built once, every call to the compiler bounded in time; a failed build
+    is remembered. Unavailable, with the reason, where it cannot be had."""
+    name = os.environ.get("CXX", "g++")
+    compiler = shutil.which(name)
+    if compiler is None:
+        raise Unavailable(f"no C++ compiler: {name} is not on PATH (install g++, or name one in CXX)")
+    timeout = _build_timeout()
+    path = _library_path(compiler, stem, source, [*flags, *after, key], min(PROBE_TIMEOUT, timeout))
+    return _sound_library(path, [compiler, *flags, "-o", "", str(source), *after], timeout)
+
+
+def _library_path(compiler: str, stem: str, source: Path, keyed: list[str], timeout: float) -> Path:
+    """Where the library of ``source`` built by ``compiler`` (its ``--version``) with what ``keyed``
+    holds is kept in the cache."""
     version = _run([compiler, "--version"], timeout, f"{Path(compiler).name} --version")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *_FLAGS, *build.flags, cpu]).encode())
-    return cache_dir() / "kernels" / f"kernels-{build.name}-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), version, *keyed]).encode())
+    return cache_dir() / "kernels" / f"{stem}-{key.hexdigest()[:16]}.so"
 
 
-def _sound_library(path: Path, compiler: str, build: _Build, timeout: float) -> Path:
+def _sound_library(path: Path, command: list[str], timeout: float) -> Path:
     """``path`` when it matches the size and SHA-256 its build recorded (loading a truncated library
-    kills the process with SIGBUS); else built afresh, once. A failed build is remembered beside it
-    (``.failed``, with its reason) so that later processes skip straight to PyTorch's products."""
+    kills the process with SIGBUS); else built afresh by ``command`` (its output after ``-o``), once. A
+    failed build is remembered beside it (``.failed``, with its reason) so that later processes skip
+    straight to PyTorch's products."""
     if _sound(path):
         return path
     failed = path.with_name(path.name + ".failed")
@@ -270,7 +263,7 @@ def _sound_library(path: Path, compiler: str, build: _Build, timeout: float) -> 
                           "to build again)")
     unsound = path.exists()
     try:
-        _build(path, compiler, build, timeout)
+        _build(path, command, timeout)
     except Unavailable as e:
         why = f"{path.name} in the cache was unsound and rebuilding it failed: {e}" if unsound else str(e)
         with contextlib.suppress(OSError):  # a cache we cannot write: every process tries again
@@ -280,14 +273,14 @@ def _sound_library(path: Path, compiler: str, build: _Build, timeout: float) -> 
     return path
 
 
-def _build(path: Path, compiler: str, build: _Build, timeout: float) -> None:
-    """Compile the source for ``build`` into ``path`` (written whole or not at all), then record its
-    size and SHA-256 beside it (``.sha256``), the record written last."""
-    name = Path(compiler).name
-    command = [compiler, *_FLAGS, *build.flags, "-o"]
+def _build(path: Path, command: list[str], timeout: float) -> None:
+    """Run ``command`` with ``path`` after its ``-o`` (written whole or not at all), then record the
+    library's size and SHA-256 beside it (``.sha256``), the record written last."""
+    out = command.index("-o") + 1
+    name = Path(command[0]).name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: _run([*command, str(tmp), str(SOURCE)], timeout, name))
+        write_atomic(path, lambda tmp: _run([*command[:out], str(tmp), *command[out + 1 :]], timeout, name))
         write_atomic(_record(path), lambda tmp: tmp.write_text(_fingerprint(path)))
     except OSError as e:
         raise Unavailable(f"cannot write the kernels into {path.parent}: {e.strerror or e}") from None
@@ -347,135 +340,9 @@ def _cpu_flags() -> str:
 
 
 def kernel(precision: str, in_features: int) -> bool:
-    """Whether the kernel for ``precision`` runs here, for ``in_features`` inputs: fp32 (oneDNN's
-    blocked weights) needs AVX-512, bf16 its BF16 instructions, int8 and int4 its VNNI ones,
-    attention (heads of 64) AVX-512 with BF16."""
+    """Whether the kernel for ``precision`` (fp32, bf16, int8, int4, attention) is in the library built
+    here and takes ``in_features`` inputs (a multiple of what it reads at a time; attention: heads of
+    64)."""
     lib = library()
     return lib is not None and bool(lib.matvec_abilities() & _ABILITIES[precision]) \
         and in_features % _MULTIPLE[precision] == 0
-
-
-def blocked_weight(blocked: Tensor, out_features: int, in_features: int) -> int | None:
-    """The address of oneDNN's blocked ``blocked`` (from ``torch.ops.mkldnn._reorder_linear_weight``)
-    when the kernels can multiply it, checked against oneDNN's own product; None where they cannot."""
-    dtype = blocked.dtype
-    if dtype not in _FLOATS or not kernel(_FLOATS[dtype], in_features):
-        return None
-    padded = -(-out_features // 64) * 64 * in_features * blocked.element_size()
-    if torch.ops.mkldnn._nbytes(blocked) != padded:  # not the layout read here
-        return None
-    address = torch.ops.mkldnn.data_ptr(blocked)
-    x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
-    expected = torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], "").float()
-    error = (product(x, address, None, out_features).float() - expected).abs().max()
-    return address if error <= _TOLERANCE[dtype] * expected.abs().max() else None
-
-
-def product(x: Tensor, weight: int, bias: Tensor | None, out_features: int, gelu: bool = False) -> Tensor:
-    """``x @ W.T + bias`` for the blocked weight at address ``weight`` (``blocked_weight``), x (..., in)
-    float32 or bfloat16 as the weight, any number of rows (from the cache after the first 8); then
-    tanh-GELU when ``gelu``."""
-    x = x.contiguous()
-    y = x.new_empty(*x.shape[:-1], out_features)
-    _multiply(x, weight, bias, y, 0, out_features, gelu)
-    return y
-
-
-def split_product(x: Tensor, parts: list[tuple[int, int]], out_features: int) -> Tensor:
-    """``x @ W.T`` for a weight held as blocked parts of consecutive rows, (address, rows) each."""
-    x = x.contiguous()
-    y = x.new_empty(*x.shape[:-1], out_features)
-    first = 0
-    for address, rows in parts:
-        if rows:
-            _multiply(x, address, None, y, first, rows, False)
-        first += rows
-    return y
-
-
-def _multiply(x: Tensor, weight: int, bias: Tensor | None, y: Tensor, first: int, rows: int,
-              gelu: bool) -> None:
-    """Outputs ``first`` to ``first + rows`` of ``y`` (..., out) for x (..., in), contiguous both."""
-    run = library().matvec_f32 if x.dtype == torch.float32 else library().matvec_bf16
-    out = y.data_ptr() + first * y.element_size()
-    run(x.data_ptr(), weight, None if bias is None else bias.data_ptr(), out, x.numel() // x.shape[-1],
-        x.shape[-1], rows, y.shape[-1], gelu, torch.get_num_threads())
-
-
-def int8_blocked(q: Tensor) -> Tensor:
-    """int8 rows ``q`` (out, in) in the int8 kernel's layout: blocks of 64 rows (the last padded with
-    zeros), groups of 4 inputs side by side, (out / 64, in / 4, 64, 4)."""
-    out_features, in_features = q.shape
-    blocked = q.new_zeros(-(-out_features // 64), in_features // 4, 64, 4)
-    whole = out_features // 64 * 64  # written in place: no padded copy of q beside the blocked one
-    blocked[: whole // 64] = q[:whole].view(-1, 64, in_features // 4, 4).transpose(1, 2)
-    if whole < out_features:
-        blocked[-1, :, : out_features - whole] = q[whole:].view(-1, in_features // 4, 4).transpose(0, 1)
-    return blocked
-
-
-def row_sums(q: Tensor) -> Tensor:
-    """Each row's sum of int8 values ``q`` (out, in), int32. By numpy, which converts a few thousand
-    values at a time: torch converts all of its input first (the LM head's: 4x its int8 bytes), and
-    chunk by chunk its freed temporaries stay resident."""
-    return torch.from_numpy(q.numpy().sum(axis=1, dtype=np.int32))
-
-
-def int8_blocked_rows(blocked: Tensor, idx: Tensor) -> Tensor:
-    """Rows ``idx`` (any shape) of an ``int8_blocked`` weight, as int8 (*idx.shape, in)."""
-    return blocked[idx // 64, :, idx % 64].flatten(-2)
-
-
-def int8_product(x: Tensor, blocked: Tensor, scales: Tensor, sums: Tensor, bias: Tensor | None,
-                 out_features: int, gelu: bool = False) -> Tensor:
-    """``x @ W.T + bias`` for W = ``int8_blocked`` rows times a float32 scale each (``sums``: each row's
-    sum of int8 values, int32), x float32 (..., in) of any number of rows, each quantised to 8 bits;
-    then tanh-GELU when ``gelu``."""
-    x = x.contiguous()
-    y = x.new_empty(*x.shape[:-1], out_features)
-    library().matvec_i8(x.data_ptr(), blocked.data_ptr(), scales.data_ptr(), sums.data_ptr(),
-                        None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1],
-                        x.shape[-1], out_features, gelu, torch.get_num_threads())
-    return y
-
-
-def int4_blocked(q: Tensor, scales: Tensor, lows: Tensor) -> Tensor:
-    """4-bit values ``q`` (out, in; 0 to 15, any integer dtype; out a multiple of 64) with a scale and a
-    low per 32 inputs of a row (``scales``, ``lows``: (out, in / 32); w = q * scale + low) in the int4
-    kernel's layout, one stream of bytes: blocks of 64 rows, each a run of groups of 32 inputs, each
-    group 4 steps of 8 inputs (4 vectors of 16 rows x 4 bytes, byte b of a row holding inputs b and
-    4 + b in its low and high nibbles), then its 64 scales and 64 lows in bfloat16:
-    (out / 64, in / 32, 1280) uint8."""
-    out_features, in_features = q.shape
-    groups = in_features // 32
-    pairs = q.to(torch.uint8).view(out_features, in_features // 8, 2, 4)
-    packed = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(-1, 4, 16, groups, 4, 4)
-    steps = packed.permute(0, 3, 4, 1, 2, 5).reshape(-1, groups, 1024)
-    both = [t.bfloat16().view(-1, 64, groups).transpose(1, 2).contiguous() for t in (scales, lows)]
-    return torch.cat([steps, *(t.view(torch.uint8) for t in both)], dim=2)
-
-
-def int4_product(x: Tensor, blocked: Tensor, bias: Tensor | None, out_features: int,
-                 gelu: bool = False) -> Tensor:
-    """``x @ W.T + bias`` for W = an ``int4_blocked`` weight, x float32 (..., in) of any number of rows,
-    each quantised to 8 bits; then tanh-GELU when ``gelu``."""
-    x = x.contiguous()
-    y = x.new_empty(*x.shape[:-1], out_features)
-    library().matvec_i4(x.data_ptr(), blocked.data_ptr(), None if bias is None else bias.data_ptr(),
-                        y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], out_features, gelu,
-                        torch.get_num_threads())
-    return y
-
-
-def attend(qkv: Tensor, keys: Tensor, values: Tensor, real: Tensor, length: int) -> Tensor:
-    """One layer's attention over a KV cache: each row's T keys and values (in ``qkv`` (B, T, 3 C),
-    float32 or bfloat16, after the queries) written from position ``length`` of the cache's ``keys``
-    and ``values`` (rows, heads, max_len, 64; float32 or bfloat16), then each query attending over the
-    positions up to its own that ``real`` (rows, max_len) marks, and itself, softmax in float32; the
-    output (B, T, C) in ``qkv``'s dtype."""
-    qkv = qkv.contiguous()
-    out = qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)
-    pointers = [t.data_ptr() for t in (qkv, keys, values, real, out)]
-    library().matvec_attend(*pointers, qkv.shape[0], qkv.shape[1], keys.shape[1], keys.shape[2], length,
-                            qkv.element_size(), keys.element_size(), torch.get_num_threads())
-    return out

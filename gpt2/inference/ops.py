@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -40,7 +37,7 @@ from torch import Tensor
 from gpt2.inference import kernels
 
 SOURCE = Path(__file__).with_name("ops.cpp")
-_LIBRARIES = ["-lc10", "-ltorch_cpu"]  # after the source: linkers drop libraries named before what uses them
+_LIBRARIES = ("-lc10", "-ltorch_cpu")  # after the source: linkers drop libraries named before what uses them
 _ENTRY_POINTS = {"fp32": "matvec_f32", "bf16": "matvec_bf16", "int8": "matvec_i8", "int4": "matvec_i4",
                  "attention": "matvec_attend"}
 
@@ -68,6 +65,21 @@ def operators() -> bool:
 
 
 _bound: ctypes.CDLL | None = None  # the kernels the operators call
+_off: str | None = None  # why the operators could not be had
+
+
+def summary() -> str:
+    """``on: <variant> (fp32, bf16, ...)``, or ``off: <why>`` (the kernels' or their operators'), for
+    ``gpt2 info``."""
+    state = kernels.summary()
+    if state.startswith("on"):
+        disabled, kernels.log.disabled = kernels.log.disabled, True
+        try:
+            if not operators():
+                return f"off: {_off}"
+        finally:
+            kernels.log.disabled = disabled
+    return state
 
 
 @functools.cache
@@ -75,49 +87,20 @@ def _loaded() -> ctypes.CDLL | None:
     """The operators' library, loaded into PyTorch (built on first use) with their fake
     implementations; None, said once in a WARNING, where it cannot be."""
     try:
-        path = _built()
+        path = kernels.built("ops", SOURCE, _flags(), _LIBRARIES, key=torch.__version__)
         try:
             torch.ops.load_library(str(path))
         except OSError as e:
             why = e.__cause__ or e
             raise kernels.Unavailable(f"cannot load {path}: {why}; delete it to rebuild it") from None
     except kernels.Unavailable as e:
+        global _off
+        _off = f"their PyTorch operators: {' '.join(str(e).split())}"
         kernels.log.warning("gpt2: the hand-written CPU kernels are off, so decoding runs on PyTorch's "
-                            "slower products: their PyTorch operators: %s", e)
+                            "slower products: %s", _off)
         return None
     _register_fakes()
     return ctypes.CDLL(str(path))
-
-
-def _built() -> Path:
-    """The operators' library for this source, compiler and PyTorch, from the cache or built once."""
-    name = os.environ.get("CXX", "g++")
-    compiler = shutil.which(name)
-    if compiler is None:
-        raise kernels.Unavailable(f"no C++ compiler: {name} is not on PATH (install g++, or name one in CXX)")
-    timeout = kernels._build_timeout()
-    version = kernels._run([compiler, "--version"], min(kernels.PROBE_TIMEOUT, timeout), f"{name} --version")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *_flags()]).encode()).hexdigest()[:16]
-    path = kernels.cache_dir() / "kernels" / f"ops-{key}.so"
-    if kernels._sound(path):
-        return path
-    failed = path.with_name(path.name + ".failed")
-    if failed.is_file() and os.environ.get("GPT2_KERNELS_RETRY") != "1":
-        reason = failed.read_text(errors="replace").strip()
-        raise kernels.Unavailable(f"{reason} (remembered in {failed}: delete it, or set "
-                                  "GPT2_KERNELS_RETRY=1, to build again)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        command = [compiler, *_flags(), "-o", "{}", str(SOURCE), *_LIBRARIES]
-        kernels.write_atomic(path, lambda tmp: kernels._run([str(tmp) if c == "{}" else c for c in command],
-                                                            timeout, name))
-        kernels.write_atomic(kernels._record(path), lambda tmp: tmp.write_text(kernels._fingerprint(path)))
-    except kernels.Unavailable as e:
-        why = f"{e}\n"
-        kernels.write_atomic(failed, lambda tmp: tmp.write_text(why))
-        raise
-    failed.unlink(missing_ok=True)
-    return path
 
 
 def _flags() -> list[str]:
