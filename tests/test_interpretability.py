@@ -246,6 +246,21 @@ def test_the_cache_takes_transformer_lens_shorthand_and_filters(ours: GPT2) -> N
     assert list(one) == ["hook_pos_embed"] and one["hook_pos_embed"].shape == (1, 7, 128)
 
 
+def test_a_caching_run_hands_back_its_freed_scratch_once_before_the_logits(
+        ours: GPT2, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpt2.interpretability import hooks
+
+    events: list[str] = []
+    monkeypatch.setattr(hooks, "release_freed_memory", lambda: events.append("trim"))
+    unembed = [("unembed.hook_in", lambda x, hook: events.append("unembed"))]
+    ours.run_with_cache(PROMPTS[0], fwd_hooks=unembed)
+    assert events == ["trim", "unembed"]
+    events.clear()
+    ours.run_with_cache(PROMPTS[0], names_filter=[], fwd_hooks=unembed)  # nothing held: nothing to trim
+    ours.run_with_hooks(PROMPTS[0], fwd_hooks=unembed)
+    assert events == ["unembed", "unembed"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad inputs: one clear line each
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from gpt2.interpretability.cache import ActivationCache
 from gpt2.model import Transformer
 from gpt2.util.errors import UserError
+from gpt2.util.memory import release_freed_memory
 
 # The points of each block, in the order the forward pass reaches them (TransformerLens's names).
 BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
@@ -166,6 +167,11 @@ def hooked_forward(model: Transformer, idx: Tensor, points: Points) -> Tensor:
     x = embed + points("hook_pos_embed", pos.expand(B, T, -1).clone())
     for layer, block in enumerate(t.h):
         x = _block(block, x, f"blocks.{layer}.", model.config.n_head, points)
+    if points.cache and idx.device.type == "cpu":
+        # The blocks' freed scratch lies in holes between the cached tensors, where glibc keeps it
+        # resident; hand it back before the logits (the run's largest tensor) so that the peak is
+        # the cache and the logits alone (one trim a run: a trim per block would fault it back in).
+        release_freed_memory()
     x = points("unembed.hook_in", _layer_norm(t.ln_f, x, "ln_final.", points))
     return points("unembed.hook_out", F.linear(x, model.lm_head.weight, model.lm_head.bias))
 
