@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -64,10 +65,24 @@ void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d
                     dim, " must be ", size, " (", why, ")");
 }
 
+// A tensor's checks (check_tensor) and each of its sizes, with what the size must match (-1: any).
+struct Size {
+  int64_t size;
+  const char* why;
+};
+void check_sizes(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                 std::initializer_list<Size> sizes) {
+  check_tensor(op, name, t, dtype, (int64_t)sizes.size());
+  int64_t dim = 0;
+  for (const Size& s : sizes) {
+    if (s.size >= 0) check_size(op, name, t, dim, s.size, s.why);
+    ++dim;
+  }
+}
+
 void check_bias(const char* op, const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t out_features) {
   if (!bias) return;
-  check_tensor(op, "bias", *bias, dtype, 1);
-  check_size(op, "bias", *bias, 0, out_features, "out_features");
+  check_sizes(op, "bias", *bias, dtype, {{out_features, "out_features"}});
 }
 
 void check_kernel(const char* op, const void* kernel, const char* precision) {
@@ -112,10 +127,8 @@ at::Tensor blocked_linear(const at::Tensor& x, at::TensorList weight, const std:
   int64_t first = 0;
   for (size_t i = 0; i < weight.size(); ++i) {
     const at::Tensor& part = weight[i];
-    check_tensor(op, "a weight part", part, dtype, 4);
-    check_size(op, "a weight part", part, 1, K / pair, "x's inputs / pair");
-    check_size(op, "a weight part", part, 2, 64, "rows per block");
-    check_size(op, "a weight part", part, 3, pair, "inputs side by side");
+    check_sizes(op, "a weight part", part, dtype,
+                {{-1, ""}, {K / pair, "x's inputs / pair"}, {64, "rows per block"}, {pair, "inputs side by side"}});
     const int64_t room = 64 * part.size(0);
     TORCH_CHECK_VALUE(first + room <= blocks(out_features) * 64 && (i + 1 == weight.size() || first + room <= out_features),
                       "torch.ops.gpt2.", op, ": the weight's parts hold more rows than out_features=", out_features,
@@ -144,15 +157,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
                        const std::optional<at::Tensor>& bias, int64_t out_features, bool gelu) {
   const char* op = "int8_linear";
   const auto [M, K] = check_x(op, x, at::kFloat, 16);
-  check_tensor(op, "weight", weight, at::kChar, 4);
-  check_size(op, "weight", weight, 0, blocks(out_features), "blocks of 64 rows");
-  check_size(op, "weight", weight, 1, K / 4, "x's inputs / 4");
-  check_size(op, "weight", weight, 2, 64, "rows per block");
-  check_size(op, "weight", weight, 3, 4, "inputs side by side");
-  check_tensor(op, "scales", scales, at::kFloat, 1);
-  check_size(op, "scales", scales, 0, out_features, "out_features");
-  check_tensor(op, "sums", sums, at::kInt, 1);
-  check_size(op, "sums", sums, 0, out_features, "out_features");
+  check_sizes(op, "weight", weight, at::kChar, {{blocks(out_features), "blocks of 64 rows"},
+              {K / 4, "x's inputs / 4"}, {64, "rows per block"}, {4, "inputs side by side"}});
+  check_sizes(op, "scales", scales, at::kFloat, {{out_features, "out_features"}});
+  check_sizes(op, "sums", sums, at::kInt, {{out_features, "out_features"}});
   check_bias(op, bias, at::kFloat, out_features);
   check_kernel(op, (const void*)kernels.i8, "int8");
   at::Tensor y = output(x, out_features, at::kFloat);
@@ -167,10 +175,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const std:
                        int64_t out_features, bool gelu) {
   const char* op = "int4_linear";
   const auto [M, K] = check_x(op, x, at::kFloat, 32);
-  check_tensor(op, "weight", weight, at::kByte, 3);
-  check_size(op, "weight", weight, 0, blocks(out_features), "blocks of 64 rows");
-  check_size(op, "weight", weight, 1, K / 32, "x's inputs / 32");
-  check_size(op, "weight", weight, 2, 1280, "bytes per group of 32 inputs");
+  check_sizes(op, "weight", weight, at::kByte, {{blocks(out_features), "blocks of 64 rows"},
+              {K / 32, "x's inputs / 32"}, {1280, "bytes per group of 32 inputs"}});
   check_bias(op, bias, at::kFloat, out_features);
   check_kernel(op, (const void*)kernels.i4, "int4");
   at::Tensor y = output(x, out_features, at::kFloat);
@@ -202,11 +208,8 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor& keys, at::Tensor& values, c
   check_size(op, "qkv", qkv, 2, 3 * H * 64, "3 x the cache's heads x 64");
   TORCH_CHECK_VALUE(B <= keys.size(0), "torch.ops.gpt2.", op, ": qkv has ", B, " rows; the cache holds ",
                     keys.size(0));
-  check_tensor(op, "real", real, at::kBool, 2);
-  check_size(op, "real", real, 0, keys.size(0), "the cache's rows");
-  check_size(op, "real", real, 1, max_len, "the cache's positions");
-  check_tensor(op, "length", length, at::kLong, 1);
-  check_size(op, "length", length, 0, 1, "one count");
+  check_sizes(op, "real", real, at::kBool, {{keys.size(0), "the cache's rows"}, {max_len, "the cache's positions"}});
+  check_sizes(op, "length", length, at::kLong, {{1, "one count"}});
   const int64_t written = length.item<int64_t>();
   TORCH_CHECK_VALUE(written >= 0 && written + T <= max_len, "torch.ops.gpt2.", op, ": ", T, " new positions after ",
                     written, " do not fit the cache's ", max_len);
