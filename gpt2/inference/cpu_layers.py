@@ -187,7 +187,7 @@ class BlockedHead(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.whole = self.out_features // 64 * 64  # the rows of whole blocks
-        flat, pair = weight.detach().view(-1), self._pair(weight.dtype)
+        flat, pair = weight.detach().view(-1), ops.pairs(weight.dtype)
         width = self.in_features
         for start in range(0, self.whole * width, 64 * width):
             block = flat[start : start + 64 * width]
@@ -197,12 +197,8 @@ class BlockedHead(nn.Module):
         self.register_buffer("blocks", flat[: self.whole * width])
         self.register_buffer("tail", tail.view(64, width // pair, pair).transpose(0, 1).contiguous())
 
-    @staticmethod
-    def _pair(dtype: torch.dtype) -> int:
-        return 2 if dtype == torch.bfloat16 else 1
-
     def forward(self, x: Tensor) -> Tensor:
-        pair = self._pair(self.blocks.dtype)
+        pair = ops.pairs(self.blocks.dtype)
         parts = [self.blocks.view(-1, self.in_features // pair, 64, pair), self.tail[None]]
         if self.whole == self.out_features:  # no rows beyond the whole blocks
             parts.pop()
@@ -211,7 +207,7 @@ class BlockedHead(nn.Module):
 
     def rows(self, idx: Tensor) -> Tensor:
         """Rows ``idx`` (any shape) of the weight, (*idx.shape, in)."""
-        pair = self._pair(self.blocks.dtype)
+        pair = ops.pairs(self.blocks.dtype)
         blocks = self.blocks.view(-1, self.in_features // pair, 64, pair)
         inside = idx.clamp(max=self.whole - 1)
         rows = blocks[inside // 64, :, inside % 64].flatten(-2)
@@ -226,7 +222,7 @@ class BlockedHead(nn.Module):
 
     def fill(self, weight: Tensor) -> None:
         """Take the values of a plain weight (out, in) into the blocks."""
-        pair = self._pair(self.blocks.dtype)
+        pair = ops.pairs(self.blocks.dtype)
         width = self.in_features // pair
         weight = weight.to(self.blocks.dtype)
         blocks = weight[: self.whole].view(-1, 64, width, pair).transpose(1, 2)
